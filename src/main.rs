@@ -1,1 +1,5 @@
-fn main() {}
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    gitfleet::cli::main(gitfleet::cli::Cli::parse())
+}

@@ -1,0 +1,78 @@
+//! The command line: one binary, one subcommand per role.
+
+mod bridge;
+mod node;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// gitfleet keeps every git repository on several storage nodes and serves them as one
+/// reliable git server.
+#[derive(Debug, Parser)]
+#[command(name = "gitfleet", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a storage node: serve the repositories of one or more storages over gRPC.
+    Node(node::NodeArgs),
+    /// Connect git to a gitfleet server through gRPC, as git's ext:: transport or ssh command.
+    Bridge(bridge::BridgeArgs),
+}
+
+/// Logs go to stderr; GITFLEET_LOG sets the filter (default "info") and
+/// GITFLEET_LOG_FORMAT=json switches to one JSON object per line.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GITFLEET_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if std::env::var("GITFLEET_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
+pub fn main(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Node(args) => {
+            init_logging();
+            report(
+                runtime()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|rt| rt.block_on(node::run(args))),
+            )
+        }
+        // The bridge speaks git's protocol on stdout: it must not log there, and its exit
+        // status is git's.
+        Command::Bridge(args) => match runtime() {
+            Ok(rt) => rt.block_on(bridge::run(args)),
+            Err(error) => {
+                eprintln!("gitfleet bridge: {error}");
+                ExitCode::from(128)
+            }
+        },
+    }
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("gitfleet: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

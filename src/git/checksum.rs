@@ -1,0 +1,56 @@
+//! An order-independent checksum of a repository's references.
+//!
+//! Each reference contributes SHA-256(`name NUL target`) and the contributions are combined with
+//! XOR, so the order git lists them in does not matter and equal sets give equal checksums.
+//! Names are unique within a repository, so no two contributions can cancel out. HEAD
+//! contributes its symbolic target, so replicas that disagree on the default branch differ.
+
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Checksum {
+    state: [u8; 32],
+    count: u64,
+}
+
+impl Checksum {
+    pub fn add(&mut self, name: &str, target: &str) {
+        let mut hasher = Sha256::new();
+        hasher.update(name.as_bytes());
+        hasher.update([0]);
+        hasher.update(target.as_bytes());
+        for (state, byte) in self.state.iter_mut().zip(hasher.finalize()) {
+            *state ^= byte;
+        }
+        self.count += 1;
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    pub fn hex(&self) -> String {
+        hex::encode(self.state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn order_does_not_matter_and_content_does() {
+        let mut a = Checksum::default();
+        a.add("refs/heads/main", "aa");
+        a.add("refs/tags/v1", "bb");
+        let mut b = Checksum::default();
+        b.add("refs/tags/v1", "bb");
+        b.add("refs/heads/main", "aa");
+        assert_eq!(a.hex(), b.hex());
+        let mut c = Checksum::default();
+        c.add("refs/heads/main", "aa");
+        c.add("refs/tags/v1", "bc");
+        assert_ne!(a.hex(), c.hex());
+        assert_eq!(Checksum::default().hex(), "0".repeat(64));
+    }
+}

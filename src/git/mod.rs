@@ -1,0 +1,124 @@
+//! Everything that runs or parses git.
+
+pub mod checksum;
+pub mod pipe;
+pub mod pktline;
+pub mod report;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+
+/// The longest stderr kept for an error message.
+pub const STDERR_LIMIT: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    #[error("cannot run git: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("git {command} exited with {code}: {stderr}")]
+    Failed {
+        command: String,
+        code: i32,
+        stderr: String,
+    },
+}
+
+impl GitError {
+    pub fn stderr(&self) -> &str {
+        match self {
+            GitError::Spawn(_) => "",
+            GitError::Failed { stderr, .. } => stderr,
+        }
+    }
+}
+
+/// Runs the real git CLI with an environment that the node controls: no system or global
+/// config, no prompts, C locale.
+#[derive(Debug, Clone)]
+pub struct Git {
+    binary: PathBuf,
+    /// Extra `-c key=value` settings applied to every command.
+    settings: Vec<String>,
+}
+
+impl Git {
+    pub fn new(binary: impl Into<PathBuf>) -> Self {
+        Self {
+            binary: binary.into(),
+            settings: Vec::new(),
+        }
+    }
+
+    pub fn with_setting(mut self, setting: impl Into<String>) -> Self {
+        self.settings.push(setting.into());
+        self
+    }
+
+    /// A git command, run against `git_dir` when one is given.
+    pub fn command(&self, git_dir: Option<&Path>) -> Command {
+        let mut command = Command::new(&self.binary);
+        command.env_clear();
+        for name in ["PATH", "HOME", "TMPDIR"] {
+            if let Some(value) = std::env::var_os(name) {
+                command.env(name, value);
+            }
+        }
+        command
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("LC_ALL", "C")
+            // The node owns its storages, whoever created the files.
+            .args(["-c", "safe.directory=*"]);
+        for setting in &self.settings {
+            command.args(["-c", setting]);
+        }
+        if let Some(git_dir) = git_dir {
+            command.arg("--git-dir").arg(git_dir);
+        }
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        command
+    }
+
+    /// Runs `git ARGS` to completion and returns its stdout; a non-zero exit is an error that
+    /// carries stderr.
+    pub async fn run(
+        &self,
+        git_dir: Option<&Path>,
+        args: &[&str],
+        stdin: Option<&[u8]>,
+    ) -> Result<Vec<u8>, GitError> {
+        let mut command = self.command(git_dir);
+        command.args(args);
+        if stdin.is_some() {
+            command.stdin(Stdio::piped());
+        }
+        let mut child = command.spawn().map_err(GitError::Spawn)?;
+        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            // A child that exits early closes its stdin; its exit status tells why.
+            let _ = pipe.write_all(input).await;
+        }
+        let output = child.wait_with_output().await.map_err(GitError::Spawn)?;
+        if output.status.success() {
+            return Ok(output.stdout);
+        }
+        Err(GitError::Failed {
+            command: args.first().copied().unwrap_or_default().to_owned(),
+            code: output.status.code().unwrap_or(-1),
+            stderr: tail(&output.stderr),
+        })
+    }
+}
+
+/// The end of `stderr` as text, at most [`STDERR_LIMIT`] bytes, trimmed.
+pub fn tail(stderr: &[u8]) -> String {
+    let start = stderr.len().saturating_sub(STDERR_LIMIT);
+    String::from_utf8_lossy(&stderr[start..]).trim().to_owned()
+}

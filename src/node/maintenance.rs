@@ -1,0 +1,335 @@
+//! Storage maintenance: walking every repository, the quarantine area, disk usage. Also the
+//! NodeService trait, whose replication half lives in `replication.rs`.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use walkdir::WalkDir;
+
+use super::storage::{Storage, is_repository, move_into_place};
+use super::{Node, NodeError};
+use crate::model::{RESERVED_COMPONENT, RelativePath};
+use crate::proto::node_service_server::NodeService;
+use crate::proto::*;
+
+/// Repositories per WalkStorage message.
+const WALK_BATCH: usize = 1000;
+/// Inside a quarantine entry: the repository itself and the path it came from.
+const QUARANTINED_REPOSITORY: &str = "repository.git";
+const QUARANTINE_ORIGIN: &str = "origin";
+
+fn unix_seconds(time: SystemTime) -> i64 {
+    time.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The newest modification time among the places git touches when a repository changes.
+fn last_modified(repository: &Path) -> i64 {
+    [
+        "",
+        "HEAD",
+        "config",
+        "packed-refs",
+        "refs",
+        "refs/heads",
+        "refs/tags",
+        "objects",
+        "objects/pack",
+    ]
+    .iter()
+    .filter_map(|name| std::fs::metadata(repository.join(name)).ok())
+    .filter_map(|metadata| metadata.modified().ok())
+    .map(unix_seconds)
+    .max()
+    .unwrap_or(0)
+}
+
+/// Every repository below a storage root, in walk order, skipping the node's own area.
+/// Holds one open directory per level, never the whole list.
+fn repositories(root: &Path) -> impl Iterator<Item = std::io::Result<PathBuf>> {
+    let mut walker = WalkDir::new(root)
+        .min_depth(1)
+        .follow_links(false)
+        .into_iter();
+    std::iter::from_fn(move || {
+        loop {
+            let entry = match walker.next()? {
+                Ok(entry) => entry,
+                Err(error) => return Some(Err(error.into())),
+            };
+            if !entry.file_type().is_dir() {
+                continue;
+            }
+            if entry.depth() == 1 && entry.file_name() == RESERVED_COMPONENT {
+                walker.skip_current_dir();
+                continue;
+            }
+            if is_repository(entry.path()) {
+                walker.skip_current_dir();
+                return Some(Ok(entry.into_path()));
+            }
+        }
+    })
+}
+
+fn relative(root: &Path, path: &Path) -> String {
+    path.strip_prefix(root)
+        .unwrap_or(path)
+        .to_string_lossy()
+        .into_owned()
+}
+
+impl Node {
+    fn walk(&self, storage: &Storage) -> ReceiverStream<Result<WalkStorageResponse, Status>> {
+        let (sender, receiver) = mpsc::channel(2);
+        let root = storage.root.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut batch = Vec::with_capacity(WALK_BATCH);
+            for path in repositories(&root) {
+                let path = match path {
+                    Ok(path) => path,
+                    Err(error) => {
+                        let _ = sender.blocking_send(Err(NodeError::Io(error).into()));
+                        return;
+                    }
+                };
+                batch.push(WalkedRepository {
+                    relative_path: relative(&root, &path),
+                    modified_at: last_modified(&path),
+                });
+                if batch.len() == WALK_BATCH {
+                    let repositories =
+                        std::mem::replace(&mut batch, Vec::with_capacity(WALK_BATCH));
+                    if sender
+                        .blocking_send(Ok(WalkStorageResponse { repositories }))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                let _ = sender.blocking_send(Ok(WalkStorageResponse {
+                    repositories: batch,
+                }));
+            }
+        });
+        ReceiverStream::new(receiver)
+    }
+
+    async fn quarantine(&self, request: QuarantineRepositoryRequest) -> Result<String, NodeError> {
+        let repository = self
+            .state
+            .storages
+            .locate(request.repository.as_ref())?
+            .require()?;
+        let id = format!(
+            "{}-{:016x}",
+            unix_seconds(SystemTime::now()),
+            rand::random::<u64>()
+        );
+        let entry = repository.storage.quarantine_dir().join(&id);
+        tokio::fs::create_dir_all(&entry).await?;
+        tokio::fs::write(
+            entry.join(QUARANTINE_ORIGIN),
+            repository.relative_path.as_str(),
+        )
+        .await?;
+        tokio::fs::rename(&repository.path, entry.join(QUARANTINED_REPOSITORY)).await?;
+        super::storage::prune_empty_parents(&repository.storage.root, &repository.path);
+        tracing::info!(repository = %repository, quarantine_id = %id, "repository quarantined");
+        Ok(id)
+    }
+
+    fn quarantine_entry(&self, storage: &Storage, id: &str) -> Result<PathBuf, NodeError> {
+        let valid = !id.is_empty()
+            && id.len() <= 64
+            && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !valid {
+            return Err(NodeError::BadRequest(format!(
+                "{id:?} is not a quarantine id"
+            )));
+        }
+        let entry = storage.quarantine_dir().join(id);
+        if !entry.is_dir() {
+            return Err(NodeError::NotFound(format!(
+                "no quarantine entry {id} in storage {}",
+                storage.name
+            )));
+        }
+        Ok(entry)
+    }
+
+    async fn restore(&self, request: RestoreRepositoryRequest) -> Result<String, NodeError> {
+        let storage = self.state.storages.storage(request.storage.as_ref())?;
+        let entry = self.quarantine_entry(storage, &request.quarantine_id)?;
+        let origin = tokio::fs::read_to_string(entry.join(QUARANTINE_ORIGIN)).await?;
+        let relative_path = RelativePath::parse(origin.trim())?;
+        let destination = storage.root.join(relative_path.as_str());
+        move_into_place(&entry.join(QUARANTINED_REPOSITORY), &destination).map_err(|error| {
+            match error.kind() {
+                std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::DirectoryNotEmpty => {
+                    NodeError::RepositoryExists(format!("{}/{relative_path}", storage.name))
+                }
+                _ => NodeError::Io(error),
+            }
+        })?;
+        tokio::fs::remove_dir_all(&entry).await?;
+        tracing::info!(storage = %storage.name, %relative_path, "repository restored from quarantine");
+        Ok(relative_path.to_string())
+    }
+
+    /// Entries as (id, relative path, quarantined at), read from the quarantine directory.
+    fn quarantine_entries(storage: &Storage) -> std::io::Result<Vec<QuarantinedRepository>> {
+        let mut entries = Vec::new();
+        for dir in std::fs::read_dir(storage.quarantine_dir())? {
+            let dir = dir?;
+            let id = dir.file_name().to_string_lossy().into_owned();
+            let quarantined_at = id
+                .split('-')
+                .next()
+                .and_then(|t| t.parse().ok())
+                .unwrap_or(0);
+            let relative_path =
+                std::fs::read_to_string(dir.path().join(QUARANTINE_ORIGIN)).unwrap_or_default();
+            entries.push(QuarantinedRepository {
+                quarantine_id: id,
+                relative_path: relative_path.trim().to_owned(),
+                quarantined_at,
+            });
+        }
+        entries.sort_by(|a, b| a.quarantine_id.cmp(&b.quarantine_id));
+        Ok(entries)
+    }
+
+    async fn purge(&self, request: PurgeQuarantineRequest) -> Result<u64, NodeError> {
+        let storage = self.state.storages.storage(request.storage.as_ref())?;
+        let now = unix_seconds(SystemTime::now());
+        let cutoff =
+            now.saturating_sub(i64::try_from(request.older_than_seconds).unwrap_or(i64::MAX));
+        let mut purged = 0;
+        for entry in Self::quarantine_entries(storage)? {
+            if entry.quarantined_at > cutoff {
+                continue;
+            }
+            // Moved out of the quarantine area first, so a half-deleted entry is never listed.
+            let doomed = storage.tmp_path("purge");
+            tokio::fs::rename(storage.quarantine_dir().join(&entry.quarantine_id), &doomed).await?;
+            tokio::fs::remove_dir_all(&doomed).await?;
+            purged += 1;
+        }
+        tracing::info!(storage = %storage.name, purged, "quarantine purged");
+        Ok(purged)
+    }
+
+    async fn disk_usage(&self, request: DiskUsageRequest) -> Result<DiskUsageResponse, NodeError> {
+        let storage = self.state.storages.storage(request.storage.as_ref())?;
+        let root = storage.root.clone();
+        let filesystem = nix::sys::statvfs::statvfs(&root).map_err(std::io::Error::from)?;
+        let block = filesystem.fragment_size() as u64;
+        let (used_bytes, repository_count) = tokio::task::spawn_blocking(move || {
+            let used = WalkDir::new(&root)
+                .follow_links(false)
+                .into_iter()
+                .filter_map(Result::ok)
+                .filter_map(|entry| entry.metadata().ok())
+                .map(|metadata| metadata.blocks() * 512)
+                .sum::<u64>();
+            (
+                used,
+                repositories(&root).filter(Result::is_ok).count() as u64,
+            )
+        })
+        .await
+        .map_err(std::io::Error::other)?;
+        Ok(DiskUsageResponse {
+            total_bytes: filesystem.blocks() as u64 * block,
+            available_bytes: filesystem.blocks_available() as u64 * block,
+            used_bytes,
+            repository_count,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl NodeService for Node {
+    type WalkStorageStream = ReceiverStream<Result<WalkStorageResponse, Status>>;
+    type ListQuarantineStream = ReceiverStream<Result<ListQuarantineResponse, Status>>;
+
+    async fn replicate_repository(
+        &self,
+        request: Request<ReplicateRepositoryRequest>,
+    ) -> Result<Response<ReplicateRepositoryResponse>, Status> {
+        let created = self.replicate(request.into_inner()).await?;
+        Ok(Response::new(ReplicateRepositoryResponse { created }))
+    }
+
+    async fn walk_storage(
+        &self,
+        request: Request<WalkStorageRequest>,
+    ) -> Result<Response<Self::WalkStorageStream>, Status> {
+        let storage = self
+            .state
+            .storages
+            .storage(request.get_ref().storage.as_ref())?;
+        Ok(Response::new(self.walk(storage)))
+    }
+
+    async fn quarantine_repository(
+        &self,
+        request: Request<QuarantineRepositoryRequest>,
+    ) -> Result<Response<QuarantineRepositoryResponse>, Status> {
+        let quarantine_id = self.quarantine(request.into_inner()).await?;
+        Ok(Response::new(QuarantineRepositoryResponse {
+            quarantine_id,
+        }))
+    }
+
+    async fn restore_repository(
+        &self,
+        request: Request<RestoreRepositoryRequest>,
+    ) -> Result<Response<RestoreRepositoryResponse>, Status> {
+        let relative_path = self.restore(request.into_inner()).await?;
+        Ok(Response::new(RestoreRepositoryResponse { relative_path }))
+    }
+
+    async fn list_quarantine(
+        &self,
+        request: Request<ListQuarantineRequest>,
+    ) -> Result<Response<Self::ListQuarantineStream>, Status> {
+        let storage = self
+            .state
+            .storages
+            .storage(request.get_ref().storage.as_ref())?;
+        let entries = Self::quarantine_entries(storage).map_err(NodeError::from)?;
+        let (sender, receiver) = mpsc::channel(entries.len().div_ceil(WALK_BATCH).max(1));
+        for batch in entries.chunks(WALK_BATCH) {
+            let _ = sender.try_send(Ok(ListQuarantineResponse {
+                entries: batch.to_vec(),
+            }));
+        }
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+
+    async fn purge_quarantine(
+        &self,
+        request: Request<PurgeQuarantineRequest>,
+    ) -> Result<Response<PurgeQuarantineResponse>, Status> {
+        let purged = self.purge(request.into_inner()).await?;
+        Ok(Response::new(PurgeQuarantineResponse { purged }))
+    }
+
+    async fn disk_usage(
+        &self,
+        request: Request<DiskUsageRequest>,
+    ) -> Result<Response<DiskUsageResponse>, Status> {
+        Ok(Response::new(
+            Node::disk_usage(self, request.into_inner()).await?,
+        ))
+    }
+}

@@ -1,0 +1,158 @@
+//! The storage node: serves the repositories on its disks over gRPC, running the real git CLI.
+
+mod error;
+mod maintenance;
+mod objects;
+mod refs;
+mod replication;
+mod repository;
+mod smarthttp;
+mod ssh;
+pub mod storage;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+
+pub use error::NodeError;
+pub use replication::{ADDRESS_ENV, SIGNED_TOKEN_ENV};
+
+use crate::auth::Verifier;
+use crate::config::NodeConfig;
+use crate::git::Git;
+use crate::proto::node_service_server::NodeServiceServer;
+use crate::proto::object_service_server::ObjectServiceServer;
+use crate::proto::ref_service_server::RefServiceServer;
+use crate::proto::repository_service_server::RepositoryServiceServer;
+use crate::proto::smart_http_service_server::SmartHttpServiceServer;
+use crate::proto::ssh_service_server::SshServiceServer;
+use storage::Storages;
+
+/// What every RPC handler shares.
+#[derive(Debug)]
+pub struct NodeState {
+    pub storages: Storages,
+    pub git: Git,
+    /// Cancelled when the shutdown grace period is over: running git commands are killed.
+    pub kill: CancellationToken,
+}
+
+/// One handle for every service, cloned into each generated server.
+#[derive(Debug, Clone)]
+pub struct Node {
+    state: Arc<NodeState>,
+}
+
+impl Node {
+    pub fn new(config: &NodeConfig) -> anyhow::Result<Self> {
+        let storages = Storages::new(&config.storages)?;
+        for storage in storages.iter() {
+            storage.prepare().map_err(|error| {
+                anyhow::anyhow!(
+                    "storage {}: cannot prepare {}: {error}",
+                    storage.name,
+                    storage.root.display()
+                )
+            })?;
+        }
+        let git = Git::new(&config.git.binary)
+            // Housekeeping is scheduled deliberately, never started behind a request's back.
+            .with_setting("gc.auto=0")
+            .with_setting("maintenance.auto=false")
+            .with_setting(format!(
+                "receive.maxInputSize={}",
+                config.git.max_push_bytes
+            ));
+        Ok(Self {
+            state: Arc::new(NodeState {
+                storages,
+                git,
+                kill: CancellationToken::new(),
+            }),
+        })
+    }
+}
+
+/// Serves the node on an already-bound listener until `shutdown` is cancelled, then stops
+/// accepting, lets running requests finish for `config.shutdown_grace`, and kills what is left.
+pub async fn serve(
+    listener: TcpListener,
+    config: NodeConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let node = Node::new(&config)?;
+    let verifier = Verifier::new(&config.auth.token, config.auth.validity.0);
+    let kill = node.state.kill.clone();
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<RefServiceServer<Node>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let server = Server::builder()
+        .trace_fn(|request| tracing::info_span!("rpc", path = %request.uri().path()))
+        .add_service(health_service)
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            reflection,
+            verifier.clone(),
+        ))
+        .add_service(RepositoryServiceServer::with_interceptor(
+            node.clone(),
+            verifier.clone(),
+        ))
+        .add_service(RefServiceServer::with_interceptor(
+            node.clone(),
+            verifier.clone(),
+        ))
+        .add_service(ObjectServiceServer::with_interceptor(
+            node.clone(),
+            verifier.clone(),
+        ))
+        .add_service(SmartHttpServiceServer::with_interceptor(
+            node.clone(),
+            verifier.clone(),
+        ))
+        .add_service(SshServiceServer::with_interceptor(
+            node.clone(),
+            verifier.clone(),
+        ))
+        .add_service(NodeServiceServer::with_interceptor(node.clone(), verifier));
+
+    let grace = config.shutdown_grace.0;
+    let stop_accepting = shutdown.clone();
+    let served = tokio::spawn(server.serve_with_incoming_shutdown(
+        TcpListenerStream::new(listener),
+        async move {
+            stop_accepting.cancelled().await;
+            health_reporter
+                .set_not_serving::<RefServiceServer<Node>>()
+                .await;
+            tracing::info!(grace = ?grace, "shutting down: no new calls, running ones may finish");
+        },
+    ));
+
+    shutdown.cancelled().await;
+    let deadline = tokio::time::sleep(grace);
+    tokio::pin!(served);
+    tokio::select! {
+        result = &mut served => return Ok(result??),
+        _ = deadline => {}
+    }
+    tracing::warn!("shutdown grace period is over: killing running git commands");
+    kill.cancel();
+    // Killed commands end their calls at once; give the server a moment to flush them.
+    match tokio::time::timeout(Duration::from_secs(5), served).await {
+        Ok(result) => Ok(result??),
+        Err(_) => {
+            tracing::warn!("calls still open after the grace period: closing them");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! Reading and changing references with `git for-each-ref`, `symbolic-ref` and
+//! `update-ref --stdin` (one transaction: all updates or none).
+
+use std::collections::HashSet;
+use std::path::Path;
+
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::{Node, NodeError};
+use crate::git::GitError;
+use crate::git::checksum::Checksum;
+use crate::model::{ObjectId, RefName};
+use crate::proto::ref_service_server::RefService;
+use crate::proto::*;
+
+/// References sent per ListRefs message.
+const REFS_PER_MESSAGE: usize = 1000;
+/// The most updates one UpdateRefs request may carry.
+pub const MAX_REF_UPDATES: usize = 10_000;
+
+impl Node {
+    /// Every reference as (name, target, peeled target).
+    pub(super) async fn read_refs(&self, path: &Path) -> Result<Vec<Ref>, NodeError> {
+        let output = self
+            .state
+            .git
+            .run(
+                Some(path),
+                &[
+                    "for-each-ref",
+                    "--format=%(refname)%00%(objectname)%00%(*objectname)",
+                ],
+                None,
+            )
+            .await?;
+        let text = String::from_utf8_lossy(&output);
+        Ok(text
+            .lines()
+            .filter_map(|line| {
+                let mut fields = line.split('\0');
+                Some(Ref {
+                    name: fields.next()?.to_owned(),
+                    target: fields.next()?.to_owned(),
+                    peeled_target: fields.next().unwrap_or_default().to_owned(),
+                })
+            })
+            .collect())
+    }
+
+    /// HEAD's symbolic target, such as `refs/heads/main`.
+    pub(super) async fn head(&self, path: &Path) -> Result<String, NodeError> {
+        let output = self
+            .state
+            .git
+            .run(Some(path), &["symbolic-ref", "HEAD"], None)
+            .await?;
+        Ok(String::from_utf8_lossy(&output).trim().to_owned())
+    }
+
+    async fn default_branch(
+        &self,
+        request: FindDefaultBranchRequest,
+    ) -> Result<FindDefaultBranchResponse, NodeError> {
+        let repository = self
+            .state
+            .storages
+            .locate(request.repository.as_ref())?
+            .require()?;
+        let name = self.head(&repository.path).await?;
+        let target = match self
+            .state
+            .git
+            .run(
+                Some(&repository.path),
+                &["rev-parse", "-q", "--verify", &name],
+                None,
+            )
+            .await
+        {
+            Ok(output) => String::from_utf8_lossy(&output).trim().to_owned(),
+            Err(GitError::Failed { .. }) => String::new(),
+            Err(error) => return Err(error.into()),
+        };
+        Ok(FindDefaultBranchResponse { name, target })
+    }
+
+    async fn checksum(
+        &self,
+        request: RefsChecksumRequest,
+    ) -> Result<RefsChecksumResponse, NodeError> {
+        let repository = self
+            .state
+            .storages
+            .locate(request.repository.as_ref())?
+            .require()?;
+        let mut checksum = Checksum::default();
+        for reference in self.read_refs(&repository.path).await? {
+            checksum.add(&reference.name, &reference.target);
+        }
+        let ref_count = checksum.count();
+        checksum.add("HEAD", &self.head(&repository.path).await?);
+        Ok(RefsChecksumResponse {
+            checksum: checksum.hex(),
+            ref_count,
+        })
+    }
+
+    async fn update_refs(&self, request: UpdateRefsRequest) -> Result<(), NodeError> {
+        let repository = self
+            .state
+            .storages
+            .locate(request.repository.as_ref())?
+            .require()?;
+        if request.updates.is_empty() {
+            return Err(NodeError::BadRequest("no reference updates given".into()));
+        }
+        if request.updates.len() > MAX_REF_UPDATES {
+            return Err(NodeError::BadRequest(format!(
+                "{} reference updates given; the limit is {MAX_REF_UPDATES}",
+                request.updates.len()
+            )));
+        }
+        let mut script = String::from("start\n");
+        let mut seen = HashSet::new();
+        for update in &request.updates {
+            let name = RefName::parse(&update.name)?;
+            let old = ObjectId::parse(&update.old_target)?;
+            let new = ObjectId::parse(&update.new_target)?;
+            if !seen.insert(name.clone()) {
+                return Err(NodeError::BadRequest(format!(
+                    "{name} is updated twice in one request"
+                )));
+            }
+            script.push_str(&format!("update {name} {new} {old}\n"));
+        }
+        script.push_str("prepare\ncommit\n");
+        match self
+            .state
+            .git
+            .run(
+                Some(&repository.path),
+                &["update-ref", "--stdin"],
+                Some(script.as_bytes()),
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(error @ GitError::Failed { .. }) => Err(classify_update_failure(error)),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    async fn set_default_branch(&self, request: SetDefaultBranchRequest) -> Result<(), NodeError> {
+        let repository = self
+            .state
+            .storages
+            .locate(request.repository.as_ref())?
+            .require()?;
+        let branch = RefName::branch(&request.branch)?;
+        self.state
+            .git
+            .run(
+                Some(&repository.path),
+                &["symbolic-ref", "HEAD", branch.as_str()],
+                None,
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// Tells a lost compare-and-swap from a bad request from a broken repository.
+fn classify_update_failure(error: GitError) -> NodeError {
+    let stderr = error.stderr();
+    let message = stderr
+        .strip_prefix("fatal: ")
+        .unwrap_or(stderr)
+        .trim()
+        .to_owned();
+    let conflict = [
+        "but expected",
+        "reference already exists",
+        "unable to resolve reference",
+        "exists; cannot create",
+        "cannot lock ref",
+    ];
+    let invalid = ["nonexistent object", "non-commit object", "invalid"];
+    if invalid.iter().any(|needle| stderr.contains(needle)) {
+        NodeError::BadRequest(format!("reference update refused: {message}"))
+    } else if conflict.iter().any(|needle| stderr.contains(needle)) {
+        NodeError::RefConflict(format!(
+            "reference update rejected, nothing was changed: {message}"
+        ))
+    } else {
+        NodeError::Git(error)
+    }
+}
+
+#[tonic::async_trait]
+impl RefService for Node {
+    type ListRefsStream = ReceiverStream<Result<ListRefsResponse, Status>>;
+
+    async fn list_refs(
+        &self,
+        request: Request<ListRefsRequest>,
+    ) -> Result<Response<Self::ListRefsStream>, Status> {
+        let request = request.into_inner();
+        let repository = self
+            .state
+            .storages
+            .locate(request.repository.as_ref())?
+            .require()?;
+        let refs: Vec<Ref> = self
+            .read_refs(&repository.path)
+            .await?
+            .into_iter()
+            .filter(|reference| {
+                request.prefixes.is_empty()
+                    || request
+                        .prefixes
+                        .iter()
+                        .any(|prefix| reference.name.starts_with(prefix))
+            })
+            .collect();
+        let (sender, receiver) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            for batch in refs.chunks(REFS_PER_MESSAGE) {
+                if sender
+                    .send(Ok(ListRefsResponse {
+                        refs: batch.to_vec(),
+                    }))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+
+    async fn find_default_branch(
+        &self,
+        request: Request<FindDefaultBranchRequest>,
+    ) -> Result<Response<FindDefaultBranchResponse>, Status> {
+        Ok(Response::new(
+            self.default_branch(request.into_inner()).await?,
+        ))
+    }
+
+    async fn refs_checksum(
+        &self,
+        request: Request<RefsChecksumRequest>,
+    ) -> Result<Response<RefsChecksumResponse>, Status> {
+        Ok(Response::new(self.checksum(request.into_inner()).await?))
+    }
+
+    async fn update_refs(
+        &self,
+        request: Request<UpdateRefsRequest>,
+    ) -> Result<Response<UpdateRefsResponse>, Status> {
+        Node::update_refs(self, request.into_inner()).await?;
+        Ok(Response::new(UpdateRefsResponse {}))
+    }
+
+    async fn set_default_branch(
+        &self,
+        request: Request<SetDefaultBranchRequest>,
+    ) -> Result<Response<SetDefaultBranchResponse>, Status> {
+        Node::set_default_branch(self, request.into_inner()).await?;
+        Ok(Response::new(SetDefaultBranchResponse {}))
+    }
+}

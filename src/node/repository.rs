@@ -1,0 +1,142 @@
+//! Repository lifecycle. Creation and removal each take one rename, so a crash never leaves a
+//! half-made or half-removed repository at its final path.
+
+use std::io::ErrorKind;
+
+use tonic::{Request, Response, Status};
+
+use super::storage::{move_into_place, prune_empty_parents};
+use super::{Node, NodeError};
+use crate::model::{RefName, RelativePath};
+use crate::proto::repository_service_server::RepositoryService;
+use crate::proto::*;
+
+impl Node {
+    async fn create(&self, request: CreateRepositoryRequest) -> Result<(), NodeError> {
+        let target = self.state.storages.locate(request.repository.as_ref())?;
+        let branch = match request.default_branch.as_str() {
+            "" => "main",
+            branch => branch,
+        };
+        let head = RefName::branch(branch)?;
+        if target.exists() {
+            return Err(NodeError::RepositoryExists(target.to_string()));
+        }
+        let staging = target.storage.tmp_path("create");
+        let built = self.build_empty(&staging, &head).await;
+        let placed = built.and_then(|()| {
+            move_into_place(&staging, &target.path).map_err(|error| match error.kind() {
+                ErrorKind::AlreadyExists | ErrorKind::DirectoryNotEmpty => {
+                    NodeError::RepositoryExists(target.to_string())
+                }
+                _ => NodeError::Io(error),
+            })
+        });
+        if placed.is_err() {
+            let _ = tokio::fs::remove_dir_all(&staging).await;
+        }
+        placed
+    }
+
+    /// Builds an empty bare repository at `path` with HEAD at `head`.
+    pub(super) async fn build_empty(
+        &self,
+        path: &std::path::Path,
+        head: &RefName,
+    ) -> Result<(), NodeError> {
+        let path_arg = path
+            .to_str()
+            .ok_or_else(|| NodeError::BadRequest("path is not UTF-8".into()))?;
+        self.state
+            .git
+            .run(None, &["init", "--bare", "--quiet", path_arg], None)
+            .await?;
+        self.state
+            .git
+            .run(Some(path), &["symbolic-ref", "HEAD", head.as_str()], None)
+            .await?;
+        Ok(())
+    }
+
+    async fn remove(&self, request: RemoveRepositoryRequest) -> Result<(), NodeError> {
+        let target = self
+            .state
+            .storages
+            .locate(request.repository.as_ref())?
+            .require()?;
+        let doomed = target.storage.tmp_path("remove");
+        match tokio::fs::rename(&target.path, &doomed).await {
+            Ok(()) => {}
+            Err(error) if error.kind() == ErrorKind::NotFound => {
+                return Err(NodeError::RepositoryNotFound(target.to_string()));
+            }
+            Err(error) => return Err(error.into()),
+        }
+        prune_empty_parents(&target.storage.root, &target.path);
+        // The repository is gone once the rename is done; a failure below only leaves bytes in
+        // the temporary area, which is emptied at the next start.
+        if let Err(error) = tokio::fs::remove_dir_all(&doomed).await {
+            tracing::warn!(%error, path = %doomed.display(), "cannot delete a removed repository");
+        }
+        Ok(())
+    }
+
+    async fn rename(&self, request: RenameRepositoryRequest) -> Result<(), NodeError> {
+        let source = self
+            .state
+            .storages
+            .locate(request.repository.as_ref())?
+            .require()?;
+        let new_path = RelativePath::parse(&request.new_relative_path)?;
+        let destination = source.storage.root.join(new_path.as_str());
+        move_into_place(&source.path, &destination).map_err(|error| match error.kind() {
+            ErrorKind::AlreadyExists | ErrorKind::DirectoryNotEmpty => {
+                NodeError::RepositoryExists(format!("{}/{new_path}", source.storage.name))
+            }
+            ErrorKind::NotFound => NodeError::RepositoryNotFound(source.to_string()),
+            _ => NodeError::Io(error),
+        })?;
+        prune_empty_parents(&source.storage.root, &source.path);
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl RepositoryService for Node {
+    async fn create_repository(
+        &self,
+        request: Request<CreateRepositoryRequest>,
+    ) -> Result<Response<CreateRepositoryResponse>, Status> {
+        self.create(request.into_inner()).await?;
+        Ok(Response::new(CreateRepositoryResponse {}))
+    }
+
+    async fn remove_repository(
+        &self,
+        request: Request<RemoveRepositoryRequest>,
+    ) -> Result<Response<RemoveRepositoryResponse>, Status> {
+        self.remove(request.into_inner()).await?;
+        Ok(Response::new(RemoveRepositoryResponse {}))
+    }
+
+    async fn repository_exists(
+        &self,
+        request: Request<RepositoryExistsRequest>,
+    ) -> Result<Response<RepositoryExistsResponse>, Status> {
+        let target = self
+            .state
+            .storages
+            .locate(request.get_ref().repository.as_ref())?;
+        Ok(Response::new(RepositoryExistsResponse {
+            exists: target.exists(),
+        }))
+    }
+
+    async fn rename_repository(
+        &self,
+        request: Request<RenameRepositoryRequest>,
+    ) -> Result<Response<RenameRepositoryResponse>, Status> {
+        self.rename(request.into_inner()).await?;
+        Ok(Response::new(RenameRepositoryResponse {}))
+    }
+}

@@ -1,0 +1,270 @@
+//! git's stateless protocol, as smart HTTP uses it.
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{Node, NodeError};
+use crate::git::pipe::{self, Output};
+use crate::git::pktline;
+use crate::git::report::ReportScanner;
+use crate::proto::smart_http_service_server::SmartHttpService;
+use crate::proto::*;
+
+/// The two git services a client can ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    UploadPack,
+    ReceivePack,
+}
+
+impl Service {
+    pub fn command(self) -> &'static str {
+        match self {
+            Service::UploadPack => "upload-pack",
+            Service::ReceivePack => "receive-pack",
+        }
+    }
+}
+
+/// Checks a GIT_PROTOCOL value: short, printable, no spaces.
+pub fn check_git_protocol(value: &str) -> Result<(), NodeError> {
+    if value.len() > 256 || !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(NodeError::BadRequest(
+            "git_protocol must be at most 256 printable characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn is_v2(git_protocol: &str) -> bool {
+    git_protocol.split(':').any(|part| part == "version=2")
+}
+
+impl Node {
+    /// Spawns git `service` against `header`'s repository and streams its stdout through `map`.
+    /// `finish` turns the exit and what was seen into the final status.
+    pub(super) fn stream_service<R, S>(
+        &self,
+        header: Option<&RepositoryHeader>,
+        service: Service,
+        args: &[&str],
+        git_protocol: &str,
+        input: Option<S>,
+        prefix: Option<R>,
+        wrap: fn(Bytes) -> R,
+    ) -> Result<ReceiverStream<Result<R, Status>>, NodeError>
+    where
+        R: Send + 'static,
+        S: Stream<Item = Result<Bytes, Status>> + Send + 'static,
+    {
+        let repository = self.state.storages.locate(header)?.require()?;
+        check_git_protocol(git_protocol)?;
+        let mut command = self.state.git.command(None);
+        command
+            .arg(service.command())
+            .args(args)
+            .arg(&repository.path);
+        if !git_protocol.is_empty() {
+            command.env("GIT_PROTOCOL", git_protocol);
+        }
+        let (sender, receiver) = mpsc::channel(8);
+        let kill = self.state.kill.clone();
+        tokio::spawn(async move {
+            if let Some(prefix) = prefix {
+                if sender.send(Ok(prefix)).await.is_err() {
+                    return;
+                }
+            }
+            let mut report = (service == Service::ReceivePack).then(ReportScanner::default);
+            let exit = pipe::run(command, input, &kill, &sender, |output| match output {
+                Output::Stdout(chunk) => {
+                    if let Some(report) = report.as_mut() {
+                        report.push(&chunk);
+                    }
+                    Some(wrap(chunk))
+                }
+                Output::Stderr(_) => None,
+            })
+            .await;
+            let failure = match exit {
+                Ok(exit) if !exit.success() => Some(NodeError::BadRequest(format!(
+                    "git {} failed: {}",
+                    service.command(),
+                    if exit.stderr.is_empty() {
+                        format!("exit status {:?}", exit.code)
+                    } else {
+                        exit.stderr
+                    }
+                ))),
+                Ok(_) => report.and_then(|scanner| push_failure(&scanner.finish())),
+                Err(error) => Some(error.into()),
+            };
+            if let Some(error) = failure {
+                let _ = sender.send(Err(error.into())).await;
+            }
+        });
+        Ok(ReceiverStream::new(receiver))
+    }
+}
+
+/// A push that receive-pack reported as failed, even though it exited 0.
+pub fn push_failure(report: &crate::git::report::Report) -> Option<NodeError> {
+    if let Some(fatal) = &report.fatal {
+        return Some(NodeError::BadRequest(format!(
+            "git receive-pack failed: {fatal}"
+        )));
+    }
+    if let Some(error) = report.unpack_failed() {
+        return Some(NodeError::BadRequest(format!(
+            "the pushed pack was rejected ({error}); no reference was changed"
+        )));
+    }
+    if !report.rejected.is_empty() {
+        let refs: Vec<String> = report
+            .rejected
+            .iter()
+            .map(|(name, reason)| format!("{name} ({reason})"))
+            .collect();
+        return Some(NodeError::Rejected(format!(
+            "push rejected: {}",
+            refs.join(", ")
+        )));
+    }
+    None
+}
+
+/// The data of a streamed request, after the first message's header has been read.
+fn request_data<M, F>(
+    first: Bytes,
+    rest: Streaming<M>,
+    data: F,
+) -> impl Stream<Item = Result<Bytes, Status>> + Send + 'static
+where
+    M: Send + 'static,
+    F: Fn(M) -> Bytes + Send + 'static,
+{
+    tokio_stream::once(Ok(first)).chain(rest.map(move |message| message.map(&data)))
+}
+
+#[tonic::async_trait]
+impl SmartHttpService for Node {
+    type InfoRefsUploadPackStream = ReceiverStream<Result<InfoRefsResponse, Status>>;
+    type InfoRefsReceivePackStream = ReceiverStream<Result<InfoRefsResponse, Status>>;
+    type PostUploadPackStream = ReceiverStream<Result<PostUploadPackResponse, Status>>;
+    type PostReceivePackStream = ReceiverStream<Result<PostReceivePackResponse, Status>>;
+
+    async fn info_refs_upload_pack(
+        &self,
+        request: Request<InfoRefsRequest>,
+    ) -> Result<Response<Self::InfoRefsUploadPackStream>, Status> {
+        Ok(Response::new(
+            self.info_refs(request.into_inner(), Service::UploadPack)?,
+        ))
+    }
+
+    async fn info_refs_receive_pack(
+        &self,
+        request: Request<InfoRefsRequest>,
+    ) -> Result<Response<Self::InfoRefsReceivePackStream>, Status> {
+        Ok(Response::new(
+            self.info_refs(request.into_inner(), Service::ReceivePack)?,
+        ))
+    }
+
+    async fn post_upload_pack(
+        &self,
+        request: Request<Streaming<PostUploadPackRequest>>,
+    ) -> Result<Response<Self::PostUploadPackStream>, Status> {
+        let mut stream = request.into_inner();
+        let first = first_message(&mut stream).await?;
+        let input = request_data(first.data, stream, |message: PostUploadPackRequest| {
+            message.data
+        });
+        let output = self.stream_service(
+            first.repository.as_ref(),
+            Service::UploadPack,
+            &["--stateless-rpc"],
+            &first.git_protocol,
+            Some(input),
+            None,
+            |data| PostUploadPackResponse { data },
+        )?;
+        Ok(Response::new(output))
+    }
+
+    async fn post_receive_pack(
+        &self,
+        request: Request<Streaming<PostReceivePackRequest>>,
+    ) -> Result<Response<Self::PostReceivePackStream>, Status> {
+        let mut stream = request.into_inner();
+        let first = first_message(&mut stream).await?;
+        let input = request_data(first.data, stream, |message: PostReceivePackRequest| {
+            message.data
+        });
+        let output = self.stream_service(
+            first.repository.as_ref(),
+            Service::ReceivePack,
+            &["--stateless-rpc"],
+            &first.git_protocol,
+            Some(input),
+            None,
+            |data| PostReceivePackResponse { data },
+        )?;
+        Ok(Response::new(output))
+    }
+}
+
+impl Node {
+    fn info_refs(
+        &self,
+        request: InfoRefsRequest,
+        service: Service,
+    ) -> Result<ReceiverStream<Result<InfoRefsResponse, Status>>, NodeError> {
+        // Protocol v0 and v1 answers start with the service announcement; v2 answers do not.
+        let prefix = (!is_v2(&request.git_protocol)).then(|| {
+            let mut data =
+                pktline::encode(format!("# service=git-{}\n", service.command()).as_bytes());
+            data.extend_from_slice(b"0000");
+            InfoRefsResponse { data: data.into() }
+        });
+        self.stream_service(
+            request.repository.as_ref(),
+            service,
+            &["--stateless-rpc", "--advertise-refs"],
+            &request.git_protocol,
+            None::<tokio_stream::Empty<Result<Bytes, Status>>>,
+            prefix,
+            |data| InfoRefsResponse { data },
+        )
+    }
+}
+
+/// The first message of a client stream, which must exist.
+pub(super) async fn first_message<M>(stream: &mut Streaming<M>) -> Result<M, Status> {
+    match stream.message().await? {
+        Some(message) => Ok(message),
+        None => Err(NodeError::BadRequest(
+            "the request stream is empty: the first message must carry the repository header"
+                .into(),
+        )
+        .into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocol_versions() {
+        assert!(is_v2("version=2"));
+        assert!(is_v2("object-format=sha1:version=2"));
+        assert!(!is_v2(""));
+        assert!(!is_v2("version=1"));
+        assert!(check_git_protocol("version=2").is_ok());
+        assert!(check_git_protocol("version=2\nx").is_err());
+    }
+}

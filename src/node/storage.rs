@@ -1,0 +1,169 @@
+//! Where a storage keeps its repositories, and the node's own areas inside it:
+//! `.gitfleet/tmp` (repositories being built or torn down) and `.gitfleet/quarantine`.
+
+use std::collections::HashMap;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+
+use super::NodeError;
+use crate::config::StorageConfig;
+use crate::model::{RESERVED_COMPONENT, RelativePath, StorageName};
+use crate::proto::{RepositoryHeader, StorageHeader};
+
+#[derive(Debug)]
+pub struct Storage {
+    pub name: StorageName,
+    pub root: PathBuf,
+}
+
+/// A repository path on this node, validated and resolved.
+#[derive(Debug)]
+pub struct Located<'a> {
+    pub storage: &'a Storage,
+    pub relative_path: RelativePath,
+    pub path: PathBuf,
+}
+
+impl Located<'_> {
+    pub fn exists(&self) -> bool {
+        is_repository(&self.path)
+    }
+
+    /// Fails with `NotFound` unless the repository exists.
+    pub fn require(self) -> Result<Self, NodeError> {
+        if self.exists() {
+            Ok(self)
+        } else {
+            Err(NodeError::RepositoryNotFound(self.to_string()))
+        }
+    }
+}
+
+impl std::fmt::Display for Located<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.storage.name, self.relative_path)
+    }
+}
+
+/// Whether `path` holds a bare repository.
+pub fn is_repository(path: &Path) -> bool {
+    path.join("HEAD").is_file() && path.join("objects").is_dir() && path.join("refs").is_dir()
+}
+
+impl Storage {
+    pub fn internal_dir(&self) -> PathBuf {
+        self.root.join(RESERVED_COMPONENT)
+    }
+
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.internal_dir().join("tmp")
+    }
+
+    pub fn quarantine_dir(&self) -> PathBuf {
+        self.internal_dir().join("quarantine")
+    }
+
+    /// A fresh, unused path in the temporary area.
+    pub fn tmp_path(&self, purpose: &str) -> PathBuf {
+        self.tmp_dir()
+            .join(format!("{purpose}-{:016x}", rand::random::<u64>()))
+    }
+
+    /// Creates the node's areas and empties the temporary one, which holds only what a crash
+    /// interrupted.
+    pub fn prepare(&self) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.root)?;
+        match std::fs::remove_dir_all(self.tmp_dir()) {
+            Err(error) if error.kind() != ErrorKind::NotFound => return Err(error),
+            _ => {}
+        }
+        std::fs::create_dir_all(self.tmp_dir())?;
+        std::fs::create_dir_all(self.quarantine_dir())
+    }
+}
+
+/// Moves `from` to `to` in one step, failing with `AlreadyExists` rather than replacing
+/// anything at `to`. Creates the parents of `to`.
+pub fn move_into_place(from: &Path, to: &Path) -> std::io::Result<()> {
+    for attempt in 0..3 {
+        if let Some(parent) = to.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        match renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE) {
+            Ok(()) => return Ok(()),
+            // A concurrent removal may have pruned the empty parent we just made.
+            Err(nix::errno::Errno::ENOENT) if attempt < 2 && from.exists() => continue,
+            Err(errno) => return Err(std::io::Error::from(errno)),
+        }
+    }
+    unreachable!("the loop returns on its last attempt")
+}
+
+/// Removes the empty directories between `path` and `root`, best effort.
+pub fn prune_empty_parents(root: &Path, path: &Path) {
+    let mut current = path.parent();
+    while let Some(dir) = current {
+        if dir == root || !dir.starts_with(root) || std::fs::remove_dir(dir).is_err() {
+            break;
+        }
+        current = dir.parent();
+    }
+}
+
+/// The storages one node serves.
+#[derive(Debug)]
+pub struct Storages {
+    by_name: HashMap<String, Storage>,
+}
+
+impl Storages {
+    pub fn new(configs: &[StorageConfig]) -> Result<Self, crate::model::InvalidInput> {
+        let mut by_name = HashMap::new();
+        for config in configs {
+            let name = StorageName::parse(&config.name)?;
+            by_name.insert(
+                config.name.clone(),
+                Storage {
+                    name,
+                    root: config.path.clone(),
+                },
+            );
+        }
+        Ok(Self { by_name })
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Storage> {
+        self.by_name.values()
+    }
+
+    pub fn get(&self, name: &str) -> Result<&Storage, NodeError> {
+        StorageName::parse(name)?;
+        self.by_name
+            .get(name)
+            .ok_or_else(|| NodeError::UnknownStorage(name.to_owned()))
+    }
+
+    pub fn storage(&self, header: Option<&StorageHeader>) -> Result<&Storage, NodeError> {
+        let header = header.ok_or_else(|| {
+            NodeError::BadRequest("the storage header (field 1) is missing".into())
+        })?;
+        self.get(&header.storage)
+    }
+
+    /// Validates a repository header and resolves it to a path. The repository may not exist.
+    pub fn locate(&self, header: Option<&RepositoryHeader>) -> Result<Located<'_>, NodeError> {
+        let header = header.ok_or_else(|| {
+            NodeError::BadRequest("the repository header (field 1) is missing".into())
+        })?;
+        let storage = self.get(&header.storage)?;
+        let relative_path = RelativePath::parse(&header.relative_path)?;
+        let path = storage.root.join(relative_path.as_str());
+        Ok(Located {
+            storage,
+            relative_path,
+            path,
+        })
+    }
+}
