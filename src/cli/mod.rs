@@ -58,7 +58,12 @@ pub fn main(cli: Cli) -> ExitCode {
         // The bridge speaks git's protocol on stdout: it must not log there, and its exit
         // status is git's.
         Command::Bridge(args) => match runtime() {
-            Ok(rt) => rt.block_on(bridge::run(args)),
+            Ok(rt) => {
+                let code = rt.block_on(bridge::run(args));
+                // The stdin reader blocks in a thread of its own; do not wait for it.
+                rt.shutdown_background();
+                code
+            }
             Err(error) => {
                 eprintln!("gitfleet bridge: {error}");
                 ExitCode::from(128)

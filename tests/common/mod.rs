@@ -1,0 +1,247 @@
+//! Test support: real `gitfleet node` processes on 127.0.0.1:0, real git, real sockets.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use gitfleet::auth::Signer;
+use gitfleet::client::AuthedChannel;
+use gitfleet::proto::RepositoryHeader;
+use tempfile::TempDir;
+
+pub const TOKEN: &str = "test-secret-0123456789";
+pub const BINARY: &str = env!("CARGO_BIN_EXE_gitfleet");
+
+/// A running `gitfleet node`, killed when dropped.
+pub struct NodeProcess {
+    pub child: Child,
+    pub address: String,
+    pub port: u16,
+    pub dir: TempDir,
+}
+
+pub struct NodeOptions {
+    pub storages: Vec<&'static str>,
+    pub extra_config: String,
+}
+
+impl Default for NodeOptions {
+    fn default() -> Self {
+        Self {
+            storages: vec!["s1"],
+            extra_config: String::new(),
+        }
+    }
+}
+
+impl NodeProcess {
+    pub fn start() -> Self {
+        Self::start_with(NodeOptions::default())
+    }
+
+    pub fn start_with(options: NodeOptions) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = format!(
+            "listen = \"127.0.0.1:0\"\n{}\n[auth]\ntoken = \"{TOKEN}\"\n",
+            options.extra_config
+        );
+        for storage in &options.storages {
+            config.push_str(&format!(
+                "[[storages]]\nname = \"{storage}\"\npath = \"{}\"\n",
+                dir.path().join(storage).display()
+            ));
+        }
+        let config_path = dir.path().join("node.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let mut child = Command::new(BINARY)
+            .args(["node", "--config"])
+            .arg(&config_path)
+            .env("GITFLEET_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let address = line
+            .trim()
+            .strip_prefix("gitfleet node: listening on ")
+            .unwrap_or_else(|| panic!("node did not start: {line:?}"))
+            .to_owned();
+        let port = address.rsplit(':').next().unwrap().parse().unwrap();
+        Self {
+            child,
+            address: format!("http://{address}"),
+            port,
+            dir,
+        }
+    }
+
+    pub fn storage_path(&self, storage: &str) -> PathBuf {
+        self.dir.path().join(storage)
+    }
+
+    pub fn repo_path(&self, storage: &str, relative_path: &str) -> PathBuf {
+        self.storage_path(storage).join(relative_path)
+    }
+
+    pub async fn channel(&self) -> AuthedChannel {
+        gitfleet::client::connect(&self.address, Signer::from_secret(TOKEN))
+            .await
+            .unwrap()
+    }
+
+    /// URL for real git through `gitfleet bridge ssh` (see [`bridge_env`]).
+    pub fn ssh_url(&self, storage: &str, relative_path: &str) -> String {
+        format!("ssh://127.0.0.1:{}/{storage}/{relative_path}", self.port)
+    }
+
+    /// URL for real git through the ext:: transport.
+    pub fn ext_url(&self, storage: &str, relative_path: &str) -> String {
+        format!(
+            "ext::{BINARY} bridge connect --address {} %S {storage}/{relative_path}",
+            self.address
+        )
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn header(storage: &str, relative_path: &str) -> Option<RepositoryHeader> {
+    Some(RepositoryHeader {
+        storage: storage.into(),
+        relative_path: relative_path.into(),
+    })
+}
+
+/// A git command with a clean environment that uses the bridge as its ssh command.
+pub fn git(dir: &Path) -> Command {
+    let mut command = Command::new("git");
+    command
+        .current_dir(dir)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_AUTHOR_NAME", "A U Thor")
+        .env("GIT_AUTHOR_EMAIL", "author@example.com")
+        .env("GIT_COMMITTER_NAME", "C O Mitter")
+        .env("GIT_COMMITTER_EMAIL", "committer@example.com")
+        .env("GIT_SSH_COMMAND", format!("{BINARY} bridge ssh"))
+        .env("GIT_SSH_VARIANT", "ssh")
+        .env("GITFLEET_TOKEN", TOKEN)
+        .env_remove("GITFLEET_ADDRESS")
+        .env_remove("GITFLEET_SIGNED_TOKEN")
+        .args([
+            "-c",
+            "protocol.ext.allow=always",
+            "-c",
+            "init.defaultBranch=main",
+        ]);
+    command
+}
+
+/// Runs git and returns stdout, panicking with stderr when it fails.
+pub fn run_git(dir: &Path, args: &[&str]) -> String {
+    let output = git(dir).args(args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "git {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Runs git and returns the whole output, successful or not.
+pub fn try_git(dir: &Path, args: &[&str]) -> Output {
+    git(dir).args(args).output().unwrap()
+}
+
+/// A working tree with a small history: main (3 commits, a nested file, an executable),
+/// a feature branch, a lightweight and an annotated tag.
+pub fn make_history(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    run_git(dir, &["init", "-q"]);
+    std::fs::write(dir.join("README.md"), "hello\n").unwrap();
+    run_git(dir, &["add", "."]);
+    run_git(dir, &["commit", "-q", "-m", "first"]);
+    std::fs::create_dir_all(dir.join("src/deep")).unwrap();
+    std::fs::write(
+        dir.join("src/deep/lib.rs"),
+        "pub fn answer() -> u32 { 42 }\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("run.sh"), "#!/bin/sh\necho run\n").unwrap();
+    run_git(dir, &["add", "."]);
+    run_git(dir, &["update-index", "--chmod=+x", "run.sh"]);
+    run_git(dir, &["commit", "-q", "-m", "second"]);
+    run_git(dir, &["tag", "v1"]);
+    run_git(dir, &["checkout", "-q", "-b", "feature"]);
+    std::fs::write(dir.join("feature.txt"), "feature work\n").unwrap();
+    run_git(dir, &["add", "."]);
+    run_git(dir, &["commit", "-q", "-m", "feature"]);
+    run_git(dir, &["checkout", "-q", "main"]);
+    std::fs::write(dir.join("README.md"), "hello\nworld\n").unwrap();
+    run_git(dir, &["commit", "-q", "-am", "third"]);
+    run_git(dir, &["tag", "-a", "v2", "-m", "release two"]);
+}
+
+/// `git for-each-ref` of a repository (work tree or bare), one "oid name" per line, sorted.
+pub fn refs_of(dir: &Path) -> String {
+    run_git(
+        dir,
+        &[
+            "for-each-ref",
+            "--format=%(objectname) %(refname)",
+            "refs/heads",
+            "refs/tags",
+        ],
+    )
+}
+
+/// Child processes of `pid` as (pid, state), from /proc.
+pub fn children_of(pid: u32) -> Vec<(u32, char)> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ..." where comm may contain spaces.
+        let Some(after) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let mut fields = after.1.split_whitespace();
+        let state = fields.next().and_then(|s| s.chars().next()).unwrap_or('?');
+        let parent: u32 = fields.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        if parent == pid {
+            children.push((child, state));
+        }
+    }
+    children
+}
+
+/// Waits until `pid` has no children left, or panics with what remains.
+pub async fn wait_for_no_children(pid: u32) {
+    for _ in 0..100 {
+        if children_of(pid).is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("node {pid} still has children: {:?}", children_of(pid));
+}
