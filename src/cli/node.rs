@@ -22,6 +22,7 @@ pub struct NodeArgs {
 
 pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     let config = NodeConfig::load(&args.config)?;
+    let node = crate::node::Node::new(&config)?;
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -40,7 +41,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         }
         trigger.cancel();
     });
-    crate::node::serve(listener, config, shutdown).await?;
+    crate::node::serve(listener, node, config, shutdown).await?;
     tracing::info!("node stopped");
     Ok(())
 }

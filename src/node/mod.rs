@@ -48,6 +48,7 @@ pub struct Node {
 }
 
 impl Node {
+    /// Checks the storages and prepares their areas; a node that returns from here is ready.
     pub fn new(config: &NodeConfig) -> anyhow::Result<Self> {
         let storages = Storages::new(&config.storages)?;
         for storage in storages.iter() {
@@ -81,10 +82,10 @@ impl Node {
 /// accepting, lets running requests finish for `config.shutdown_grace`, and kills what is left.
 pub async fn serve(
     listener: TcpListener,
+    node: Node,
     config: NodeConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let node = Node::new(&config)?;
     let verifier = Verifier::new(&config.auth.token, config.auth.validity.0);
     let kill = node.state.kill.clone();
 

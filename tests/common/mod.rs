@@ -56,9 +56,14 @@ impl NodeProcess {
         }
         let config_path = dir.path().join("node.toml");
         std::fs::write(&config_path, config).unwrap();
+        Self::spawn(dir, &config_path)
+    }
+
+    /// Starts a node from a config file, keeping `dir` alive as long as the node.
+    pub fn spawn(dir: TempDir, config_path: &Path) -> Self {
         let mut child = Command::new(BINARY)
             .args(["node", "--config"])
-            .arg(&config_path)
+            .arg(config_path)
             .env("GITFLEET_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -68,11 +73,11 @@ impl NodeProcess {
         BufReader::new(child.stdout.take().unwrap())
             .read_line(&mut line)
             .unwrap();
-        let address = line
-            .trim()
-            .strip_prefix("gitfleet node: listening on ")
-            .unwrap_or_else(|| panic!("node did not start: {line:?}"))
-            .to_owned();
+        let Some(address) = line.trim().strip_prefix("gitfleet node: listening on ") else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("node did not start: {line:?}");
+        };
         let port = address.rsplit(':').next().unwrap().parse().unwrap();
         Self {
             child,
