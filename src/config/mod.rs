@@ -50,12 +50,19 @@ pub fn load<T: DeserializeOwned>(
                 message: error.to_string(),
             })?;
     apply_env(&mut document, env)?;
-    toml::Value::Table(document)
-        .try_into()
-        .map_err(|error: toml::de::Error| ConfigError::Parse {
+    serde_path_to_error::deserialize(toml::Value::Table(document)).map_err(|error| {
+        let key = error.path().to_string();
+        let message = error.into_inner().message().to_owned();
+        let message = if key == "." {
+            message
+        } else {
+            format!("{key}: {message}")
+        };
+        ConfigError::Parse {
             path: display,
-            message: error.message().to_owned(),
-        })
+            message,
+        }
+    })
 }
 
 fn apply_env(

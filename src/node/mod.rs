@@ -149,7 +149,7 @@ pub async fn serve(
     tracing::warn!("shutdown grace period is over: killing running git commands");
     kill.cancel();
     // Killed commands end their calls at once; give the server a moment to flush them.
-    match tokio::time::timeout(Duration::from_secs(5), served).await {
+    match tokio::time::timeout(Duration::from_secs(2), served).await {
         Ok(result) => Ok(result??),
         Err(_) => {
             tracing::warn!("calls still open after the grace period: closing them");
