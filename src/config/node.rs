@@ -117,3 +117,17 @@ impl NodeConfig {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/node.toml");
+        let config: NodeConfig = super::super::load(&path, std::iter::empty()).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.storages[0].name, "storage-1");
+        assert_eq!(config.auth.validity.0, std::time::Duration::from_secs(60));
+    }
+}

@@ -43,15 +43,41 @@ fn is_v2(git_protocol: &str) -> bool {
     git_protocol.split(':').any(|part| part == "version=2")
 }
 
+/// One run of upload-pack or receive-pack for a client.
+pub(super) struct Invocation<'a> {
+    pub header: Option<&'a RepositoryHeader>,
+    pub service: Service,
+    /// Extra arguments, such as `--stateless-rpc`.
+    pub args: &'a [&'a str],
+    /// The client's GIT_PROTOCOL, empty for protocol v0.
+    pub git_protocol: &'a str,
+}
+
 impl Node {
-    /// Spawns git `service` against `header`'s repository and streams its stdout through `map`.
-    /// `finish` turns the exit and what was seen into the final status.
-    pub(super) fn stream_service<R, S>(
+    /// The git command for an invocation, after checking the repository and protocol.
+    pub(super) fn service_command(
         &self,
-        header: Option<&RepositoryHeader>,
-        service: Service,
-        args: &[&str],
-        git_protocol: &str,
+        invocation: &Invocation<'_>,
+    ) -> Result<tokio::process::Command, NodeError> {
+        let repository = self.state.storages.locate(invocation.header)?.require()?;
+        check_git_protocol(invocation.git_protocol)?;
+        let mut command = self.state.git.command(None);
+        command
+            .arg(invocation.service.command())
+            .args(invocation.args)
+            .arg(&repository.path);
+        if !invocation.git_protocol.is_empty() {
+            command.env("GIT_PROTOCOL", invocation.git_protocol);
+        }
+        Ok(command)
+    }
+
+    /// Runs a stateless invocation and streams its stdout, sent after `prefix`, as `wrap`
+    /// makes it. A failed run, or a push that receive-pack reported as failed, ends the stream
+    /// with an error status.
+    fn stream_service<R, S>(
+        &self,
+        invocation: Invocation<'_>,
         input: Option<S>,
         prefix: Option<R>,
         wrap: fn(Bytes) -> R,
@@ -60,23 +86,15 @@ impl Node {
         R: Send + 'static,
         S: Stream<Item = Result<Bytes, Status>> + Send + 'static,
     {
-        let repository = self.state.storages.locate(header)?.require()?;
-        check_git_protocol(git_protocol)?;
-        let mut command = self.state.git.command(None);
-        command
-            .arg(service.command())
-            .args(args)
-            .arg(&repository.path);
-        if !git_protocol.is_empty() {
-            command.env("GIT_PROTOCOL", git_protocol);
-        }
+        let command = self.service_command(&invocation)?;
+        let service = invocation.service;
         let (sender, receiver) = mpsc::channel(8);
         let kill = self.state.kill.clone();
         tokio::spawn(async move {
-            if let Some(prefix) = prefix {
-                if sender.send(Ok(prefix)).await.is_err() {
-                    return;
-                }
+            if let Some(prefix) = prefix
+                && sender.send(Ok(prefix)).await.is_err()
+            {
+                return;
             }
             let mut report = (service == Service::ReceivePack).then(ReportScanner::default);
             let exit = pipe::run(command, input, &kill, &sender, |output| match output {
@@ -184,10 +202,12 @@ impl SmartHttpService for Node {
             message.data
         });
         let output = self.stream_service(
-            first.repository.as_ref(),
-            Service::UploadPack,
-            &["--stateless-rpc"],
-            &first.git_protocol,
+            Invocation {
+                header: first.repository.as_ref(),
+                service: Service::UploadPack,
+                args: &["--stateless-rpc"],
+                git_protocol: &first.git_protocol,
+            },
             Some(input),
             None,
             |data| PostUploadPackResponse { data },
@@ -205,10 +225,12 @@ impl SmartHttpService for Node {
             message.data
         });
         let output = self.stream_service(
-            first.repository.as_ref(),
-            Service::ReceivePack,
-            &["--stateless-rpc"],
-            &first.git_protocol,
+            Invocation {
+                header: first.repository.as_ref(),
+                service: Service::ReceivePack,
+                args: &["--stateless-rpc"],
+                git_protocol: &first.git_protocol,
+            },
             Some(input),
             None,
             |data| PostReceivePackResponse { data },
@@ -231,10 +253,12 @@ impl Node {
             InfoRefsResponse { data: data.into() }
         });
         self.stream_service(
-            request.repository.as_ref(),
-            service,
-            &["--stateless-rpc", "--advertise-refs"],
-            &request.git_protocol,
+            Invocation {
+                header: request.repository.as_ref(),
+                service,
+                args: &["--stateless-rpc", "--advertise-refs"],
+                git_protocol: &request.git_protocol,
+            },
             None::<tokio_stream::Empty<Result<Bytes, Status>>>,
             prefix,
             |data| InfoRefsResponse { data },

@@ -6,7 +6,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::smarthttp::{Service, check_git_protocol, first_message};
+use super::smarthttp::{Invocation, Service, first_message};
 use super::{Node, NodeError};
 use crate::git::pipe::{self, Output};
 use crate::proto::ssh_service_server::SshService;
@@ -22,17 +22,12 @@ impl Node {
     ) -> Result<SshStream, Status> {
         let mut stream = request.into_inner();
         let first = first_message(&mut stream).await?;
-        let repository = self
-            .state
-            .storages
-            .locate(first.repository.as_ref())?
-            .require()?;
-        check_git_protocol(&first.git_protocol)?;
-        let mut command = self.state.git.command(None);
-        command.arg(service.command()).arg(&repository.path);
-        if !first.git_protocol.is_empty() {
-            command.env("GIT_PROTOCOL", &first.git_protocol);
-        }
+        let command = self.service_command(&Invocation {
+            header: first.repository.as_ref(),
+            service,
+            args: &[],
+            git_protocol: &first.git_protocol,
+        })?;
         let input = stdin_of(first, stream);
         let (sender, receiver) = mpsc::channel(8);
         let kill = self.state.kill.clone();
