@@ -49,7 +49,11 @@ impl Node {
             .ok_or_else(|| NodeError::BadRequest("path is not UTF-8".into()))?;
         self.state
             .git
-            .run(None, &["init", "--bare", "--quiet", path_arg], None)
+            .run(
+                None,
+                &["init", "--bare", "--quiet", "--template=", path_arg],
+                None,
+            )
             .await?;
         self.state
             .git
