@@ -98,7 +98,14 @@ pub async fn serve(
         .build_v1()?;
 
     let server = Server::builder()
-        .trace_fn(|request| tracing::info_span!("rpc", path = %request.uri().path()))
+        .trace_fn(|request| {
+            tracing::info_span!(
+                "rpc",
+                path = %request.uri().path(),
+                storage = tracing::field::Empty,
+                repository = tracing::field::Empty,
+            )
+        })
         .add_service(health_service)
         .add_service(tonic::service::interceptor::InterceptedService::new(
             reflection,

@@ -149,7 +149,9 @@ impl Storages {
         let header = header.ok_or_else(|| {
             NodeError::BadRequest("the storage header (field 1) is missing".into())
         })?;
-        self.get(&header.storage)
+        let storage = self.get(&header.storage)?;
+        tracing::Span::current().record("storage", storage.name.as_str());
+        Ok(storage)
     }
 
     /// Validates a repository header and resolves it to a path. The repository may not exist.
@@ -159,6 +161,9 @@ impl Storages {
         })?;
         let storage = self.get(&header.storage)?;
         let relative_path = RelativePath::parse(&header.relative_path)?;
+        let span = tracing::Span::current();
+        span.record("storage", storage.name.as_str());
+        span.record("repository", relative_path.as_str());
         let path = storage.root.join(relative_path.as_str());
         Ok(Located {
             storage,
