@@ -117,6 +117,20 @@ impl Git {
     }
 }
 
+/// Kills a git command and everything it started, and reaps it.
+pub async fn terminate(child: &mut tokio::process::Child) {
+    if let Some(id) = child.id().and_then(|id| i32::try_from(id).ok()) {
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(id),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    // kill() also waits, so no zombie is left behind.
+    if let Err(error) = child.kill().await {
+        tracing::warn!(%error, "cannot kill git child");
+    }
+}
+
 /// The end of `stderr` as text, at most [`STDERR_LIMIT`] bytes, trimmed.
 pub fn tail(stderr: &[u8]) -> String {
     let start = stderr.len().saturating_sub(STDERR_LIMIT);

@@ -12,6 +12,7 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tonic::Status;
 
 use super::STDERR_LIMIT;
@@ -95,10 +96,7 @@ where
 }
 
 async fn reap(child: &mut Child) {
-    // kill() also waits, so no zombie is left behind.
-    if let Err(error) = child.kill().await {
-        tracing::warn!(%error, "cannot kill git child");
-    }
+    super::terminate(child).await;
 }
 
 /// Pumps the pipes until stdout and stderr are both closed; returns the stderr tail.
@@ -116,7 +114,9 @@ where
     let mut stdout = child.stdout.take().expect("stdout is piped");
     let mut stderr = child.stderr.take().expect("stderr is piped");
     let mut writer = match (input, child.stdin.take()) {
-        (Some(input), Some(stdin)) => Some(tokio::spawn(feed(input, stdin))),
+        (Some(input), Some(stdin)) => {
+            Some(AbortOnDropHandle::new(tokio::spawn(feed(input, stdin))))
+        }
         _ => None,
     };
     let mut stderr_tail = Vec::new();
@@ -154,10 +154,8 @@ where
             }
         }
     }
-    // The child closed its output; any input it did not read no longer matters.
-    if let Some(writer) = writer {
-        writer.abort();
-    }
+    // The child closed its output; any input it did not read no longer matters, and the
+    // writer is aborted when dropped here, as on every error path above.
     Ok(super::tail(&stderr_tail))
 }
 

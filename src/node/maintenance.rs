@@ -10,7 +10,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use walkdir::WalkDir;
 
-use super::storage::{Storage, is_repository, move_into_place};
+use super::storage::{Storage, is_repository, place};
 use super::{Node, NodeError};
 use crate::model::{RESERVED_COMPONENT, RelativePath};
 use crate::proto::node_service_server::NodeService;
@@ -60,6 +60,13 @@ fn repositories(root: &Path) -> impl Iterator<Item = std::io::Result<PathBuf>> {
         loop {
             let entry = match walker.next()? {
                 Ok(entry) => entry,
+                // Repositories removed or renamed while the walk runs are simply gone.
+                Err(error)
+                    if error.io_error().map(std::io::Error::kind)
+                        == Some(std::io::ErrorKind::NotFound) =>
+                {
+                    continue;
+                }
                 Err(error) => return Some(Err(error.into())),
             };
             if !entry.file_type().is_dir() {
@@ -171,14 +178,13 @@ impl Node {
         let origin = tokio::fs::read_to_string(entry.join(QUARANTINE_ORIGIN)).await?;
         let relative_path = RelativePath::parse(origin.trim())?;
         let destination = storage.root.join(relative_path.as_str());
-        move_into_place(&entry.join(QUARANTINED_REPOSITORY), &destination).map_err(|error| {
-            match error.kind() {
-                std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::DirectoryNotEmpty => {
-                    NodeError::RepositoryExists(format!("{}/{relative_path}", storage.name))
-                }
-                _ => NodeError::Io(error),
-            }
-        })?;
+        let name = format!("{}/{relative_path}", storage.name);
+        place(
+            &storage.root,
+            &entry.join(QUARANTINED_REPOSITORY),
+            &destination,
+            &name,
+        )?;
         tokio::fs::remove_dir_all(&entry).await?;
         tracing::info!(storage = %storage.name, %relative_path, "repository restored from quarantine");
         Ok(relative_path.to_string())
@@ -265,7 +271,9 @@ impl NodeService for Node {
         &self,
         request: Request<ReplicateRepositoryRequest>,
     ) -> Result<Response<ReplicateRepositoryResponse>, Status> {
-        let created = self.replicate(request.into_inner()).await?;
+        let created = self
+            .detached(move |node| async move { node.replicate(request.into_inner()).await })
+            .await?;
         Ok(Response::new(ReplicateRepositoryResponse { created }))
     }
 
@@ -284,7 +292,9 @@ impl NodeService for Node {
         &self,
         request: Request<QuarantineRepositoryRequest>,
     ) -> Result<Response<QuarantineRepositoryResponse>, Status> {
-        let quarantine_id = self.quarantine(request.into_inner()).await?;
+        let quarantine_id = self
+            .detached(move |node| async move { node.quarantine(request.into_inner()).await })
+            .await?;
         Ok(Response::new(QuarantineRepositoryResponse {
             quarantine_id,
         }))
@@ -294,7 +304,9 @@ impl NodeService for Node {
         &self,
         request: Request<RestoreRepositoryRequest>,
     ) -> Result<Response<RestoreRepositoryResponse>, Status> {
-        let relative_path = self.restore(request.into_inner()).await?;
+        let relative_path = self
+            .detached(move |node| async move { node.restore(request.into_inner()).await })
+            .await?;
         Ok(Response::new(RestoreRepositoryResponse { relative_path }))
     }
 
@@ -320,7 +332,9 @@ impl NodeService for Node {
         &self,
         request: Request<PurgeQuarantineRequest>,
     ) -> Result<Response<PurgeQuarantineResponse>, Status> {
-        let purged = self.purge(request.into_inner()).await?;
+        let purged = self
+            .detached(move |node| async move { node.purge(request.into_inner()).await })
+            .await?;
         Ok(Response::new(PurgeQuarantineResponse { purged }))
     }
 
@@ -329,7 +343,10 @@ impl NodeService for Node {
         request: Request<DiskUsageRequest>,
     ) -> Result<Response<DiskUsageResponse>, Status> {
         Ok(Response::new(
-            Node::disk_usage(self, request.into_inner()).await?,
+            self.detached(move |node| async move {
+                Node::disk_usage(&node, request.into_inner()).await
+            })
+            .await?,
         ))
     }
 }

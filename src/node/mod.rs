@@ -60,6 +60,7 @@ impl Node {
                 )
             })?;
         }
+        check_disjoint(&storages)?;
         let git = Git::new(&config.git.binary)
             // Housekeeping is scheduled deliberately, never started behind a request's back.
             .with_setting("gc.auto=0")
@@ -75,6 +76,45 @@ impl Node {
                 kill: CancellationToken::new(),
             }),
         })
+    }
+}
+
+/// Refuses storages whose directories are the same or nested: one storage's clients could
+/// then reach into another's repositories and reserved area.
+fn check_disjoint(storages: &Storages) -> anyhow::Result<()> {
+    let mut roots: Vec<(crate::model::StorageName, std::path::PathBuf)> = Vec::new();
+    for storage in storages.iter() {
+        let root = storage.root.canonicalize()?;
+        for (other, other_root) in &roots {
+            if root.starts_with(other_root) || other_root.starts_with(&root) {
+                anyhow::bail!(
+                    "storages {} and {other} overlap: {} and {}",
+                    storage.name,
+                    root.display(),
+                    other_root.display()
+                );
+            }
+        }
+        roots.push((storage.name.clone(), root));
+    }
+    Ok(())
+}
+
+impl Node {
+    /// Runs one request's work as a task of its own, so that it runs to its end (reaping its
+    /// git processes and cleaning its staging directories) even if the caller goes away.
+    pub(crate) async fn detached<T, F, Fut>(&self, work: F) -> Result<T, tonic::Status>
+    where
+        T: Send + 'static,
+        F: FnOnce(Node) -> Fut,
+        Fut: std::future::Future<Output = Result<T, NodeError>> + Send + 'static,
+    {
+        match tokio::spawn(work(self.clone())).await {
+            Ok(result) => result.map_err(tonic::Status::from),
+            Err(error) => Err(tonic::Status::internal(format!(
+                "the request's task failed: {error}"
+            ))),
+        }
     }
 }
 

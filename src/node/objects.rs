@@ -176,7 +176,10 @@ impl ObjectService for Node {
             .require()?;
         let revision = Revision::parse(&request.revision).map_err(NodeError::from)?;
         let file = TreePath::parse(&request.path).map_err(NodeError::from)?;
-        let entry = self.tree_entry(&repository.path, &revision, &file).await?;
+        let (path, wanted) = (repository.path.clone(), file.clone());
+        let entry = self
+            .detached(move |node| async move { node.tree_entry(&path, &revision, &wanted).await })
+            .await?;
         if entry.kind != "blob" {
             return Err(NodeError::BadRequest(format!(
                 "{:?} is a {}, not a file",
@@ -209,14 +212,27 @@ impl ObjectService for Node {
                 data: Default::default(),
             });
             let mut remaining = limit;
+            let mut cut_short = None;
             while remaining > 0 {
                 let mut buffer = BytesMut::with_capacity(BLOB_CHUNK.min(remaining as usize));
                 let read = tokio::select! {
                     read = stdout.read_buf(&mut buffer) => read,
-                    _ = kill.cancelled() => break,
+                    _ = kill.cancelled() => {
+                        cut_short = Some(NodeError::ShuttingDown);
+                        break;
+                    }
                 };
                 match read {
-                    Ok(0) | Err(_) => break,
+                    Ok(0) => {
+                        cut_short = Some(NodeError::Io(std::io::Error::other(format!(
+                            "git cat-file ended {remaining} bytes before the end of the blob"
+                        ))));
+                        break;
+                    }
+                    Err(error) => {
+                        cut_short = Some(NodeError::Io(error));
+                        break;
+                    }
                     Ok(read) => remaining -= (read as u64).min(remaining),
                 }
                 let mut message = first.take().unwrap_or_default();
@@ -225,11 +241,15 @@ impl ObjectService for Node {
                     break;
                 }
             }
-            if let Some(message) = first {
-                let _ = sender.send(Ok(message)).await;
-            }
             // Stop git if the limit cut the blob short, and reap it either way.
-            let _ = child.kill().await;
+            crate::git::terminate(&mut child).await;
+            // A blob that could not be read whole must not look complete to the client.
+            let last = match (cut_short, first) {
+                (Some(error), _) => Err(error.into()),
+                (None, Some(metadata)) => Ok(metadata),
+                (None, None) => return,
+            };
+            let _ = sender.send(last).await;
         });
         Ok(Response::new(ReceiverStream::new(receiver)))
     }
@@ -238,7 +258,10 @@ impl ObjectService for Node {
         &self,
         request: Request<ReadCommitRequest>,
     ) -> Result<Response<ReadCommitResponse>, Status> {
-        Ok(Response::new(self.commit(request.into_inner()).await?))
+        Ok(Response::new(
+            self.detached(move |node| async move { node.commit(request.into_inner()).await })
+                .await?,
+        ))
     }
 }
 

@@ -178,16 +178,21 @@ fn classify_update_failure(error: GitError) -> NodeError {
         .unwrap_or(stderr)
         .trim()
         .to_owned();
+    let invalid = ["nonexistent object", "non-commit object", "invalid"];
+    // A branch and a directory of branches with the same name: retrying will not help.
+    let clash = ["exists; cannot create", "is a directory"];
     let conflict = [
         "but expected",
         "reference already exists",
         "unable to resolve reference",
-        "exists; cannot create",
         "cannot lock ref",
     ];
-    let invalid = ["nonexistent object", "non-commit object", "invalid"];
     if invalid.iter().any(|needle| stderr.contains(needle)) {
         NodeError::BadRequest(format!("reference update refused: {message}"))
+    } else if clash.iter().any(|needle| stderr.contains(needle)) {
+        NodeError::Rejected(format!(
+            "reference update refused, nothing was changed: {message}"
+        ))
     } else if conflict.iter().any(|needle| stderr.contains(needle)) {
         NodeError::RefConflict(format!(
             "reference update rejected, nothing was changed: {message}"
@@ -211,8 +216,9 @@ impl RefService for Node {
             .storages
             .locate(request.repository.as_ref())?
             .require()?;
+        let path = repository.path.clone();
         let refs: Vec<Ref> = self
-            .read_refs(&repository.path)
+            .detached(move |node| async move { node.read_refs(&path).await })
             .await?
             .into_iter()
             .filter(|reference| {
@@ -245,7 +251,10 @@ impl RefService for Node {
         request: Request<FindDefaultBranchRequest>,
     ) -> Result<Response<FindDefaultBranchResponse>, Status> {
         Ok(Response::new(
-            self.default_branch(request.into_inner()).await?,
+            self.detached(
+                move |node| async move { node.default_branch(request.into_inner()).await },
+            )
+            .await?,
         ))
     }
 
@@ -253,14 +262,20 @@ impl RefService for Node {
         &self,
         request: Request<RefsChecksumRequest>,
     ) -> Result<Response<RefsChecksumResponse>, Status> {
-        Ok(Response::new(self.checksum(request.into_inner()).await?))
+        Ok(Response::new(
+            self.detached(move |node| async move { node.checksum(request.into_inner()).await })
+                .await?,
+        ))
     }
 
     async fn update_refs(
         &self,
         request: Request<UpdateRefsRequest>,
     ) -> Result<Response<UpdateRefsResponse>, Status> {
-        Node::update_refs(self, request.into_inner()).await?;
+        self.detached(
+            move |node| async move { Node::update_refs(&node, request.into_inner()).await },
+        )
+        .await?;
         Ok(Response::new(UpdateRefsResponse {}))
     }
 
@@ -268,7 +283,10 @@ impl RefService for Node {
         &self,
         request: Request<SetDefaultBranchRequest>,
     ) -> Result<Response<SetDefaultBranchResponse>, Status> {
-        Node::set_default_branch(self, request.into_inner()).await?;
+        self.detached(move |node| async move {
+            Node::set_default_branch(&node, request.into_inner()).await
+        })
+        .await?;
         Ok(Response::new(SetDefaultBranchResponse {}))
     }
 }

@@ -2,12 +2,11 @@
 //! SshUploadPack RPC, with `gitfleet bridge` as git's ssh command. Mirror semantics: every
 //! reference is copied, references the source lacks are deleted, and HEAD follows the source.
 
-use std::io::ErrorKind;
 use std::path::Path;
 
 use tonic::Code;
 
-use super::storage::move_into_place;
+use super::storage::place;
 use super::{Node, NodeError};
 use crate::auth::{Credentials, Signer};
 use crate::client::{ConnectError, connect};
@@ -117,16 +116,17 @@ impl Node {
             return Ok(false);
         }
         // A new replica is built aside and moved into place whole, like a create.
+        target.check_free()?;
         let staging = target.storage.tmp_path("replicate");
         let built = async {
             self.build_empty(&staging, &head).await?;
             self.fetch_mirror(&staging, &source).await?;
-            move_into_place(&staging, &target.path).map_err(|error| match error.kind() {
-                ErrorKind::AlreadyExists | ErrorKind::DirectoryNotEmpty => {
-                    NodeError::RepositoryExists(target.to_string())
-                }
-                _ => NodeError::Io(error),
-            })
+            place(
+                &target.storage.root,
+                &staging,
+                &target.path,
+                &target.to_string(),
+            )
         }
         .await;
         if built.is_err() {
@@ -163,17 +163,28 @@ impl Node {
                 &url,
                 "+refs/*:refs/*",
             ]);
-        let child = command
+        command.stdout(std::process::Stdio::null());
+        let mut child = command
             .spawn()
             .map_err(|error| NodeError::Git(crate::git::GitError::Spawn(error)))?;
-        let output = tokio::select! {
-            output = child.wait_with_output() => output?,
-            _ = self.state.kill.cancelled() => return Err(NodeError::ShuttingDown),
+        let mut stderr = child.stderr.take().expect("stderr is piped");
+        let collect = tokio::spawn(async move {
+            let mut text = Vec::new();
+            let _ = tokio::io::AsyncReadExt::read_to_end(&mut stderr, &mut text).await;
+            text
+        });
+        let status = tokio::select! {
+            status = child.wait() => status?,
+            _ = self.state.kill.cancelled() => {
+                crate::git::terminate(&mut child).await;
+                return Err(NodeError::ShuttingDown);
+            }
         };
-        if output.status.success() {
+        let stderr = collect.await.unwrap_or_default();
+        if status.success() {
             return Ok(());
         }
-        let stderr = crate::git::tail(&output.stderr);
+        let stderr = crate::git::tail(&stderr);
         Err(NodeError::SourceFailed(format!(
             "fetching from {} failed: {stderr}",
             source.describe()

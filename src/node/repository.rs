@@ -5,7 +5,7 @@ use std::io::ErrorKind;
 
 use tonic::{Request, Response, Status};
 
-use super::storage::{move_into_place, prune_empty_parents};
+use super::storage::{place, prune_empty_parents};
 use super::{Node, NodeError};
 use crate::model::{RefName, RelativePath};
 use crate::proto::repository_service_server::RepositoryService;
@@ -19,18 +19,16 @@ impl Node {
             branch => branch,
         };
         let head = RefName::branch(branch)?;
-        if target.exists() {
-            return Err(NodeError::RepositoryExists(target.to_string()));
-        }
+        target.check_free()?;
         let staging = target.storage.tmp_path("create");
         let built = self.build_empty(&staging, &head).await;
         let placed = built.and_then(|()| {
-            move_into_place(&staging, &target.path).map_err(|error| match error.kind() {
-                ErrorKind::AlreadyExists | ErrorKind::DirectoryNotEmpty => {
-                    NodeError::RepositoryExists(target.to_string())
-                }
-                _ => NodeError::Io(error),
-            })
+            place(
+                &target.storage.root,
+                &staging,
+                &target.path,
+                &target.to_string(),
+            )
         });
         if placed.is_err() {
             let _ = tokio::fs::remove_dir_all(&staging).await;
@@ -93,13 +91,8 @@ impl Node {
             .require()?;
         let new_path = RelativePath::parse(&request.new_relative_path)?;
         let destination = source.storage.root.join(new_path.as_str());
-        move_into_place(&source.path, &destination).map_err(|error| match error.kind() {
-            ErrorKind::AlreadyExists | ErrorKind::DirectoryNotEmpty => {
-                NodeError::RepositoryExists(format!("{}/{new_path}", source.storage.name))
-            }
-            ErrorKind::NotFound => NodeError::RepositoryNotFound(source.to_string()),
-            _ => NodeError::Io(error),
-        })?;
+        let name = format!("{}/{new_path}", source.storage.name);
+        place(&source.storage.root, &source.path, &destination, &name)?;
         prune_empty_parents(&source.storage.root, &source.path);
         Ok(())
     }
@@ -111,7 +104,8 @@ impl RepositoryService for Node {
         &self,
         request: Request<CreateRepositoryRequest>,
     ) -> Result<Response<CreateRepositoryResponse>, Status> {
-        self.create(request.into_inner()).await?;
+        self.detached(move |node| async move { node.create(request.into_inner()).await })
+            .await?;
         Ok(Response::new(CreateRepositoryResponse {}))
     }
 
@@ -119,7 +113,8 @@ impl RepositoryService for Node {
         &self,
         request: Request<RemoveRepositoryRequest>,
     ) -> Result<Response<RemoveRepositoryResponse>, Status> {
-        self.remove(request.into_inner()).await?;
+        self.detached(move |node| async move { node.remove(request.into_inner()).await })
+            .await?;
         Ok(Response::new(RemoveRepositoryResponse {}))
     }
 
@@ -140,7 +135,8 @@ impl RepositoryService for Node {
         &self,
         request: Request<RenameRepositoryRequest>,
     ) -> Result<Response<RenameRepositoryResponse>, Status> {
-        self.rename(request.into_inner()).await?;
+        self.detached(move |node| async move { node.rename(request.into_inner()).await })
+            .await?;
         Ok(Response::new(RenameRepositoryResponse {}))
     }
 }

@@ -108,6 +108,9 @@ impl Node {
             })
             .await;
             let failure = match exit {
+                Ok(exit) if exit.code.is_none() => Some(NodeError::Io(std::io::Error::other(
+                    format!("git {} was killed by a signal", service.command()),
+                ))),
                 Ok(exit) if !exit.success() => Some(NodeError::BadRequest(format!(
                     "git {} failed: {}",
                     service.command(),

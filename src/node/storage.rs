@@ -31,6 +31,13 @@ impl Located<'_> {
         is_repository(&self.path)
     }
 
+    /// Checks that a new repository may be placed here: every directory between the storage
+    /// root and the path is a plain directory, not a repository (a repository nested in
+    /// another would corrupt its refs and vanish with it), and nothing is at the path yet.
+    pub fn check_free(&self) -> Result<(), NodeError> {
+        check_free(&self.storage.root, &self.path, &self.to_string())
+    }
+
     /// Fails with `NotFound` unless the repository exists.
     pub fn require(self) -> Result<Self, NodeError> {
         if self.exists() {
@@ -84,6 +91,36 @@ impl Storage {
     }
 }
 
+/// See [`Located::check_free`].
+pub fn check_free(root: &Path, path: &Path, name: &str) -> Result<(), NodeError> {
+    let mut ancestor = path.parent();
+    while let Some(dir) = ancestor.filter(|dir| *dir != root && dir.starts_with(root)) {
+        match std::fs::symlink_metadata(dir) {
+            Ok(metadata) if !metadata.is_dir() => {
+                return Err(NodeError::BadRequest(format!(
+                    "cannot place {name}: {} is not a directory",
+                    dir.display()
+                )));
+            }
+            Ok(_) if is_repository(dir) => {
+                let inside = dir.strip_prefix(root).unwrap_or(dir).display();
+                return Err(NodeError::BadRequest(format!(
+                    "cannot place {name} inside repository {inside}"
+                )));
+            }
+            _ => {}
+        }
+        ancestor = dir.parent();
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(_) if is_repository(path) => Err(NodeError::RepositoryExists(name.to_owned())),
+        Ok(_) => Err(NodeError::BadRequest(format!(
+            "cannot place {name}: the path is taken by something that is not a repository (for example a directory of repositories)"
+        ))),
+        Err(_) => Ok(()),
+    }
+}
+
 /// Moves `from` to `to` in one step, failing with `AlreadyExists` rather than replacing
 /// anything at `to`. Creates the parents of `to`.
 pub fn move_into_place(from: &Path, to: &Path) -> std::io::Result<()> {
@@ -99,6 +136,27 @@ pub fn move_into_place(from: &Path, to: &Path) -> std::io::Result<()> {
         }
     }
     unreachable!("the loop returns on its last attempt")
+}
+
+/// Moves a repository built or kept elsewhere to `to`, the path of repository `name`: checks
+/// that the place is free, renames without replacing anything, and makes the rename durable.
+pub fn place(root: &Path, from: &Path, to: &Path, name: &str) -> Result<(), NodeError> {
+    check_free(root, to, name)?;
+    move_into_place(from, to).map_err(|error| match error.kind() {
+        ErrorKind::AlreadyExists | ErrorKind::DirectoryNotEmpty => {
+            NodeError::RepositoryExists(name.to_owned())
+        }
+        _ => NodeError::Io(error),
+    })?;
+    sync_parent(to)
+}
+
+/// Flushes the directory entry of `path` to disk, so a rename survives a power loss.
+pub fn sync_parent(path: &Path) -> Result<(), NodeError> {
+    if let Some(parent) = path.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// Removes the empty directories between `path` and `root`, best effort.
