@@ -395,6 +395,32 @@ async fn garbage_and_truncated_packs_are_refused() {
             "{name} changed refs"
         );
     }
+    // A well-formed push whose expected old value is stale: receive-pack refuses the update.
+    let known = run_git(work.path(), &["rev-parse", "main~1"])
+        .trim()
+        .to_owned();
+    let empty_pack = git(work.path())
+        .args(["pack-objects", "--stdout", "-q"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+        .stdout;
+    let command = format!(
+        "{} {known} refs/heads/main\0report-status\n",
+        "1".repeat(40)
+    );
+    let mut body = gitfleet::git::pktline::encode(command.as_bytes());
+    body.extend_from_slice(b"0000");
+    body.extend_from_slice(&empty_pack);
+    let status = post_receive_pack(&node, body).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(
+        status.message().contains("push rejected: refs/heads/main"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(refs_of(&node.repo_path("s1", "repo.git")), before);
+
     let status = post_receive_pack(&node, b"zzzz not even pkt-lines".to_vec())
         .await
         .unwrap_err();

@@ -141,10 +141,13 @@ async fn open_session(
 }
 
 #[tokio::test]
-async fn sigterm_stops_accepting_lets_running_git_finish_then_kills_it() {
+async fn sigterm_reports_not_serving_stops_accepting_lets_git_finish_then_kills_it() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
     let node = NodeProcess::start_with(NodeOptions {
         storages: vec!["s1"],
-        extra_config: "shutdown_grace = \"2s\"".into(),
+        extra_config: "shutdown_delay = \"700ms\"\nshutdown_grace = \"2s\"".into(),
     });
     RepositoryServiceClient::new(node.channel().await)
         .create_repository(CreateRepositoryRequest {
@@ -154,6 +157,28 @@ async fn sigterm_stops_accepting_lets_running_git_finish_then_kills_it() {
         .await
         .unwrap();
     let pid = node.pid();
+    let health_channel = tonic::transport::Channel::from_shared(node.address.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let health = |service: &str| {
+        let mut client = HealthClient::new(health_channel.clone());
+        let request = HealthCheckRequest {
+            service: service.into(),
+        };
+        async move {
+            client
+                .check(request)
+                .await
+                .map(|response| response.into_inner().status)
+        }
+    };
+    assert_eq!(health("").await.unwrap(), ServingStatus::Serving as i32);
+    assert_eq!(
+        health("gitfleet.v1.SshService").await.unwrap(),
+        ServingStatus::Serving as i32
+    );
 
     // A session that finishes within the grace period completes normally.
     let (finisher, mut finishing) = open_session(&node).await;
@@ -167,9 +192,17 @@ async fn sigterm_stops_accepting_lets_running_git_finish_then_kills_it() {
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
 
-    // New connections are refused while running calls go on.
+    // First the health checks say NOT_SERVING, while calls are still accepted.
+    assert_eq!(health("").await.unwrap(), ServingStatus::NotServing as i32);
+    assert_eq!(
+        health("gitfleet.v1.SshService").await.unwrap(),
+        ServingStatus::NotServing as i32
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    // Then new connections are refused while running calls go on.
     assert!(
         gitfleet::client::connect(&node.address, gitfleet::auth::Signer::from_secret(TOKEN))
             .await
@@ -193,7 +226,7 @@ async fn sigterm_stops_accepting_lets_running_git_finish_then_kills_it() {
         "the session that ended in time finished normally"
     );
 
-    // The hanging one is cut off when the grace period is over.
+    // The hanging one is cut off when the grace period is over, and its git is reaped.
     let cut = loop {
         match hanging.message().await {
             Ok(Some(_)) => continue,
@@ -204,8 +237,13 @@ async fn sigterm_stops_accepting_lets_running_git_finish_then_kills_it() {
     let waited = stopped_at.elapsed();
     assert!(cut.is_some(), "the hanging session ended without an error");
     assert!(
-        waited >= Duration::from_millis(1500),
-        "killed after {waited:?}, before the grace period"
+        waited >= Duration::from_millis(2500),
+        "killed after {waited:?}, before delay and grace were over"
+    );
+    assert!(
+        children_of(pid).is_empty(),
+        "git left behind: {:?}",
+        children_of(pid)
     );
 
     let mut node = node;
@@ -217,5 +255,4 @@ async fn sigterm_stops_accepting_lets_running_git_finish_then_kills_it() {
     .unwrap()
     .0;
     assert!(status.success(), "node exited with {status}");
-    assert!(children_of(pid).is_empty());
 }

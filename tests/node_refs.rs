@@ -328,3 +328,26 @@ async fn read_blob_and_commit() {
         .unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
 }
+
+#[tokio::test]
+async fn a_branch_and_a_directory_of_branches_cannot_share_a_name() {
+    let (node, work) = node_with_history().await;
+    let main = rev(&work, "main");
+    let status = RefServiceClient::new(node.channel().await)
+        .update_refs(UpdateRefsRequest {
+            repository: header("s1", "repo.git"),
+            updates: vec![update("refs/heads/main/sub", ZERO, &main)],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::FailedPrecondition,
+        "retrying cannot help: {status:?}"
+    );
+    assert!(
+        status.message().contains("refs/heads/main"),
+        "{}",
+        status.message()
+    );
+}

@@ -257,3 +257,42 @@ async fn replication_failures_are_reported_and_leave_nothing_behind() {
         .collect();
     assert!(staging.is_empty(), "{staging:?}");
 }
+
+#[tokio::test]
+async fn a_replication_whose_caller_goes_away_finishes_cleanly() {
+    let (source, target, work) = two_nodes().await;
+    // Enough incompressible data that the fetch outlives the caller's deadline.
+    let noise: Vec<u8> = (0..24_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(work.path().join("noise.bin"), noise).unwrap();
+    run_git(work.path(), &["add", "noise.bin"]);
+    run_git(work.path(), &["commit", "-q", "-m", "noise"]);
+    run_git(
+        work.path(),
+        &["push", "-q", &source.ssh_url("s1", "repo.git"), "main"],
+    );
+
+    let mut request = tonic::Request::new(ReplicateRepositoryRequest {
+        repository: header("s1", "copy.git"),
+        source: source_of(&source, "repo.git", gitfleet::auth::sign(TOKEN)),
+    });
+    request.set_timeout(std::time::Duration::from_millis(100));
+    let status = NodeServiceClient::new(target.channel().await)
+        .replicate_repository(request)
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Cancelled, "{status:?}");
+
+    // The node finishes the work on its own: no git process, no staging directory left, and
+    // the replica, if present, is complete.
+    wait_for_no_children(target.pid()).await;
+    let staging: Vec<_> = std::fs::read_dir(target.storage_path("s1").join(".gitfleet/tmp"))
+        .unwrap()
+        .collect();
+    assert!(staging.is_empty(), "{staging:?}");
+    let copy = target.repo_path("s1", "copy.git");
+    if copy.exists() {
+        assert_eq!(refs_of(&copy), refs_of(&source.repo_path("s1", "repo.git")));
+    }
+}

@@ -373,3 +373,62 @@ async fn leftovers_of_a_crash_are_cleaned_at_start() {
     let _second = NodeProcess::spawn(dir, &config_path);
     assert!(!leftover.exists());
 }
+
+#[tokio::test]
+async fn repositories_never_nest() {
+    let node = NodeProcess::start();
+    let mut repositories = RepositoryServiceClient::new(node.channel().await);
+    for path in ["a.git", "dir/x.git"] {
+        repositories
+            .create_repository(CreateRepositoryRequest {
+                repository: header("s1", path),
+                default_branch: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+    let before = refs_of(&node.repo_path("s1", "a.git"));
+    let cases = [
+        ("a.git/inner.git", "inside repository a.git"),
+        ("a.git/refs/heads/evil.git", "inside repository a.git"),
+        ("a.git/HEAD/x.git", "not a directory"),
+        ("dir", "not a repository"),
+    ];
+    for (path, needle) in cases {
+        let status = repositories
+            .create_repository(CreateRepositoryRequest {
+                repository: header("s1", path),
+                default_branch: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{path}: {status:?}");
+        assert!(
+            status.message().contains(needle),
+            "{path}: {:?} lacks {needle:?}",
+            status.message()
+        );
+    }
+    let status = repositories
+        .rename_repository(RenameRepositoryRequest {
+            repository: header("s1", "dir/x.git"),
+            new_relative_path: "a.git/x.git".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let status = repositories
+        .rename_repository(RenameRepositoryRequest {
+            repository: header("s1", "a.git"),
+            new_relative_path: "a.git/sub/b.git".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::InvalidArgument,
+        "a repository cannot move inside itself: {status:?}"
+    );
+    assert_eq!(refs_of(&node.repo_path("s1", "a.git")), before);
+    assert!(node.repo_path("s1", "dir/x.git").exists());
+}

@@ -18,7 +18,11 @@ pub struct NodeConfig {
     pub storages: Vec<StorageConfig>,
     #[serde(default)]
     pub git: GitConfig,
-    /// How long running git commands may go on after SIGTERM before they are killed.
+    /// After SIGTERM, how long the node keeps accepting calls while its health checks say
+    /// NOT_SERVING, so that load balancers stop sending it work.
+    #[serde(default = "default_shutdown_delay")]
+    pub shutdown_delay: Duration,
+    /// Then, how long running calls and their git commands may go on before they are killed.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace: Duration,
 }
@@ -67,6 +71,10 @@ fn default_max_push_bytes() -> u64 {
 
 fn default_git_binary() -> PathBuf {
     PathBuf::from("git")
+}
+
+fn default_shutdown_delay() -> Duration {
+    Duration(std::time::Duration::from_secs(1))
 }
 
 fn default_shutdown_grace() -> Duration {

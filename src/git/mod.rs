@@ -117,6 +117,42 @@ impl Git {
     }
 }
 
+impl Git {
+    /// Runs `git ARGS` and returns at most `limit` bytes of its stdout; git is stopped once
+    /// the limit is reached, so a huge object costs no more than `limit` bytes of memory.
+    pub async fn run_limited(
+        &self,
+        git_dir: Option<&Path>,
+        args: &[&str],
+        limit: usize,
+    ) -> Result<Vec<u8>, GitError> {
+        let mut command = self.command(git_dir);
+        command.args(args).stderr(Stdio::null());
+        let mut child = command.spawn().map_err(GitError::Spawn)?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut output = Vec::new();
+        let read = tokio::io::AsyncReadExt::read_to_end(
+            &mut tokio::io::AsyncReadExt::take(stdout, limit as u64),
+            &mut output,
+        )
+        .await;
+        if output.len() >= limit {
+            terminate(&mut child).await;
+            return Ok(output);
+        }
+        read.map_err(GitError::Spawn)?;
+        let status = child.wait().await.map_err(GitError::Spawn)?;
+        if !status.success() {
+            return Err(GitError::Failed {
+                command: args.first().copied().unwrap_or_default().to_owned(),
+                code: status.code().unwrap_or(-1),
+                stderr: String::new(),
+            });
+        }
+        Ok(output)
+    }
+}
+
 /// Kills a git command and everything it started, and reaps it.
 pub async fn terminate(child: &mut tokio::process::Child) {
     if let Some(id) = child.id().and_then(|id| i32::try_from(id).ok()) {

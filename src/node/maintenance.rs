@@ -10,7 +10,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use walkdir::WalkDir;
 
-use super::storage::{Storage, is_repository, place};
+use super::storage::{Storage, is_repository, place, sync_parent};
 use super::{Node, NodeError};
 use crate::model::{RESERVED_COMPONENT, RelativePath};
 use crate::proto::node_service_server::NodeService;
@@ -140,14 +140,27 @@ impl Node {
             unix_seconds(SystemTime::now()),
             rand::random::<u64>()
         );
+        // The entry is assembled in the temporary area and moved into the quarantine area
+        // whole, so a crash or a failed move never leaves a half-made entry to be listed.
+        let staging = repository.storage.tmp_path("quarantine");
+        tokio::fs::create_dir_all(&staging).await?;
+        let origin = staging.join(QUARANTINE_ORIGIN);
+        tokio::fs::write(&origin, repository.relative_path.as_str()).await?;
+        tokio::fs::File::open(&origin).await?.sync_all().await?;
+        if let Err(error) =
+            tokio::fs::rename(&repository.path, staging.join(QUARANTINED_REPOSITORY)).await
+        {
+            let _ = tokio::fs::remove_dir_all(&staging).await;
+            return Err(match error.kind() {
+                std::io::ErrorKind::NotFound => {
+                    NodeError::RepositoryNotFound(repository.to_string())
+                }
+                _ => NodeError::Io(error),
+            });
+        }
         let entry = repository.storage.quarantine_dir().join(&id);
-        tokio::fs::create_dir_all(&entry).await?;
-        tokio::fs::write(
-            entry.join(QUARANTINE_ORIGIN),
-            repository.relative_path.as_str(),
-        )
-        .await?;
-        tokio::fs::rename(&repository.path, entry.join(QUARANTINED_REPOSITORY)).await?;
+        tokio::fs::rename(&staging, &entry).await?;
+        sync_parent(&entry)?;
         super::storage::prune_empty_parents(&repository.storage.root, &repository.path);
         tracing::info!(repository = %repository, quarantine_id = %id, "repository quarantined");
         Ok(id)
@@ -175,17 +188,41 @@ impl Node {
     async fn restore(&self, request: RestoreRepositoryRequest) -> Result<String, NodeError> {
         let storage = self.state.storages.storage(request.storage.as_ref())?;
         let entry = self.quarantine_entry(storage, &request.quarantine_id)?;
-        let origin = tokio::fs::read_to_string(entry.join(QUARANTINE_ORIGIN)).await?;
-        let relative_path = RelativePath::parse(origin.trim())?;
-        let destination = storage.root.join(relative_path.as_str());
-        let name = format!("{}/{relative_path}", storage.name);
-        place(
-            &storage.root,
-            &entry.join(QUARANTINED_REPOSITORY),
-            &destination,
-            &name,
-        )?;
-        tokio::fs::remove_dir_all(&entry).await?;
+        // Claim the entry first: a concurrent restore or purge of the same entry then finds
+        // nothing, instead of racing this one.
+        let claimed = storage.tmp_path("restore");
+        tokio::fs::rename(&entry, &claimed)
+            .await
+            .map_err(|error| match error.kind() {
+                std::io::ErrorKind::NotFound => NodeError::NotFound(format!(
+                    "no quarantine entry {} in storage {}",
+                    request.quarantine_id, storage.name
+                )),
+                _ => NodeError::Io(error),
+            })?;
+        let restored = async {
+            let origin = tokio::fs::read_to_string(claimed.join(QUARANTINE_ORIGIN)).await?;
+            let relative_path = RelativePath::parse(origin.trim())?;
+            let destination = storage.root.join(relative_path.as_str());
+            let name = format!("{}/{relative_path}", storage.name);
+            place(
+                &storage.root,
+                &claimed.join(QUARANTINED_REPOSITORY),
+                &destination,
+                &name,
+            )?;
+            Ok::<_, NodeError>(relative_path)
+        }
+        .await;
+        let relative_path = match restored {
+            Ok(relative_path) => relative_path,
+            Err(error) => {
+                // Not restored: the entry goes back where it was, still restorable.
+                tokio::fs::rename(&claimed, &entry).await?;
+                return Err(error);
+            }
+        };
+        tokio::fs::remove_dir_all(&claimed).await?;
         tracing::info!(storage = %storage.name, %relative_path, "repository restored from quarantine");
         Ok(relative_path.to_string())
     }
@@ -225,7 +262,12 @@ impl Node {
             }
             // Moved out of the quarantine area first, so a half-deleted entry is never listed.
             let doomed = storage.tmp_path("purge");
-            tokio::fs::rename(storage.quarantine_dir().join(&entry.quarantine_id), &doomed).await?;
+            let source = storage.quarantine_dir().join(&entry.quarantine_id);
+            match tokio::fs::rename(&source, &doomed).await {
+                // A restore claimed it meanwhile.
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                result => result?,
+            }
             tokio::fs::remove_dir_all(&doomed).await?;
             purged += 1;
         }

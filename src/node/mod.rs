@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
+use tonic_health::ServingStatus;
 
 pub use error::NodeError;
 pub use replication::{ADDRESS_ENV, SIGNED_TOKEN_ENV};
@@ -118,6 +119,24 @@ impl Node {
     }
 }
 
+/// Sets the health of the whole server ("") and of every gitfleet service.
+async fn set_health(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    let mut services: Vec<&str> = crate::proto::routing::RPC_TABLE
+        .iter()
+        .filter_map(|rpc| {
+            rpc.path
+                .trim_start_matches('/')
+                .split_once('/')
+                .map(|(service, _)| service)
+        })
+        .collect();
+    services.dedup();
+    for service in services {
+        reporter.set_service_status(service, status).await;
+    }
+}
+
 /// Serves the node on an already-bound listener until `shutdown` is cancelled, then stops
 /// accepting, lets running requests finish for `config.shutdown_grace`, and kills what is left.
 pub async fn serve(
@@ -130,9 +149,7 @@ pub async fn serve(
     let kill = node.state.kill.clone();
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<RefServiceServer<Node>>()
-        .await;
+    set_health(&health_reporter, ServingStatus::Serving).await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
@@ -173,25 +190,28 @@ pub async fn serve(
         ))
         .add_service(NodeServiceServer::with_interceptor(node.clone(), verifier));
 
-    let grace = config.shutdown_grace.0;
-    let stop_accepting = shutdown.clone();
+    // Shutdown, in order: health checks say NOT_SERVING while calls are still accepted for
+    // shutdown_delay, so load balancers move away; then no new calls; then running calls get
+    // shutdown_grace; then their git commands are killed.
+    let stop_accepting = CancellationToken::new();
     let served = tokio::spawn(server.serve_with_incoming_shutdown(
         TcpListenerStream::new(listener),
-        async move {
-            stop_accepting.cancelled().await;
-            health_reporter
-                .set_not_serving::<RefServiceServer<Node>>()
-                .await;
-            tracing::info!(grace = ?grace, "shutting down: no new calls, running ones may finish");
-        },
+        stop_accepting.clone().cancelled_owned(),
     ));
-
-    shutdown.cancelled().await;
-    let deadline = tokio::time::sleep(grace);
     tokio::pin!(served);
     tokio::select! {
         result = &mut served => return Ok(result??),
-        _ = deadline => {}
+        _ = shutdown.cancelled() => {}
+    }
+    set_health(&health_reporter, ServingStatus::NotServing).await;
+    tracing::info!(delay = ?config.shutdown_delay.0, "shutting down: health is NOT_SERVING");
+    tokio::time::sleep(config.shutdown_delay.0).await;
+    stop_accepting.cancel();
+    let grace = config.shutdown_grace.0;
+    tracing::info!(grace = ?grace, "no new calls: running ones may finish");
+    tokio::select! {
+        result = &mut served => return Ok(result??),
+        _ = tokio::time::sleep(grace) => {}
     }
     tracing::warn!("shutdown grace period is over: killing running git commands");
     kill.cancel();

@@ -17,6 +17,8 @@ use crate::proto::*;
 const BLOB_CHUNK: usize = 64 * 1024;
 /// Commit messages are cut at this many bytes.
 const MAX_MESSAGE: usize = 1 << 20;
+/// The most of a commit object read: the message limit plus room for the headers.
+const MAX_COMMIT_READ: usize = MAX_MESSAGE + (256 << 10);
 
 struct TreeEntry {
     mode: u32,
@@ -115,7 +117,11 @@ impl Node {
         let raw = self
             .state
             .git
-            .run(Some(&repository.path), &["cat-file", "commit", &oid], None)
+            .run_limited(
+                Some(&repository.path),
+                &["cat-file", "commit", &oid],
+                MAX_COMMIT_READ,
+            )
             .await?;
         Ok(parse_commit(oid, &raw))
     }
