@@ -59,13 +59,13 @@ async fn calls_without_a_valid_fresh_token_are_refused() {
         ),
         (
             Some(Credentials::Signed(
-                gitfleet::auth::sign_at(TOKEN, now() - 3600).into(),
+                gitfleet::auth::sign_at(TOKEN, now() - 3600, "*").into(),
             )),
             "expired",
         ),
         (
             Some(Credentials::Signed(
-                gitfleet::auth::sign_at(TOKEN, now() + 3600).into(),
+                gitfleet::auth::sign_at(TOKEN, now() + 3600, "*").into(),
             )),
             "not yet valid",
         ),
@@ -81,8 +81,20 @@ async fn calls_without_a_valid_fresh_token_are_refused() {
         );
     }
 
+    // A token scoped to other methods is refused for this one.
+    let scoped = gitfleet::auth::sign(TOKEN, gitfleet::auth::REPLICATION_SCOPE);
+    let status = exists_with(&node, Some(Credentials::Signed(scoped.into())))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(
+        status.message().contains("RepositoryExists"),
+        "{}",
+        status.message()
+    );
+
     // A captured token keeps working only inside its window.
-    let captured = gitfleet::auth::sign_at(TOKEN, now() - 30);
+    let captured = gitfleet::auth::sign_at(TOKEN, now() - 30, "*");
     assert!(
         exists_with(&node, Some(Credentials::Signed(captured.into())))
             .await
@@ -93,7 +105,7 @@ async fn calls_without_a_valid_fresh_token_are_refused() {
 #[tokio::test]
 async fn the_validity_window_is_configurable() {
     let node = NodeProcess::start();
-    let old = gitfleet::auth::sign_at(TOKEN, now() - 90);
+    let old = gitfleet::auth::sign_at(TOKEN, now() - 90, "*");
     assert_eq!(
         exists_with(&node, Some(Credentials::Signed(old.into())))
             .await
@@ -110,7 +122,7 @@ async fn the_validity_window_is_configurable() {
     let path = dir.path().join("node.toml");
     std::fs::write(&path, config).unwrap();
     let lenient = NodeProcess::spawn(dir, &path);
-    let old = gitfleet::auth::sign_at(TOKEN, now() - 90);
+    let old = gitfleet::auth::sign_at(TOKEN, now() - 90, "*");
     assert!(
         exists_with(&lenient, Some(Credentials::Signed(old.into())))
             .await
@@ -179,4 +191,32 @@ async fn health_needs_no_token_and_reflection_lists_the_api() {
             "{service} not listed: {names:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn gitfleet_token_mints_a_working_token() {
+    let node = NodeProcess::start();
+    let output = std::process::Command::new(BINARY)
+        .arg("token")
+        .env("GITFLEET_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let token = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+    assert!(
+        exists_with(&node, Some(Credentials::Signed(token.into())))
+            .await
+            .is_ok()
+    );
+
+    let output = std::process::Command::new(BINARY)
+        .args(["token", "--scope", "/gitfleet.v1.RefService/ListRefs"])
+        .env("GITFLEET_TOKEN", TOKEN)
+        .output()
+        .unwrap();
+    let token = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+    let status = exists_with(&node, Some(Credentials::Signed(token.into())))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
 }

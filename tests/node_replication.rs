@@ -80,7 +80,11 @@ async fn replicates_to_a_new_target_and_to_a_behind_one() {
     let created = replicate(
         &target,
         "copy.git",
-        source_of(&source, "repo.git", gitfleet::auth::sign(TOKEN)),
+        source_of(
+            &source,
+            "repo.git",
+            gitfleet::auth::sign(TOKEN, gitfleet::auth::REPLICATION_SCOPE),
+        ),
     )
     .await
     .unwrap();
@@ -127,7 +131,11 @@ async fn replicates_to_a_new_target_and_to_a_behind_one() {
     let created = replicate(
         &target,
         "copy.git",
-        source_of(&source, "repo.git", gitfleet::auth::sign(TOKEN)),
+        source_of(
+            &source,
+            "repo.git",
+            gitfleet::auth::sign(TOKEN, gitfleet::auth::REPLICATION_SCOPE),
+        ),
     )
     .await
     .unwrap();
@@ -170,7 +178,11 @@ async fn replicating_an_empty_repository_empties_the_target() {
     replicate(
         &target,
         "copy.git",
-        source_of(&source, "repo.git", gitfleet::auth::sign(TOKEN)),
+        source_of(
+            &source,
+            "repo.git",
+            gitfleet::auth::sign(TOKEN, gitfleet::auth::REPLICATION_SCOPE),
+        ),
     )
     .await
     .unwrap();
@@ -184,7 +196,11 @@ async fn replicating_an_empty_repository_empties_the_target() {
     replicate(
         &target,
         "copy.git",
-        source_of(&source, "empty.git", gitfleet::auth::sign(TOKEN)),
+        source_of(
+            &source,
+            "empty.git",
+            gitfleet::auth::sign(TOKEN, gitfleet::auth::REPLICATION_SCOPE),
+        ),
     )
     .await
     .unwrap();
@@ -198,7 +214,7 @@ async fn replicating_an_empty_repository_empties_the_target() {
 #[tokio::test]
 async fn replication_failures_are_reported_and_leave_nothing_behind() {
     let (source, target, _work) = two_nodes().await;
-    let good_token = || gitfleet::auth::sign(TOKEN);
+    let good_token = || gitfleet::auth::sign(TOKEN, gitfleet::auth::REPLICATION_SCOPE);
 
     let status = replicate(
         &target,
@@ -220,7 +236,7 @@ async fn replication_failures_are_reported_and_leave_nothing_behind() {
         source_of(
             &source,
             "repo.git",
-            gitfleet::auth::sign("a different secret!!"),
+            gitfleet::auth::sign("a different secret!!", gitfleet::auth::REPLICATION_SCOPE),
         ),
     )
     .await
@@ -275,7 +291,11 @@ async fn a_replication_whose_caller_goes_away_finishes_cleanly() {
 
     let mut request = tonic::Request::new(ReplicateRepositoryRequest {
         repository: header("s1", "copy.git"),
-        source: source_of(&source, "repo.git", gitfleet::auth::sign(TOKEN)),
+        source: source_of(
+            &source,
+            "repo.git",
+            gitfleet::auth::sign(TOKEN, gitfleet::auth::REPLICATION_SCOPE),
+        ),
     });
     request.set_timeout(std::time::Duration::from_millis(100));
     let status = NodeServiceClient::new(target.channel().await)

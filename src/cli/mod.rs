@@ -22,6 +22,22 @@ enum Command {
     Node(node::NodeArgs),
     /// Connect git to a gitfleet server through gRPC, as git's ext:: transport or ssh command.
     Bridge(bridge::BridgeArgs),
+    /// Print a signed token for calling a node by hand (grpcurl and the like).
+    Token(TokenArgs),
+}
+
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Example:\n  grpcurl -plaintext -H \"authorization: Bearer $(gitfleet token)\" 127.0.0.1:9001 list"
+)]
+struct TokenArgs {
+    /// The shared secret the node is configured with (auth.token).
+    #[arg(long, env = "GITFLEET_TOKEN", hide_env_values = true)]
+    secret: String,
+    /// The methods the token may call: "*" for all, or comma-separated gRPC paths such as
+    /// /gitfleet.v1.RefService/ListRefs.
+    #[arg(long, default_value = crate::auth::ANY_METHOD)]
+    scope: String,
 }
 
 /// Logs go to stderr; GITFLEET_LOG sets the filter (default "info") and
@@ -55,6 +71,10 @@ pub fn main(cli: Cli) -> ExitCode {
                     .map_err(anyhow::Error::from)
                     .and_then(|rt| rt.block_on(node::run(args))),
             )
+        }
+        Command::Token(args) => {
+            println!("{}", crate::auth::sign(&args.secret, &args.scope));
+            ExitCode::SUCCESS
         }
         // The bridge speaks git's protocol on stdout: it must not log there, and its exit
         // status is git's.

@@ -155,6 +155,7 @@ pub async fn serve(
         .build_v1()?;
 
     let server = Server::builder()
+        .layer(crate::auth::CallPathLayer)
         .trace_fn(|request| {
             tracing::info_span!(
                 "rpc",
