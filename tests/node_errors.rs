@@ -46,19 +46,7 @@ fn walkdir(root: &Path) -> Vec<String> {
 
 async fn node_with_repository() -> (NodeProcess, tempfile::TempDir) {
     let node = NodeProcess::start();
-    RepositoryServiceClient::new(node.channel().await)
-        .create_repository(CreateRepositoryRequest {
-            repository: header("s1", "repo.git"),
-            default_branch: "main".into(),
-        })
-        .await
-        .unwrap();
-    let work = tempfile::tempdir().unwrap();
-    make_history(work.path());
-    run_git(
-        work.path(),
-        &["push", "-q", &node.ssh_url("s1", "repo.git"), "main"],
-    );
+    let work = push_history(&node, &["main"]).await;
     (node, work)
 }
 
@@ -490,26 +478,10 @@ async fn a_push_stream_that_stops_halfway_changes_nothing_and_leaves_no_process(
 async fn a_client_that_disconnects_mid_stream_ends_the_git_process() {
     let (node, _work) = node_with_repository().await;
     for _ in 0..3 {
-        let (sender, receiver) = mpsc::channel(4);
-        sender
-            .send(SshRequest {
-                repository: header("s1", "repo.git"),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let mut client = SshServiceClient::new(node.channel().await);
-        let mut stream = client
-            .ssh_upload_pack(ReceiverStream::new(receiver))
-            .await
-            .unwrap()
-            .into_inner();
         // The advertisement arrives; upload-pack now waits for the client's wants.
-        let first = stream.message().await.unwrap().unwrap();
-        assert!(!first.stdout.is_empty());
+        let (sender, stream) = open_session(&node).await;
         assert_eq!(children_of(node.pid()).len(), 1);
         drop(stream);
-        drop(client);
         drop(sender);
         wait_for_no_children(node.pid()).await;
     }

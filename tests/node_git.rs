@@ -3,18 +3,6 @@
 mod common;
 
 use common::*;
-use gitfleet::proto::repository_service_client::RepositoryServiceClient;
-use gitfleet::proto::*;
-
-async fn create(node: &NodeProcess, relative_path: &str, default_branch: &str) {
-    RepositoryServiceClient::new(node.channel().await)
-        .create_repository(CreateRepositoryRequest {
-            repository: header("s1", relative_path),
-            default_branch: default_branch.into(),
-        })
-        .await
-        .unwrap();
-}
 
 fn files_of(dir: &std::path::Path) -> Vec<(String, String)> {
     let mut files = Vec::new();
@@ -29,7 +17,7 @@ fn files_of(dir: &std::path::Path) -> Vec<(String, String)> {
 #[tokio::test]
 async fn push_and_clone_a_history_over_ssh_protocol_v2_and_v0() {
     let node = NodeProcess::start();
-    create(&node, "group/project.git", "main").await;
+    create_repository(&node, "group/project.git", "main").await;
     let work = tempfile::tempdir().unwrap();
     let source = work.path().join("source");
     make_history(&source);
@@ -91,7 +79,7 @@ async fn push_and_clone_a_history_over_ssh_protocol_v2_and_v0() {
 #[tokio::test]
 async fn push_fetch_and_delete_over_the_ext_transport() {
     let node = NodeProcess::start();
-    create(&node, "ext.git", "main").await;
+    create_repository(&node, "ext.git", "main").await;
     let work = tempfile::tempdir().unwrap();
     let source = work.path().join("source");
     make_history(&source);
@@ -129,7 +117,7 @@ async fn push_fetch_and_delete_over_the_ext_transport() {
 #[tokio::test]
 async fn a_push_git_refuses_changes_nothing() {
     let node = NodeProcess::start();
-    create(&node, "ff.git", "main").await;
+    create_repository(&node, "ff.git", "main").await;
     let work = tempfile::tempdir().unwrap();
     let source = work.path().join("source");
     make_history(&source);

@@ -6,10 +6,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use gitfleet::proto::repository_service_client::RepositoryServiceClient;
-use gitfleet::proto::ssh_service_client::SshServiceClient;
 use gitfleet::proto::*;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 fn run_node_with(config: &str, env: &[(&str, &str)]) -> std::process::Output {
     let dir = tempfile::tempdir().unwrap();
@@ -117,27 +114,6 @@ async fn environment_overrides_the_file() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(!exists.unwrap().into_inner().exists);
-}
-
-/// Starts an upload-pack session that stays open (git waits for the client's wants).
-async fn open_session(
-    node: &NodeProcess,
-) -> (mpsc::Sender<SshRequest>, tonic::Streaming<SshResponse>) {
-    let (sender, receiver) = mpsc::channel(4);
-    sender
-        .send(SshRequest {
-            repository: header("s1", "repo.git"),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut stream = SshServiceClient::new(node.channel().await)
-        .ssh_upload_pack(ReceiverStream::new(receiver))
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(!stream.message().await.unwrap().unwrap().stdout.is_empty());
-    (sender, stream)
 }
 
 #[tokio::test]

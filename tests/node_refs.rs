@@ -6,7 +6,6 @@ mod common;
 use common::*;
 use gitfleet::proto::object_service_client::ObjectServiceClient;
 use gitfleet::proto::ref_service_client::RefServiceClient;
-use gitfleet::proto::repository_service_client::RepositoryServiceClient;
 use gitfleet::proto::*;
 use tonic::Code;
 
@@ -15,27 +14,7 @@ const ZERO: &str = "0000000000000000000000000000000000000000";
 /// A node holding `s1/repo.git` with the history of [`make_history`]; returns the work tree.
 async fn node_with_history() -> (NodeProcess, tempfile::TempDir) {
     let node = NodeProcess::start();
-    RepositoryServiceClient::new(node.channel().await)
-        .create_repository(CreateRepositoryRequest {
-            repository: header("s1", "repo.git"),
-            default_branch: "main".into(),
-        })
-        .await
-        .unwrap();
-    let work = tempfile::tempdir().unwrap();
-    make_history(work.path());
-    run_git(
-        work.path(),
-        &[
-            "push",
-            "-q",
-            &node.ssh_url("s1", "repo.git"),
-            "main",
-            "feature",
-            "v1",
-            "v2",
-        ],
-    );
+    let work = push_history(&node, &["main", "feature", "v1", "v2"]).await;
     (node, work)
 }
 

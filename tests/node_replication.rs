@@ -48,27 +48,7 @@ async fn checksum(node: &NodeProcess, relative_path: &str) -> String {
 async fn two_nodes() -> (NodeProcess, NodeProcess, tempfile::TempDir) {
     let source = NodeProcess::start();
     let target = NodeProcess::start();
-    RepositoryServiceClient::new(source.channel().await)
-        .create_repository(CreateRepositoryRequest {
-            repository: header("s1", "repo.git"),
-            default_branch: "main".into(),
-        })
-        .await
-        .unwrap();
-    let work = tempfile::tempdir().unwrap();
-    make_history(work.path());
-    run_git(
-        work.path(),
-        &[
-            "push",
-            "-q",
-            &source.ssh_url("s1", "repo.git"),
-            "main",
-            "feature",
-            "v1",
-            "v2",
-        ],
-    );
+    let work = push_history(&source, &["main", "feature", "v1", "v2"]).await;
     (source, target, work)
 }
 

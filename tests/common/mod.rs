@@ -133,6 +133,30 @@ pub fn header(storage: &str, relative_path: &str) -> Option<RepositoryHeader> {
     })
 }
 
+/// Creates `s1/RELATIVE_PATH` on `node` over gRPC.
+pub async fn create_repository(node: &NodeProcess, relative_path: &str, default_branch: &str) {
+    gitfleet::proto::repository_service_client::RepositoryServiceClient::new(node.channel().await)
+        .create_repository(gitfleet::proto::CreateRepositoryRequest {
+            repository: header("s1", relative_path),
+            default_branch: default_branch.into(),
+        })
+        .await
+        .unwrap();
+}
+
+/// Creates `s1/repo.git` on `node` and pushes `refs` of the [`make_history`] work tree it
+/// returns.
+pub async fn push_history(node: &NodeProcess, refs: &[&str]) -> TempDir {
+    create_repository(node, "repo.git", "main").await;
+    let work = tempfile::tempdir().unwrap();
+    make_history(work.path());
+    let url = node.ssh_url("s1", "repo.git");
+    let mut args = vec!["push", "-q", url.as_str()];
+    args.extend_from_slice(refs);
+    run_git(work.path(), &args);
+    work
+}
+
 /// A git command with a clean environment that uses the bridge as its ssh command.
 pub fn git(dir: &Path) -> Command {
     let mut command = Command::new("git");
@@ -238,6 +262,32 @@ pub fn children_of(pid: u32) -> Vec<(u32, char)> {
         }
     }
     children
+}
+
+/// Opens an upload-pack session on `s1/repo.git` and reads the advertisement; git then waits
+/// for the client's wants, so the session stays open until the client ends it.
+pub async fn open_session(
+    node: &NodeProcess,
+) -> (
+    tokio::sync::mpsc::Sender<gitfleet::proto::SshRequest>,
+    tonic::Streaming<gitfleet::proto::SshResponse>,
+) {
+    let (sender, receiver) = tokio::sync::mpsc::channel(4);
+    sender
+        .send(gitfleet::proto::SshRequest {
+            repository: header("s1", "repo.git"),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut stream =
+        gitfleet::proto::ssh_service_client::SshServiceClient::new(node.channel().await)
+            .ssh_upload_pack(tokio_stream::wrappers::ReceiverStream::new(receiver))
+            .await
+            .unwrap()
+            .into_inner();
+    assert!(!stream.message().await.unwrap().unwrap().stdout.is_empty());
+    (sender, stream)
 }
 
 /// Waits until `pid` has no children left, or panics with what remains.
