@@ -136,3 +136,44 @@ async fn a_push_git_refuses_changes_nothing() {
     assert!(!output.status.success());
     assert_eq!(refs_of(&node.repo_path("s1", "ff.git")), before);
 }
+
+#[tokio::test]
+async fn the_bridge_needs_no_ssh_variant_setting() {
+    let node = NodeProcess::start();
+    create_repository(&node, "plain.git", "main").await;
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("source");
+    make_history(&source);
+    let url = node.ssh_url("s1", "plain.git");
+    // Without GIT_SSH_VARIANT git probes the bridge with -G, then passes the port and, for
+    // reads, GIT_PROTOCOL as it does for OpenSSH.
+    let plain_git = |args: &[&str]| {
+        let output = git(&source)
+            .env_remove("GIT_SSH_VARIANT")
+            .env("GIT_TRACE_PACKET", "1")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    plain_git(&["push", "-q", &url, "main"]);
+    let trace = plain_git(&["ls-remote", &url]);
+    assert!(
+        trace.contains("ls-remote< version 2"),
+        "protocol v2 was not used:\n{trace}"
+    );
+    let main = run_git(
+        &source,
+        &[
+            "for-each-ref",
+            "--format=%(objectname) %(refname)",
+            "refs/heads/main",
+        ],
+    );
+    assert_eq!(refs_of(&node.repo_path("s1", "plain.git")), main);
+}

@@ -25,7 +25,7 @@ already signed. GITFLEET_ADDRESS is the server's address, such as http://127.0.0
 
 Examples:
   git -c protocol.ext.allow=always clone 'ext::gitfleet bridge connect %S STORAGE/REPO.git'
-  GIT_SSH_COMMAND='gitfleet bridge ssh' GIT_SSH_VARIANT=ssh git clone ssh://127.0.0.1:9001/STORAGE/REPO.git
+  GIT_SSH_COMMAND='gitfleet bridge ssh' git clone ssh://127.0.0.1:9001/STORAGE/REPO.git
 
 The ssh form carries GIT_PROTOCOL, so git can use protocol v2; git's ext:: transport speaks v0."
 )]
@@ -73,6 +73,11 @@ pub async fn run(args: BridgeArgs) -> ExitCode {
                 repository,
             })
             .map_err(|e| e.to_string()),
+        // git probes its ssh command with -G to learn whether it is OpenSSH; answering like
+        // OpenSSH lets git pass the port and GIT_PROTOCOL without GIT_SSH_VARIANT=ssh.
+        Mode::Ssh { args } if args.first().is_some_and(|arg| arg == "-G") => {
+            return ExitCode::SUCCESS;
+        }
         Mode::Ssh { args } => parse_ssh(&args, std::env::var(ADDRESS_ENV).ok()),
     };
     match target {
