@@ -1,0 +1,318 @@
+//! The stateless form of git's protocol, the one smart HTTP uses, driven by real git.
+//!
+//! A minimal HTTP/1.1 front end, written for this test, turns git's smart HTTP requests into
+//! SmartHttpService calls on a real node: one call per request, bodies passed through as they
+//! are. It stands in for the proxy's HTTP gateway, which is not built yet.
+
+mod common;
+
+use std::io::Read;
+
+use common::*;
+use gitfleet::client::AuthedChannel;
+use gitfleet::proto::smart_http_service_client::SmartHttpServiceClient;
+use gitfleet::proto::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Serves smart HTTP on 127.0.0.1 in front of `node`; returns the base URL.
+async fn start_front_end(node: &NodeProcess) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let channel = node.channel().await;
+    tokio::spawn(async move {
+        while let Ok((connection, _)) = listener.accept().await {
+            tokio::spawn(serve(connection, channel.clone()));
+        }
+    });
+    format!("http://{address}")
+}
+
+struct HttpRequest {
+    method: String,
+    target: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl HttpRequest {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+async fn read_request(connection: &mut TcpStream) -> HttpRequest {
+    let mut buffer = Vec::new();
+    let (method, target, headers, body_start) = loop {
+        let mut chunk = [0; 8192];
+        let read = connection.read(&mut chunk).await.unwrap();
+        assert!(read > 0, "connection closed inside the headers");
+        buffer.extend_from_slice(&chunk[..read]);
+        let mut parsed_headers = [httparse::EMPTY_HEADER; 64];
+        let mut request = httparse::Request::new(&mut parsed_headers);
+        if let httparse::Status::Complete(length) = request.parse(&buffer).unwrap() {
+            let headers = request
+                .headers
+                .iter()
+                .map(|h| {
+                    (
+                        h.name.to_owned(),
+                        String::from_utf8_lossy(h.value).into_owned(),
+                    )
+                })
+                .collect();
+            break (
+                request.method.unwrap().to_owned(),
+                request.path.unwrap().to_owned(),
+                headers,
+                length,
+            );
+        }
+    };
+    let mut request = HttpRequest {
+        method,
+        target,
+        headers,
+        body: buffer.split_off(body_start),
+    };
+    if let Some(length) = request
+        .header("content-length")
+        .map(|v| v.parse::<usize>().unwrap())
+    {
+        while request.body.len() < length {
+            let mut chunk = vec![0; length - request.body.len()];
+            let read = connection.read(&mut chunk).await.unwrap();
+            request.body.extend_from_slice(&chunk[..read]);
+        }
+    } else if request.header("transfer-encoding") == Some("chunked") {
+        request.body = read_chunked(connection, request.body).await;
+    }
+    if request.header("content-encoding") == Some("gzip") {
+        let mut plain = Vec::new();
+        flate2::read::GzDecoder::new(&request.body[..])
+            .read_to_end(&mut plain)
+            .unwrap();
+        request.body = plain;
+    }
+    request
+}
+
+async fn read_chunked(connection: &mut TcpStream, mut raw: Vec<u8>) -> Vec<u8> {
+    let mut body = Vec::new();
+    loop {
+        while !raw.windows(2).any(|w| w == b"\r\n") {
+            let mut chunk = [0; 8192];
+            let read = connection.read(&mut chunk).await.unwrap();
+            raw.extend_from_slice(&chunk[..read]);
+        }
+        let line_end = raw.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size = usize::from_str_radix(std::str::from_utf8(&raw[..line_end]).unwrap().trim(), 16)
+            .unwrap();
+        while raw.len() < line_end + 2 + size + 2 {
+            let mut chunk = [0; 8192];
+            let read = connection.read(&mut chunk).await.unwrap();
+            raw.extend_from_slice(&chunk[..read]);
+        }
+        if size == 0 {
+            return body;
+        }
+        body.extend_from_slice(&raw[line_end + 2..line_end + 2 + size]);
+        raw.drain(..line_end + 2 + size + 2);
+    }
+}
+
+/// One request per connection: git opens another for the next round.
+async fn serve(mut connection: TcpStream, channel: AuthedChannel) {
+    let request = read_request(&mut connection).await;
+    let git_protocol = request
+        .header("git-protocol")
+        .unwrap_or_default()
+        .to_owned();
+    let (path, query) = request
+        .target
+        .split_once('?')
+        .unwrap_or((&request.target, ""));
+    let (repository, endpoint) = path.trim_start_matches('/').rsplit_once(".git/").unwrap();
+    let (storage, relative_path) = repository.split_once('/').unwrap();
+    let header = header(storage, &format!("{relative_path}.git"));
+    let mut client = SmartHttpServiceClient::new(channel);
+    let (content_type, result) =
+        match (request.method.as_str(), endpoint, query) {
+            ("GET", "info/refs", "service=git-upload-pack") => (
+                "application/x-git-upload-pack-advertisement",
+                collect(
+                    client
+                        .info_refs_upload_pack(InfoRefsRequest {
+                            repository: header,
+                            git_protocol,
+                        })
+                        .await,
+                    |m| m.data,
+                )
+                .await,
+            ),
+            ("GET", "info/refs", "service=git-receive-pack") => (
+                "application/x-git-receive-pack-advertisement",
+                collect(
+                    client
+                        .info_refs_receive_pack(InfoRefsRequest {
+                            repository: header,
+                            git_protocol,
+                        })
+                        .await,
+                    |m| m.data,
+                )
+                .await,
+            ),
+            ("POST", "git-upload-pack", _) => {
+                let messages = request.body.chunks(16 * 1024).enumerate().map(|(i, data)| {
+                    PostUploadPackRequest {
+                        repository: if i == 0 { header.clone() } else { None },
+                        git_protocol: git_protocol.clone(),
+                        data: data.to_vec().into(),
+                    }
+                });
+                let messages: Vec<_> = messages.collect();
+                (
+                    "application/x-git-upload-pack-result",
+                    collect(
+                        client.post_upload_pack(tokio_stream::iter(messages)).await,
+                        |m| m.data,
+                    )
+                    .await,
+                )
+            }
+            ("POST", "git-receive-pack", _) => {
+                let messages = request.body.chunks(16 * 1024).enumerate().map(|(i, data)| {
+                    PostReceivePackRequest {
+                        repository: if i == 0 { header.clone() } else { None },
+                        git_protocol: git_protocol.clone(),
+                        data: data.to_vec().into(),
+                    }
+                });
+                let messages: Vec<_> = messages.collect();
+                (
+                    "application/x-git-receive-pack-result",
+                    collect(
+                        client.post_receive_pack(tokio_stream::iter(messages)).await,
+                        |m| m.data,
+                    )
+                    .await,
+                )
+            }
+            other => panic!("unexpected request {other:?}"),
+        };
+    let response = match result {
+        Ok(body) => {
+            let mut response = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nCache-Control: no-cache\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )
+            .into_bytes();
+            response.extend_from_slice(&body);
+            response
+        }
+        Err(status) => {
+            let message = format!("{}\n", status.message());
+            format!("HTTP/1.1 500 Internal Server Error\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{message}", message.len()).into_bytes()
+        }
+    };
+    connection.write_all(&response).await.unwrap();
+    let _ = connection.shutdown().await;
+}
+
+/// The whole body of a streamed response. Data that came before an error is kept: git reads
+/// its own report from it (a refused push still answers with report-status).
+async fn collect<M>(
+    response: Result<tonic::Response<tonic::Streaming<M>>, tonic::Status>,
+    data: impl Fn(M) -> bytes::Bytes,
+) -> Result<Vec<u8>, tonic::Status> {
+    let mut stream = response?.into_inner();
+    let mut body = Vec::new();
+    loop {
+        match stream.message().await {
+            Ok(Some(message)) => body.extend_from_slice(&data(message)),
+            Ok(None) => return Ok(body),
+            Err(status) if body.is_empty() => return Err(status),
+            Err(_) => return Ok(body),
+        }
+    }
+}
+
+// git blocks the test's thread; the front end needs threads of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clone_fetch_and_push_over_the_stateless_protocol_v0_and_v2() {
+    let node = NodeProcess::start();
+    let base = start_front_end(&node).await;
+    create_repository(&node, "web.git", "main").await;
+    let work = tempfile::tempdir().unwrap();
+    let source = work.path().join("source");
+    make_history(&source);
+    let url = format!("{base}/s1/web.git");
+
+    // A push over smart HTTP (receive-pack is protocol v0 by nature).
+    run_git(
+        &source,
+        &["push", "-q", &url, "main", "feature", "v1", "v2"],
+    );
+    assert_eq!(refs_of(&node.repo_path("s1", "web.git")), refs_of(&source));
+
+    for version in ["2", "0"] {
+        let name = format!("clone-v{version}");
+        let output = git(work.path())
+            .args([
+                "-c",
+                &format!("protocol.version={version}"),
+                "clone",
+                "-q",
+                &url,
+                &name,
+            ])
+            .env("GIT_TRACE_PACKET", "1")
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let trace = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            trace.contains("< version 2"),
+            version == "2",
+            "protocol v{version} was not used"
+        );
+        let clone = work.path().join(&name);
+        assert_eq!(
+            std::fs::read_to_string(clone.join("src/deep/lib.rs")).unwrap(),
+            "pub fn answer() -> u32 { 42 }\n"
+        );
+        assert_eq!(
+            run_git(&clone, &["rev-parse", "HEAD"]),
+            run_git(&source, &["rev-parse", "main"])
+        );
+
+        // An incremental fetch, several rounds of negotiation over separate requests.
+        std::fs::write(source.join(format!("more-{version}.txt")), "more\n").unwrap();
+        run_git(&source, &["add", "."]);
+        run_git(&source, &["commit", "-q", "-m", "more"]);
+        run_git(&source, &["push", "-q", &url, "main"]);
+        run_git(
+            &clone,
+            &[
+                "-c",
+                &format!("protocol.version={version}"),
+                "pull",
+                "-q",
+                "--ff-only",
+            ],
+        );
+        assert_eq!(
+            std::fs::read_to_string(clone.join(format!("more-{version}.txt"))).unwrap(),
+            "more\n"
+        );
+    }
+}
