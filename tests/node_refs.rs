@@ -330,3 +330,40 @@ async fn a_branch_and_a_directory_of_branches_cannot_share_a_name() {
         status.message()
     );
 }
+
+#[tokio::test]
+async fn list_refs_streams_thousands_of_refs_in_several_messages() {
+    let (node, work) = node_with_history().await;
+    let main = rev(&work, "main");
+    let script: String = (0..5000)
+        .map(|i| format!("create refs/heads/many/branch-{i:05} {main}\n"))
+        .collect();
+    let output = git(&node.repo_path("s1", "repo.git"))
+        .args(["update-ref", "--stdin"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(script.as_bytes())?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    assert!(output.status.success());
+
+    let mut stream = RefServiceClient::new(node.channel().await)
+        .list_refs(ListRefsRequest {
+            repository: header("s1", "repo.git"),
+            prefixes: vec!["refs/heads/many/".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut names, mut messages) = (Vec::new(), 0);
+    while let Some(message) = stream.message().await.unwrap() {
+        messages += 1;
+        names.extend(message.refs.into_iter().map(|r| r.name));
+    }
+    assert_eq!(names.len(), 5000);
+    assert!(messages > 1, "5000 refs came in one message");
+    assert_eq!(names[4321], "refs/heads/many/branch-04321");
+}

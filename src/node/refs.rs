@@ -10,12 +10,11 @@ use tonic::{Request, Response, Status};
 use super::{Node, NodeError};
 use crate::git::GitError;
 use crate::git::checksum::Checksum;
+use crate::git::pipe::{self, Output};
 use crate::model::{ObjectId, RefName};
 use crate::proto::ref_service_server::RefService;
 use crate::proto::*;
 
-/// References sent per ListRefs message.
-const REFS_PER_MESSAGE: usize = 1000;
 /// The most updates one UpdateRefs request may carry.
 pub const MAX_REF_UPDATES: usize = 10_000;
 
@@ -25,26 +24,11 @@ impl Node {
         let output = self
             .state
             .git
-            .run(
-                Some(path),
-                &[
-                    "for-each-ref",
-                    "--format=%(refname)%00%(objectname)%00%(*objectname)",
-                ],
-                None,
-            )
+            .run(Some(path), &["for-each-ref", REF_FORMAT], None)
             .await?;
-        let text = String::from_utf8_lossy(&output);
-        Ok(text
+        Ok(String::from_utf8_lossy(&output)
             .lines()
-            .filter_map(|line| {
-                let mut fields = line.split('\0');
-                Some(Ref {
-                    name: fields.next()?.to_owned(),
-                    target: fields.next()?.to_owned(),
-                    peeled_target: fields.next().unwrap_or_default().to_owned(),
-                })
-            })
+            .filter_map(parse_ref)
             .collect())
     }
 
@@ -170,6 +154,41 @@ impl Node {
     }
 }
 
+/// `git for-each-ref` output that [`parse_ref`] reads.
+const REF_FORMAT: &str = "--format=%(refname)%00%(objectname)%00%(*objectname)";
+
+fn parse_ref(line: &str) -> Option<Ref> {
+    let mut fields = line.split('\0');
+    Some(Ref {
+        name: fields.next()?.to_owned(),
+        target: fields.next()?.to_owned(),
+        peeled_target: fields.next().unwrap_or_default().to_owned(),
+    })
+}
+
+/// Turns chunks of `for-each-ref` output into messages of the references that match one of
+/// `prefixes`; a line split between chunks waits for its end.
+struct RefBatcher {
+    prefixes: Vec<String>,
+    partial: Vec<u8>,
+}
+
+impl RefBatcher {
+    fn push(&mut self, chunk: &[u8]) -> Option<ListRefsResponse> {
+        self.partial.extend_from_slice(chunk);
+        let complete = self.partial.iter().rposition(|b| *b == b'\n')? + 1;
+        let lines: Vec<u8> = self.partial.drain(..complete).collect();
+        let refs: Vec<Ref> = String::from_utf8_lossy(&lines)
+            .lines()
+            .filter_map(parse_ref)
+            .filter(|r| {
+                self.prefixes.is_empty() || self.prefixes.iter().any(|p| r.name.starts_with(p))
+            })
+            .collect();
+        (!refs.is_empty()).then_some(ListRefsResponse { refs })
+    }
+}
+
 /// Tells a lost compare-and-swap from a bad request from a broken repository.
 fn classify_update_failure(error: GitError) -> NodeError {
     let stderr = error.stderr();
@@ -216,32 +235,36 @@ impl RefService for Node {
             .storages
             .locate(request.repository.as_ref())?
             .require()?;
-        let path = repository.path.clone();
-        let refs: Vec<Ref> = self
-            .detached(move |node| async move { node.read_refs(&path).await })
-            .await?
-            .into_iter()
-            .filter(|reference| {
-                request.prefixes.is_empty()
-                    || request
-                        .prefixes
-                        .iter()
-                        .any(|prefix| reference.name.starts_with(prefix))
-            })
-            .collect();
+        // Streamed as git lists them, one message per chunk of output, in constant memory.
+        let mut command = self.state.git.command(Some(&repository.path));
+        command.args(["for-each-ref", REF_FORMAT]);
+        let mut batcher = RefBatcher {
+            prefixes: request.prefixes,
+            partial: Vec::new(),
+        };
         let (sender, receiver) = tokio::sync::mpsc::channel(4);
+        let kill = self.state.kill.clone();
         tokio::spawn(async move {
-            for batch in refs.chunks(REFS_PER_MESSAGE) {
-                if sender
-                    .send(Ok(ListRefsResponse {
-                        refs: batch.to_vec(),
-                    }))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
+            let exit = pipe::run(
+                command,
+                None::<tokio_stream::Empty<_>>,
+                &kill,
+                &sender,
+                |output| match output {
+                    Output::Stdout(chunk) => batcher.push(&chunk),
+                    Output::Stderr(_) => None,
+                },
+            )
+            .await;
+            let failure = match exit {
+                Ok(exit) if exit.success() => return,
+                Ok(exit) => NodeError::Io(std::io::Error::other(format!(
+                    "git for-each-ref failed: {}",
+                    exit.stderr
+                ))),
+                Err(error) => error.into(),
+            };
+            let _ = sender.send(Err(failure.into())).await;
         });
         Ok(Response::new(ReceiverStream::new(receiver)))
     }
@@ -288,5 +311,29 @@ impl RefService for Node {
         })
         .await?;
         Ok(Response::new(SetDefaultBranchResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_lines_split_across_chunks_and_filters_by_prefix() {
+        let output = b"refs/heads/main\0aa\0\nrefs/tags/v1\0bb\0cc\nrefs/heads/x\0dd\0\n";
+        let mut batcher = RefBatcher {
+            prefixes: vec!["refs/heads/".into()],
+            partial: Vec::new(),
+        };
+        let mut refs = Vec::new();
+        for chunk in output.chunks(5) {
+            if let Some(message) = batcher.push(chunk) {
+                refs.extend(message.refs);
+            }
+        }
+        let names: Vec<&str> = refs.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["refs/heads/main", "refs/heads/x"]);
+        assert_eq!(refs[1].target, "dd");
+        assert!(batcher.partial.is_empty());
     }
 }
