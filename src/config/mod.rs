@@ -43,56 +43,119 @@ pub fn load<T: DeserializeOwned>(
         path: display.clone(),
         source,
     })?;
-    let mut document: toml::Table =
+    let document: toml::Table =
         text.parse()
             .map_err(|error: toml::de::Error| ConfigError::Parse {
                 path: display.clone(),
                 message: error.to_string(),
             })?;
-    apply_env(&mut document, env)?;
-    serde_path_to_error::deserialize(toml::Value::Table(document)).map_err(|error| {
-        let key = error.path().to_string();
-        let message = error.into_inner().message().to_owned();
-        let message = if key == "." {
-            message
-        } else {
-            format!("{key}: {message}")
-        };
-        ConfigError::Parse {
-            path: display,
-            message,
+    let overrides = env_overrides(env)?;
+    // Overrides whose typed reading did not fit their field and are retried as text.
+    let mut verbatim = vec![false; overrides.len()];
+    loop {
+        let mut merged = document.clone();
+        for (index, entry) in overrides.iter().enumerate() {
+            let value = if verbatim[index] {
+                toml::Value::String(entry.raw.clone())
+            } else {
+                guess(&entry.raw)
+            };
+            set_path(&mut merged, &entry.keys, value).map_err(|message| ConfigError::Env {
+                name: entry.name.clone(),
+                message,
+            })?;
         }
-    })
+        let error = match serde_path_to_error::deserialize(toml::Value::Table(merged)) {
+            Ok(config) => return Ok(config),
+            Err(error) => error,
+        };
+        let key = error.path().to_string();
+        let retry = overrides
+            .iter()
+            .position(|entry| entry.path() == key)
+            .filter(|&index| !verbatim[index] && !guess(&overrides[index].raw).is_str());
+        match retry {
+            Some(index) => verbatim[index] = true,
+            None => {
+                let message = error.into_inner().message().to_owned();
+                let message = if key == "." {
+                    message
+                } else {
+                    format!("{key}: {message}")
+                };
+                return Err(ConfigError::Parse {
+                    path: display,
+                    message,
+                });
+            }
+        }
+    }
 }
 
-fn apply_env(
-    document: &mut toml::Table,
+/// One `GITFLEET__...` environment variable.
+struct EnvOverride {
+    name: String,
+    keys: Vec<String>,
+    raw: String,
+}
+
+impl EnvOverride {
+    /// The key path as deserialization errors print it: `storages[0].path`.
+    fn path(&self) -> String {
+        let mut path = String::new();
+        for key in &self.keys {
+            match key.parse::<usize>() {
+                Ok(index) => path.push_str(&format!("[{index}]")),
+                Err(_) if path.is_empty() => path.push_str(key),
+                Err(_) => path.push_str(&format!(".{key}")),
+            }
+        }
+        path
+    }
+}
+
+fn env_overrides(
     env: impl IntoIterator<Item = (String, String)>,
-) -> Result<(), ConfigError> {
+) -> Result<Vec<EnvOverride>, ConfigError> {
     let mut overrides: Vec<(String, String)> = env
         .into_iter()
         .filter(|(name, _)| name.starts_with(ENV_PREFIX))
         .collect();
     overrides.sort();
-    for (name, raw) in overrides {
-        let keys: Vec<String> = name[ENV_PREFIX.len()..]
-            .split("__")
-            .map(str::to_ascii_lowercase)
-            .collect();
-        if keys.iter().any(String::is_empty) {
-            return Err(ConfigError::Env {
-                name,
-                message: "has an empty key".into(),
-            });
-        }
-        let value = format!("v = {raw}")
-            .parse::<toml::Table>()
-            .ok()
-            .and_then(|mut table| table.remove("v"))
-            .unwrap_or(toml::Value::String(raw));
-        set_path(document, &keys, value).map_err(|message| ConfigError::Env { name, message })?;
+    overrides
+        .into_iter()
+        .map(|(name, raw)| {
+            let keys: Vec<String> = name[ENV_PREFIX.len()..]
+                .split("__")
+                .map(str::to_ascii_lowercase)
+                .collect();
+            if keys.iter().any(String::is_empty) {
+                return Err(ConfigError::Env {
+                    name,
+                    message: "has an empty key".into(),
+                });
+            }
+            Ok(EnvOverride { name, keys, raw })
+        })
+        .collect()
+}
+
+/// Reads an override as a boolean, number or array when it is one, and as text otherwise;
+/// text is taken verbatim, quotes included.
+fn guess(raw: &str) -> toml::Value {
+    let typed = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut table| table.remove("v"));
+    match typed {
+        Some(
+            value @ (toml::Value::Boolean(_)
+            | toml::Value::Integer(_)
+            | toml::Value::Float(_)
+            | toml::Value::Array(_)),
+        ) => value,
+        _ => toml::Value::String(raw.to_owned()),
     }
-    Ok(())
 }
 
 fn set_path(table: &mut toml::Table, keys: &[String], value: toml::Value) -> Result<(), String> {
@@ -190,6 +253,25 @@ mod tests {
         let error =
             load_str("listen = 'a'\nitems = []\n", &[("GITFLEET__BOGUS", "1")]).unwrap_err();
         assert!(error.to_string().contains("bogus"), "{error}");
+    }
+
+    #[test]
+    fn text_overrides_are_verbatim_and_numbers_fit_text_fields() {
+        let sample = load_str(
+            "listen = 'a'\nitems = []\n",
+            &[("GITFLEET__LISTEN", "'quoted'")],
+        )
+        .unwrap();
+        assert_eq!(sample.listen, "'quoted'");
+        let sample = load_str(
+            "listen = 'a'\nitems = []\n",
+            &[("GITFLEET__LISTEN", "1234567890123")],
+        )
+        .unwrap();
+        assert_eq!(sample.listen, "1234567890123");
+        let error =
+            load_str("listen = 'a'\nitems = []\n", &[("GITFLEET__PORT", "lots")]).unwrap_err();
+        assert!(error.to_string().contains("port"), "{error}");
     }
 
     #[test]
