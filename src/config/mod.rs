@@ -3,8 +3,9 @@
 //!
 //! An override is named `GITFLEET__` followed by the key path in upper case, joined by `__`:
 //! `GITFLEET__LISTEN` sets `listen`, `GITFLEET__AUTH__TOKEN` sets `auth.token`, and
-//! `GITFLEET__STORAGES__0__PATH` sets `path` of the first `[[storages]]` entry. A value is read
-//! as a TOML value when it parses as one (`30`, `true`), and as a string otherwise.
+//! `GITFLEET__STORAGES__0__PATH` sets `path` of the first `[[storages]]` entry. A value that
+//! reads as a TOML boolean, number or array (`true`, `30`, `[1, 2]`) is taken as one unless its
+//! field wants text; anything else is text, taken verbatim.
 
 mod duration;
 mod node;
