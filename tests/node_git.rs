@@ -125,8 +125,9 @@ async fn a_push_git_refuses_changes_nothing() {
     run_git(&source, &["push", "-q", &url, "main"]);
     let before = refs_of(&node.repo_path("s1", "ff.git"));
 
-    // A non-fast-forward push without --force is refused by the client after the
-    // advertisement; with an out-of-date lease, by the server.
+    // git refuses both pushes after reading the node's advertisement (a non-fast-forward
+    // without --force, and a lease the advertised value contradicts), so the node's refs must
+    // come through untouched. A push the node itself refuses is in node_errors.rs.
     run_git(&source, &["commit", "-q", "--amend", "-m", "rewritten"]);
     let output = try_git(&source, &["push", &url, "main"]);
     assert!(!output.status.success());
