@@ -43,6 +43,19 @@ fn mac(secret: &[u8], timestamp: u64, scope: &str) -> HmacSha256 {
     mac
 }
 
+/// Checks that a scope is `*` or a list of method paths, none of them empty.
+pub fn check_scope(scope: &str) -> Result<(), AuthError> {
+    if scope == ANY_METHOD
+        || scope
+            .split(',')
+            .all(|method| method.starts_with('/') && method.len() > 1)
+    {
+        Ok(())
+    } else {
+        Err(AuthError::Malformed)
+    }
+}
+
 /// Mints a token for calls made at `timestamp` (seconds since the epoch) to the methods in
 /// `scope`.
 pub fn sign_at(secret: &str, timestamp: u64, scope: &str) -> String {
@@ -87,7 +100,11 @@ pub fn verify_at(
     else {
         return Err(AuthError::Malformed);
     };
+    if timestamp.is_empty() || !timestamp.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(AuthError::Malformed);
+    }
     let timestamp: u64 = timestamp.parse().map_err(|_| AuthError::Malformed)?;
+    check_scope(scope)?;
     let signature = hex::decode(signature).map_err(|_| AuthError::Malformed)?;
     // The signature is checked first so that an unauthenticated caller learns nothing about
     // the server's clock.
@@ -141,8 +158,11 @@ impl Interceptor for Verifier {
         let method = request
             .extensions()
             .get::<CallPath>()
-            .map(|path| path.0.as_ref())
-            .unwrap_or("");
+            .map(|path| path.0.clone())
+            .ok_or_else(|| {
+                Status::unauthenticated("the server cannot tell which method was called")
+            })?;
+        let method = method.as_ref();
         verify_at(&self.secret, token, method, self.validity, unix_now()).map_err(|error| {
             match error {
                 AuthError::OutOfScope { .. } => Status::permission_denied(error.to_string()),
@@ -224,10 +244,11 @@ impl Interceptor for Signer {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         let token = match &self.credentials {
             Credentials::Secret(secret) => {
-                let scope = match request.extensions().get::<tonic::GrpcMethod<'static>>() {
-                    Some(method) => format!("/{}/{}", method.service(), method.method()),
-                    None => ANY_METHOD.to_owned(),
-                };
+                // A token is never minted wider than the call it is for.
+                let method = request.extensions().get::<tonic::GrpcMethod<'static>>().ok_or_else(|| {
+                    Status::internal("cannot tell which method is being called: refusing to mint an unscoped token")
+                })?;
+                let scope = format!("/{}/{}", method.service(), method.method());
                 sign(secret, &scope)
             }
             Credentials::Signed(token) => token.to_string(),
@@ -303,7 +324,17 @@ mod tests {
             verify_at(SECRET, &moved, METHOD, WINDOW, 1_000_100),
             Err(AuthError::BadSignature)
         );
-        for garbage in ["", "v1", "v1.x.y.z", "v2.1.00.*", "v1.1.zz.*", "v1.1.00"] {
+        for garbage in [
+            "",
+            "v1",
+            "v1.x.y.z",
+            "v2.1.00.*",
+            "v1.1.zz.*",
+            "v1.1.00",
+            "v1.+1.00.*",
+            "v1.1.00.",
+            "v1.1.00./a,,/b",
+        ] {
             assert_eq!(
                 verify_at(SECRET, garbage, METHOD, WINDOW, 1),
                 Err(AuthError::Malformed),

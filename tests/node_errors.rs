@@ -486,3 +486,46 @@ async fn a_client_that_disconnects_mid_stream_ends_the_git_process() {
         wait_for_no_children(node.pid()).await;
     }
 }
+
+#[tokio::test]
+async fn a_client_that_disconnects_mid_clone_leaves_no_git_process_behind() {
+    let node = NodeProcess::start();
+    let work = push_history(&node, &["main"]).await;
+    // Enough incompressible data that pack-objects is still busy when the client leaves.
+    let noise: Vec<u8> = (0..24_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(work.path().join("noise.bin"), noise).unwrap();
+    run_git(work.path(), &["add", "noise.bin"]);
+    run_git(work.path(), &["commit", "-q", "-m", "noise"]);
+    run_git(
+        work.path(),
+        &["push", "-q", &node.ssh_url("s1", "repo.git"), "main"],
+    );
+    let main = run_git(work.path(), &["rev-parse", "main"])
+        .trim()
+        .to_owned();
+
+    let (sender, mut stream) = open_session(&node).await;
+    let mut request = gitfleet::git::pktline::encode(format!("want {main}\n").as_bytes());
+    request.extend_from_slice(b"0000");
+    request.extend_from_slice(&gitfleet::git::pktline::encode(b"done\n"));
+    sender
+        .send(SshRequest {
+            stdin: request.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // The pack starts to flow: upload-pack has started pack-objects.
+    let first = stream.message().await.unwrap().unwrap();
+    assert!(!first.stdout.is_empty());
+    assert!(
+        git_processes_of(node.pid()).len() >= 2,
+        "expected upload-pack and pack-objects: {:?}",
+        git_processes_of(node.pid())
+    );
+    drop(stream);
+    drop(sender);
+    wait_for_no_children(node.pid()).await;
+}

@@ -432,3 +432,61 @@ async fn repositories_never_nest() {
     assert_eq!(refs_of(&node.repo_path("s1", "a.git")), before);
     assert!(node.repo_path("s1", "dir/x.git").exists());
 }
+
+#[tokio::test]
+async fn interrupted_quarantines_and_restores_are_recovered_at_start() {
+    let first = NodeProcess::start();
+    create_repository(&first, "victim.git", "main").await;
+    let area = first.storage_path("s1").join(".gitfleet/quarantine");
+    // What a crash leaves: a quarantine whose repository was already moved in, one that never
+    // got its repository, and a restore that claimed its entry but did not finish.
+    let moved = area.join(".incoming-100-aaaa");
+    std::fs::create_dir_all(&moved).unwrap();
+    std::fs::write(moved.join("origin"), "victim.git").unwrap();
+    std::fs::rename(
+        first.repo_path("s1", "victim.git"),
+        moved.join("repository.git"),
+    )
+    .unwrap();
+    std::fs::create_dir_all(area.join(".incoming-200-bbbb")).unwrap();
+    copy_dir(&moved, &area.join(".restoring-300-cccc"));
+
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\n[auth]\ntoken = \"{TOKEN}\"\n[[storages]]\nname = \"s1\"\npath = \"{}\"\n",
+        first.storage_path("s1").display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("second.toml");
+    std::fs::write(&config_path, config).unwrap();
+    let second = NodeProcess::spawn(dir, &config_path);
+
+    let mut internal = NodeServiceClient::new(second.channel().await);
+    let listed = internal
+        .list_quarantine(ListQuarantineRequest {
+            storage: storage("s1"),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .unwrap();
+    let ids: Vec<&str> = listed
+        .entries
+        .iter()
+        .map(|e| e.quarantine_id.as_str())
+        .collect();
+    assert_eq!(ids, ["100-aaaa", "300-cccc"]);
+    assert!(!area.join(".incoming-200-bbbb").exists());
+    let restored = internal
+        .restore_repository(RestoreRepositoryRequest {
+            storage: storage("s1"),
+            quarantine_id: "100-aaaa".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(restored.relative_path, "victim.git");
+    assert!(first.repo_path("s1", "victim.git").join("HEAD").exists());
+}

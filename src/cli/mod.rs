@@ -73,6 +73,12 @@ pub fn main(cli: Cli) -> ExitCode {
             )
         }
         Command::Token(args) => {
+            if crate::auth::check_scope(&args.scope).is_err() {
+                eprintln!(
+                    "gitfleet token: --scope must be \"*\" or comma-separated method paths such as /gitfleet.v1.RefService/ListRefs"
+                );
+                return ExitCode::FAILURE;
+            }
             println!("{}", crate::auth::sign(&args.secret, &args.scope));
             ExitCode::SUCCESS
         }

@@ -11,6 +11,9 @@ use std::process::Stdio;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
+/// Set in the environment of every git command a node runs, and so of everything git starts.
+pub const NODE_PID_ENV: &str = "GITFLEET_NODE_PID";
+
 /// The longest stderr kept for an error message.
 pub const STDERR_LIMIT: usize = 4096;
 
@@ -79,10 +82,15 @@ impl Git {
         if let Some(git_dir) = git_dir {
             command.arg("--git-dir").arg(git_dir);
         }
+        // Each git command leads a process group of its own, so that killing it also ends the
+        // processes it started (pack-objects, index-pack, the bridge of a fetch). They all carry
+        // the node's pid, which tells operators (and tests) whose they are.
         command
+            .env(NODE_PID_ENV, std::process::id().to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            .process_group(0)
             .kill_on_drop(true);
         command
     }

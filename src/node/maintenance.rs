@@ -21,6 +21,37 @@ const WALK_BATCH: usize = 1000;
 /// Inside a quarantine entry: the repository itself and the path it came from.
 const QUARANTINED_REPOSITORY: &str = "repository.git";
 const QUARANTINE_ORIGIN: &str = "origin";
+/// Prefixes of quarantine entries being assembled or restored; the listing skips them.
+const INCOMING: &str = ".incoming-";
+const RESTORING: &str = ".restoring-";
+
+/// Finishes or undoes what a crash interrupted in a storage's quarantine area: an entry whose
+/// repository was already moved in is completed, one without is dropped, and an entry claimed
+/// by a restore that did not finish is put back. Run at start, before any request.
+pub fn recover_quarantine(storage: &Storage) -> std::io::Result<()> {
+    let area = storage.quarantine_dir();
+    for dir in std::fs::read_dir(&area)? {
+        let dir = dir?;
+        let name = dir.file_name().to_string_lossy().into_owned();
+        if let Some(id) = name.strip_prefix(INCOMING) {
+            if dir.path().join(QUARANTINED_REPOSITORY).exists() {
+                std::fs::rename(dir.path(), area.join(id))?;
+                tracing::warn!(storage = %storage.name, quarantine_id = id, "finished an interrupted quarantine");
+            } else {
+                std::fs::remove_dir_all(dir.path())?;
+            }
+        } else if let Some(id) = name.strip_prefix(RESTORING) {
+            if dir.path().join(QUARANTINED_REPOSITORY).exists() {
+                std::fs::rename(dir.path(), area.join(id))?;
+                tracing::warn!(storage = %storage.name, quarantine_id = id, "returned an interrupted restore to quarantine");
+            } else {
+                // The repository reached its place; only the empty entry was left.
+                std::fs::remove_dir_all(dir.path())?;
+            }
+        }
+    }
+    Ok(())
+}
 
 fn unix_seconds(time: SystemTime) -> i64 {
     time.duration_since(UNIX_EPOCH)
@@ -61,9 +92,11 @@ fn repositories(root: &Path) -> impl Iterator<Item = std::io::Result<PathBuf>> {
             let entry = match walker.next()? {
                 Ok(entry) => entry,
                 // Repositories removed or renamed while the walk runs are simply gone.
+                // A missing storage root is an error, not an empty storage.
                 Err(error)
-                    if error.io_error().map(std::io::Error::kind)
-                        == Some(std::io::ErrorKind::NotFound) =>
+                    if error.depth() > 0
+                        && error.io_error().map(std::io::Error::kind)
+                            == Some(std::io::ErrorKind::NotFound) =>
                 {
                     continue;
                 }
@@ -140,16 +173,17 @@ impl Node {
             unix_seconds(SystemTime::now()),
             rand::random::<u64>()
         );
-        // The entry is assembled in the temporary area and moved into the quarantine area
-        // whole, so a crash or a failed move never leaves a half-made entry to be listed.
-        let staging = repository.storage.tmp_path("quarantine");
+        // The entry is assembled under a name the listing skips and renamed into view whole.
+        // A live repository never passes through the temporary area, which a start empties;
+        // what a crash leaves here is finished or undone by `recover_quarantine`.
+        let area = repository.storage.quarantine_dir();
+        let staging = area.join(format!("{INCOMING}{id}"));
         tokio::fs::create_dir_all(&staging).await?;
         let origin = staging.join(QUARANTINE_ORIGIN);
         tokio::fs::write(&origin, repository.relative_path.as_str()).await?;
         tokio::fs::File::open(&origin).await?.sync_all().await?;
-        if let Err(error) =
-            tokio::fs::rename(&repository.path, staging.join(QUARANTINED_REPOSITORY)).await
-        {
+        let quarantined = staging.join(QUARANTINED_REPOSITORY);
+        if let Err(error) = tokio::fs::rename(&repository.path, &quarantined).await {
             let _ = tokio::fs::remove_dir_all(&staging).await;
             return Err(match error.kind() {
                 std::io::ErrorKind::NotFound => {
@@ -158,8 +192,18 @@ impl Node {
                 _ => NodeError::Io(error),
             });
         }
-        let entry = repository.storage.quarantine_dir().join(&id);
-        tokio::fs::rename(&staging, &entry).await?;
+        let entry = area.join(&id);
+        if let Err(error) = tokio::fs::rename(&staging, &entry).await {
+            // Put the repository back where it was; if even that fails, the next start finishes
+            // the quarantine, so the repository stays restorable either way.
+            if tokio::fs::rename(&quarantined, &repository.path)
+                .await
+                .is_ok()
+            {
+                let _ = tokio::fs::remove_dir_all(&staging).await;
+            }
+            return Err(error.into());
+        }
         sync_parent(&entry)?;
         super::storage::prune_empty_parents(&repository.storage.root, &repository.path);
         tracing::info!(repository = %repository, quarantine_id = %id, "repository quarantined");
@@ -188,9 +232,11 @@ impl Node {
     async fn restore(&self, request: RestoreRepositoryRequest) -> Result<String, NodeError> {
         let storage = self.state.storages.storage(request.storage.as_ref())?;
         let entry = self.quarantine_entry(storage, &request.quarantine_id)?;
-        // Claim the entry first: a concurrent restore or purge of the same entry then finds
-        // nothing, instead of racing this one.
-        let claimed = storage.tmp_path("restore");
+        // Claim the entry first, inside the quarantine area: a concurrent restore or purge of
+        // the same entry then finds nothing, and a crash leaves it for `recover_quarantine`.
+        let claimed = storage
+            .quarantine_dir()
+            .join(format!("{RESTORING}{}", request.quarantine_id));
         tokio::fs::rename(&entry, &claimed)
             .await
             .map_err(|error| match error.kind() {
@@ -206,7 +252,7 @@ impl Node {
             let destination = storage.root.join(relative_path.as_str());
             let name = format!("{}/{relative_path}", storage.name);
             place(
-                &storage.root,
+                storage,
                 &claimed.join(QUARANTINED_REPOSITORY),
                 &destination,
                 &name,
@@ -218,7 +264,9 @@ impl Node {
             Ok(relative_path) => relative_path,
             Err(error) => {
                 // Not restored: the entry goes back where it was, still restorable.
-                tokio::fs::rename(&claimed, &entry).await?;
+                if let Err(undo) = tokio::fs::rename(&claimed, &entry).await {
+                    tracing::error!(%undo, entry = %claimed.display(), "cannot return a quarantine entry; the next start will");
+                }
                 return Err(error);
             }
         };
@@ -233,6 +281,9 @@ impl Node {
         for dir in std::fs::read_dir(storage.quarantine_dir())? {
             let dir = dir?;
             let id = dir.file_name().to_string_lossy().into_owned();
+            if id.starts_with('.') {
+                continue;
+            }
             let quarantined_at = id
                 .split('-')
                 .next()

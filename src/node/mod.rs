@@ -110,7 +110,9 @@ impl Node {
         F: FnOnce(Node) -> Fut,
         Fut: std::future::Future<Output = Result<T, NodeError>> + Send + 'static,
     {
-        match tokio::spawn(work(self.clone())).await {
+        // The task keeps the RPC's span, so its logs still say which repository they are about.
+        let work = tracing::Instrument::in_current_span(work(self.clone()));
+        match tokio::spawn(work).await {
             Ok(result) => result.map_err(tonic::Status::from),
             Err(error) => Err(tonic::Status::internal(format!(
                 "the request's task failed: {error}"

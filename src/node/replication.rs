@@ -121,12 +121,7 @@ impl Node {
         let built = async {
             self.build_empty(&staging, &head).await?;
             self.fetch_mirror(&staging, &source).await?;
-            place(
-                &target.storage.root,
-                &staging,
-                &target.path,
-                &target.to_string(),
-            )
+            place(target.storage, &staging, &target.path, &target.to_string())
         }
         .await;
         if built.is_err() {

@@ -22,14 +22,8 @@ impl Node {
         target.check_free()?;
         let staging = target.storage.tmp_path("create");
         let built = self.build_empty(&staging, &head).await;
-        let placed = built.and_then(|()| {
-            place(
-                &target.storage.root,
-                &staging,
-                &target.path,
-                &target.to_string(),
-            )
-        });
+        let placed =
+            built.and_then(|()| place(target.storage, &staging, &target.path, &target.to_string()));
         if placed.is_err() {
             let _ = tokio::fs::remove_dir_all(&staging).await;
         }
@@ -92,7 +86,7 @@ impl Node {
         let new_path = RelativePath::parse(&request.new_relative_path)?;
         let destination = source.storage.root.join(new_path.as_str());
         let name = format!("{}/{new_path}", source.storage.name);
-        place(&source.storage.root, &source.path, &destination, &name)?;
+        place(source.storage, &source.path, &destination, &name)?;
         prune_empty_parents(&source.storage.root, &source.path);
         Ok(())
     }

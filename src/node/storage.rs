@@ -16,6 +16,8 @@ use crate::proto::{RepositoryHeader, StorageHeader};
 pub struct Storage {
     pub name: StorageName,
     pub root: PathBuf,
+    /// Taken while a repository is moved into its final place; see [`place`].
+    placing: std::sync::Mutex<()>,
 }
 
 /// A repository path on this node, validated and resolved.
@@ -87,7 +89,8 @@ impl Storage {
             _ => {}
         }
         std::fs::create_dir_all(self.tmp_dir())?;
-        std::fs::create_dir_all(self.quarantine_dir())
+        std::fs::create_dir_all(self.quarantine_dir())?;
+        super::maintenance::recover_quarantine(self)
     }
 }
 
@@ -140,12 +143,21 @@ pub fn move_into_place(from: &Path, to: &Path) -> std::io::Result<()> {
 
 /// Moves a repository built or kept elsewhere to `to`, the path of repository `name`: checks
 /// that the place is free, renames without replacing anything, and makes the rename durable.
-pub fn place(root: &Path, from: &Path, to: &Path, name: &str) -> Result<(), NodeError> {
-    check_free(root, to, name)?;
+/// Placements in one storage take turns, so two of them cannot both find a place free and
+/// then nest one repository inside the other.
+pub fn place(storage: &Storage, from: &Path, to: &Path, name: &str) -> Result<(), NodeError> {
+    let _turn = storage
+        .placing
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    check_free(&storage.root, to, name)?;
     move_into_place(from, to).map_err(|error| match error.kind() {
         ErrorKind::AlreadyExists | ErrorKind::DirectoryNotEmpty => {
             NodeError::RepositoryExists(name.to_owned())
         }
+        ErrorKind::NotFound if !from.exists() => NodeError::NotFound(format!(
+            "cannot place {name}: what was to be moved there is gone"
+        )),
         _ => NodeError::Io(error),
     })?;
     sync_parent(to)
@@ -186,6 +198,7 @@ impl Storages {
                 Storage {
                     name,
                     root: config.path.clone(),
+                    placing: std::sync::Mutex::new(()),
                 },
             );
         }

@@ -290,13 +290,40 @@ pub async fn open_session(
     (sender, stream)
 }
 
-/// Waits until `pid` has no children left, or panics with what remains.
+/// Every process that a node's git commands started, grandchildren included: they all carry
+/// the node's pid in GITFLEET_NODE_PID.
+pub fn git_processes_of(node_pid: u32) -> Vec<u32> {
+    let marker = format!("{}={node_pid}", gitfleet::git::NODE_PID_ENV);
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if environ
+            .split(|b| *b == 0)
+            .any(|variable| variable == marker.as_bytes())
+        {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Waits until `pid` has no children and no process its git started is left, or panics with
+/// what remains.
 pub async fn wait_for_no_children(pid: u32) {
     for _ in 0..100 {
-        if children_of(pid).is_empty() {
+        if children_of(pid).is_empty() && git_processes_of(pid).is_empty() {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("node {pid} still has children: {:?}", children_of(pid));
+    panic!(
+        "node {pid} left processes behind: children {:?}, git processes {:?}",
+        children_of(pid),
+        git_processes_of(pid)
+    );
 }
