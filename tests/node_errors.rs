@@ -492,16 +492,7 @@ async fn a_client_that_disconnects_mid_clone_leaves_no_git_process_behind() {
     let node = NodeProcess::start();
     let work = push_history(&node, &["main"]).await;
     // Enough incompressible data that pack-objects is still busy when the client leaves.
-    let noise: Vec<u8> = (0..24_000_000u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
-    std::fs::write(work.path().join("noise.bin"), noise).unwrap();
-    run_git(work.path(), &["add", "noise.bin"]);
-    run_git(work.path(), &["commit", "-q", "-m", "noise"]);
-    run_git(
-        work.path(),
-        &["push", "-q", &node.ssh_url("s1", "repo.git"), "main"],
-    );
+    push_noise(&node, work.path());
     let main = run_git(work.path(), &["rev-parse", "main"])
         .trim()
         .to_owned();

@@ -258,16 +258,7 @@ async fn replication_failures_are_reported_and_leave_nothing_behind() {
 async fn a_replication_whose_caller_goes_away_finishes_cleanly() {
     let (source, target, work) = two_nodes().await;
     // Enough incompressible data that the fetch outlives the caller's deadline.
-    let noise: Vec<u8> = (0..24_000_000u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
-    std::fs::write(work.path().join("noise.bin"), noise).unwrap();
-    run_git(work.path(), &["add", "noise.bin"]);
-    run_git(work.path(), &["commit", "-q", "-m", "noise"]);
-    run_git(
-        work.path(),
-        &["push", "-q", &source.ssh_url("s1", "repo.git"), "main"],
-    );
+    push_noise(&source, work.path());
 
     let mut request = tonic::Request::new(ReplicateRepositoryRequest {
         repository: header("s1", "copy.git"),

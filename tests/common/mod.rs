@@ -157,6 +157,21 @@ pub async fn push_history(node: &NodeProcess, refs: &[&str]) -> TempDir {
     work
 }
 
+/// Commits 24 MB of incompressible data in `work` and pushes main to `s1/repo.git`, so that
+/// moving the repository takes long enough to interrupt.
+pub fn push_noise(node: &NodeProcess, work: &Path) {
+    let noise: Vec<u8> = (0..24_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(work.join("noise.bin"), noise).unwrap();
+    run_git(work, &["add", "noise.bin"]);
+    run_git(work, &["commit", "-q", "-m", "noise"]);
+    run_git(
+        work,
+        &["push", "-q", &node.ssh_url("s1", "repo.git"), "main"],
+    );
+}
+
 /// A git command with a clean environment that uses the bridge as its ssh command.
 pub fn git(dir: &Path) -> Command {
     let mut command = Command::new("git");
