@@ -8,8 +8,10 @@ pub mod report;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 /// Set in the environment of every git command a node runs, and so of everything git starts.
 pub const NODE_PID_ENV: &str = "GITFLEET_NODE_PID";
@@ -27,12 +29,14 @@ pub enum GitError {
         code: i32,
         stderr: String,
     },
+    #[error("git was stopped: the node is shutting down")]
+    Killed,
 }
 
 impl GitError {
     pub fn stderr(&self) -> &str {
         match self {
-            GitError::Spawn(_) => "",
+            GitError::Spawn(_) | GitError::Killed => "",
             GitError::Failed { stderr, .. } => stderr,
         }
     }
@@ -45,13 +49,16 @@ pub struct Git {
     binary: PathBuf,
     /// Extra `-c key=value` settings applied to every command.
     settings: Vec<String>,
+    /// Cancelled when the node's shutdown grace period is over: running commands are killed.
+    kill: CancellationToken,
 }
 
 impl Git {
-    pub fn new(binary: impl Into<PathBuf>) -> Self {
+    pub fn new(binary: impl Into<PathBuf>, kill: CancellationToken) -> Self {
         Self {
             binary: binary.into(),
             settings: Vec::new(),
+            kill,
         }
     }
 
@@ -105,29 +112,11 @@ impl Git {
     ) -> Result<Vec<u8>, GitError> {
         let mut command = self.command(git_dir);
         command.args(args);
-        if stdin.is_some() {
-            command.stdin(Stdio::piped());
-        }
-        let mut child = command.spawn().map_err(GitError::Spawn)?;
-        if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            // A child that exits early closes its stdin; its exit status tells why.
-            let _ = pipe.write_all(input).await;
-        }
-        let output = child.wait_with_output().await.map_err(GitError::Spawn)?;
-        if output.status.success() {
-            return Ok(output.stdout);
-        }
-        Err(GitError::Failed {
-            command: args.first().copied().unwrap_or_default().to_owned(),
-            code: output.status.code().unwrap_or(-1),
-            stderr: tail(&output.stderr),
-        })
+        self.output(command, stdin, usize::MAX).await
     }
-}
 
-impl Git {
-    /// Runs `git ARGS` and returns at most `limit` bytes of its stdout; git is stopped once
-    /// the limit is reached, so a huge object costs no more than `limit` bytes of memory.
+    /// Like [`Git::run`], but returns at most `limit` bytes of stdout and stops git once the
+    /// limit is reached, so a huge object costs no more than `limit` bytes of memory.
     pub async fn run_limited(
         &self,
         git_dir: Option<&Path>,
@@ -135,30 +124,91 @@ impl Git {
         limit: usize,
     ) -> Result<Vec<u8>, GitError> {
         let mut command = self.command(git_dir);
-        command.args(args).stderr(Stdio::null());
+        command.args(args);
+        self.output(command, None, limit).await
+    }
+
+    /// Runs a command made by [`Git::command`] to completion: feeds it `stdin` while reading
+    /// at most `limit` bytes of its stdout, fails with its stderr when it exits non-zero, and
+    /// kills it when the node's shutdown deadline passes.
+    pub async fn output(
+        &self,
+        mut command: Command,
+        stdin: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<u8>, GitError> {
+        let name = subcommand(&command);
+        if stdin.is_some() {
+            command.stdin(Stdio::piped());
+        }
         let mut child = command.spawn().map_err(GitError::Spawn)?;
-        let stdout = child.stdout.take().expect("stdout is piped");
+        let input = child.stdin.take();
+        let mut stdout = child
+            .stdout
+            .take()
+            .expect("stdout is piped")
+            .take(limit as u64);
+        let mut stderr = child.stderr.take().expect("stderr is piped");
+        // stderr is drained on its own, so git never blocks on it whatever happens to stdout.
+        let stderr = AbortOnDropHandle::new(tokio::spawn(async move {
+            let mut text = Vec::new();
+            let _ = stderr.read_to_end(&mut text).await;
+            text
+        }));
+        let feed = async move {
+            if let (Some(data), Some(mut pipe)) = (stdin, input) {
+                // A child that exits early closes its stdin; its exit status tells why.
+                let _ = pipe.write_all(data).await;
+            }
+            Ok(())
+        };
         let mut output = Vec::new();
-        let read = tokio::io::AsyncReadExt::read_to_end(
-            &mut tokio::io::AsyncReadExt::take(stdout, limit as u64),
-            &mut output,
-        )
-        .await;
+        let read = tokio::select! {
+            read = async { tokio::try_join!(feed, stdout.read_to_end(&mut output)) } => read,
+            _ = self.kill.cancelled() => {
+                terminate(&mut child).await;
+                return Err(GitError::Killed);
+            }
+        };
+        if let Err(error) = read {
+            terminate(&mut child).await;
+            return Err(GitError::Spawn(error));
+        }
         if output.len() >= limit {
             terminate(&mut child).await;
             return Ok(output);
         }
-        read.map_err(GitError::Spawn)?;
-        let status = child.wait().await.map_err(GitError::Spawn)?;
-        if !status.success() {
-            return Err(GitError::Failed {
-                command: args.first().copied().unwrap_or_default().to_owned(),
-                code: status.code().unwrap_or(-1),
-                stderr: String::new(),
-            });
+        let status = tokio::select! {
+            status = child.wait() => status.map_err(GitError::Spawn)?,
+            _ = self.kill.cancelled() => {
+                terminate(&mut child).await;
+                return Err(GitError::Killed);
+            }
+        };
+        if status.success() {
+            return Ok(output);
         }
-        Ok(output)
+        Err(GitError::Failed {
+            command: name,
+            code: status.code().unwrap_or(-1),
+            stderr: tail(&stderr.await.unwrap_or_default()),
+        })
     }
+}
+
+/// The git subcommand a command runs, such as "fetch", for error messages.
+fn subcommand(command: &Command) -> String {
+    let mut args = command.as_std().get_args();
+    while let Some(arg) = args.next() {
+        match arg.to_str() {
+            Some("-c" | "--git-dir") => {
+                args.next();
+            }
+            Some(name) => return name.to_owned(),
+            None => break,
+        }
+    }
+    String::from("?")
 }
 
 /// Kills a git command and everything it started, and reaps it.

@@ -34,9 +34,18 @@ pub enum NodeError {
     #[error("the client went away")]
     ClientGone,
     #[error(transparent)]
-    Git(#[from] GitError),
+    Git(GitError),
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
+}
+
+impl From<GitError> for NodeError {
+    fn from(error: GitError) -> Self {
+        match error {
+            GitError::Killed => NodeError::ShuttingDown,
+            error => NodeError::Git(error),
+        }
+    }
 }
 
 impl From<PipeError> for NodeError {

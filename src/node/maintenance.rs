@@ -163,11 +163,7 @@ impl Node {
     }
 
     async fn quarantine(&self, request: QuarantineRepositoryRequest) -> Result<String, NodeError> {
-        let repository = self
-            .state
-            .storages
-            .locate(request.repository.as_ref())?
-            .require()?;
+        let repository = self.state.storages.existing(request.repository.as_ref())?;
         let id = format!(
             "{}-{:016x}",
             unix_seconds(SystemTime::now()),
@@ -331,18 +327,33 @@ impl Node {
         let root = storage.root.clone();
         let filesystem = nix::sys::statvfs::statvfs(&root).map_err(std::io::Error::from)?;
         let block = filesystem.fragment_size() as u64;
+        // One walk both adds up the blocks and counts the repositories, the way WalkStorage
+        // finds them: not inside another repository, not in the node's own area.
         let (used_bytes, repository_count) = tokio::task::spawn_blocking(move || {
-            let used = WalkDir::new(&root)
+            let reserved = root.join(RESERVED_COMPONENT);
+            let (mut used, mut count) = (0, 0);
+            let mut repository: Option<PathBuf> = None;
+            for entry in WalkDir::new(&root)
                 .follow_links(false)
                 .into_iter()
                 .filter_map(Result::ok)
-                .filter_map(|entry| entry.metadata().ok())
-                .map(|metadata| metadata.blocks() * 512)
-                .sum::<u64>();
-            (
-                used,
-                repositories(&root).filter(Result::is_ok).count() as u64,
-            )
+            {
+                used += entry
+                    .metadata()
+                    .map(|metadata| metadata.blocks() * 512)
+                    .unwrap_or(0);
+                let path = entry.path();
+                let counted = entry.file_type().is_dir()
+                    && !path.starts_with(&reserved)
+                    && !repository
+                        .as_deref()
+                        .is_some_and(|inside| path.starts_with(inside));
+                if counted && is_repository(path) {
+                    count += 1;
+                    repository = Some(path.to_path_buf());
+                }
+            }
+            (used, count)
         })
         .await
         .map_err(std::io::Error::other)?;

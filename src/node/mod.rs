@@ -62,7 +62,8 @@ impl Node {
             })?;
         }
         check_disjoint(&storages)?;
-        let git = Git::new(&config.git.binary)
+        let kill = CancellationToken::new();
+        let git = Git::new(&config.git.binary, kill.clone())
             // Housekeeping is scheduled deliberately, never started behind a request's back.
             .with_setting("gc.auto=0")
             .with_setting("maintenance.auto=false")
@@ -74,7 +75,7 @@ impl Node {
             state: Arc::new(NodeState {
                 storages,
                 git,
-                kill: CancellationToken::new(),
+                kill,
             }),
         })
     }

@@ -88,11 +88,7 @@ impl Node {
     }
 
     async fn commit(&self, request: ReadCommitRequest) -> Result<ReadCommitResponse, NodeError> {
-        let repository = self
-            .state
-            .storages
-            .locate(request.repository.as_ref())?
-            .require()?;
+        let repository = self.state.storages.existing(request.repository.as_ref())?;
         let revision = Revision::parse(&request.revision)?;
         let spec = format!("{}^{{commit}}", revision.as_str());
         let oid = match self
@@ -175,11 +171,7 @@ impl ObjectService for Node {
         request: Request<ReadBlobRequest>,
     ) -> Result<Response<Self::ReadBlobStream>, Status> {
         let request = request.into_inner();
-        let repository = self
-            .state
-            .storages
-            .locate(request.repository.as_ref())?
-            .require()?;
+        let repository = self.state.storages.existing(request.repository.as_ref())?;
         let revision = Revision::parse(&request.revision).map_err(NodeError::from)?;
         let file = TreePath::parse(&request.path).map_err(NodeError::from)?;
         let (path, wanted) = (repository.path.clone(), file.clone());

@@ -46,11 +46,7 @@ impl Node {
         &self,
         request: FindDefaultBranchRequest,
     ) -> Result<FindDefaultBranchResponse, NodeError> {
-        let repository = self
-            .state
-            .storages
-            .locate(request.repository.as_ref())?
-            .require()?;
+        let repository = self.state.storages.existing(request.repository.as_ref())?;
         let name = self.head(&repository.path).await?;
         let target = match self
             .state
@@ -73,11 +69,7 @@ impl Node {
         &self,
         request: RefsChecksumRequest,
     ) -> Result<RefsChecksumResponse, NodeError> {
-        let repository = self
-            .state
-            .storages
-            .locate(request.repository.as_ref())?
-            .require()?;
+        let repository = self.state.storages.existing(request.repository.as_ref())?;
         let mut checksum = Checksum::default();
         for reference in self.read_refs(&repository.path).await? {
             checksum.add(&reference.name, &reference.target);
@@ -91,11 +83,7 @@ impl Node {
     }
 
     async fn update_refs(&self, request: UpdateRefsRequest) -> Result<(), NodeError> {
-        let repository = self
-            .state
-            .storages
-            .locate(request.repository.as_ref())?
-            .require()?;
+        let repository = self.state.storages.existing(request.repository.as_ref())?;
         if request.updates.is_empty() {
             return Err(NodeError::BadRequest("no reference updates given".into()));
         }
@@ -136,11 +124,7 @@ impl Node {
     }
 
     async fn set_default_branch(&self, request: SetDefaultBranchRequest) -> Result<(), NodeError> {
-        let repository = self
-            .state
-            .storages
-            .locate(request.repository.as_ref())?
-            .require()?;
+        let repository = self.state.storages.existing(request.repository.as_ref())?;
         let branch = RefName::branch(&request.branch)?;
         self.state
             .git
@@ -230,11 +214,7 @@ impl RefService for Node {
         request: Request<ListRefsRequest>,
     ) -> Result<Response<Self::ListRefsStream>, Status> {
         let request = request.into_inner();
-        let repository = self
-            .state
-            .storages
-            .locate(request.repository.as_ref())?
-            .require()?;
+        let repository = self.state.storages.existing(request.repository.as_ref())?;
         // Streamed as git lists them, one message per chunk of output, in constant memory.
         let mut command = self.state.git.command(Some(&repository.path));
         command.args(["for-each-ref", REF_FORMAT]);

@@ -6,10 +6,10 @@ use std::path::Path;
 
 use tonic::Code;
 
-use super::storage::place;
 use super::{Node, NodeError};
 use crate::auth::{Credentials, Signer};
 use crate::client::{ConnectError, connect};
+use crate::git::GitError;
 use crate::model::{RefName, RelativePath, StorageName};
 use crate::proto::ref_service_client::RefServiceClient;
 use crate::proto::*;
@@ -116,18 +116,11 @@ impl Node {
             return Ok(false);
         }
         // A new replica is built aside and moved into place whole, like a create.
-        target.check_free()?;
-        let staging = target.storage.tmp_path("replicate");
-        let built = async {
-            self.build_empty(&staging, &head).await?;
-            self.fetch_mirror(&staging, &source).await?;
-            place(target.storage, &staging, &target.path, &target.to_string())
-        }
-        .await;
-        if built.is_err() {
-            let _ = tokio::fs::remove_dir_all(&staging).await;
-        }
-        built?;
+        self.build_aside(&target, "replicate", async |staging: &Path| {
+            self.build_empty(staging, &head).await?;
+            self.fetch_mirror(staging, &source).await
+        })
+        .await?;
         tracing::info!(target = %target, source = %source.describe(), "replica created");
         Ok(true)
     }
@@ -158,32 +151,14 @@ impl Node {
                 &url,
                 "+refs/*:refs/*",
             ]);
-        command.stdout(std::process::Stdio::null());
-        let mut child = command
-            .spawn()
-            .map_err(|error| NodeError::Git(crate::git::GitError::Spawn(error)))?;
-        let mut stderr = child.stderr.take().expect("stderr is piped");
-        let collect = tokio::spawn(async move {
-            let mut text = Vec::new();
-            let _ = tokio::io::AsyncReadExt::read_to_end(&mut stderr, &mut text).await;
-            text
-        });
-        let status = tokio::select! {
-            status = child.wait() => status?,
-            _ = self.state.kill.cancelled() => {
-                crate::git::terminate(&mut child).await;
-                return Err(NodeError::ShuttingDown);
-            }
-        };
-        let stderr = collect.await.unwrap_or_default();
-        if status.success() {
-            return Ok(());
+        match self.state.git.output(command, None, usize::MAX).await {
+            Ok(_) => Ok(()),
+            Err(GitError::Failed { stderr, .. }) => Err(NodeError::SourceFailed(format!(
+                "fetching from {} failed: {stderr}",
+                source.describe()
+            ))),
+            Err(error) => Err(error.into()),
         }
-        let stderr = crate::git::tail(&stderr);
-        Err(NodeError::SourceFailed(format!(
-            "fetching from {} failed: {stderr}",
-            source.describe()
-        )))
     }
 }
 

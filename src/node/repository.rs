@@ -2,10 +2,11 @@
 //! half-made or half-removed repository at its final path.
 
 use std::io::ErrorKind;
+use std::path::Path;
 
 use tonic::{Request, Response, Status};
 
-use super::storage::{place, prune_empty_parents};
+use super::storage::{Located, place, prune_empty_parents};
 use super::{Node, NodeError};
 use crate::model::{RefName, RelativePath};
 use crate::proto::repository_service_server::RepositoryService;
@@ -19,11 +20,27 @@ impl Node {
             branch => branch,
         };
         let head = RefName::branch(branch)?;
+        self.build_aside(&target, "create", async |staging: &Path| {
+            self.build_empty(staging, &head).await
+        })
+        .await
+    }
+
+    /// Builds a new repository with `build` in the temporary area and moves it to `target`
+    /// whole, so its final path never holds a half-made repository; a failure leaves nothing
+    /// behind.
+    pub(super) async fn build_aside(
+        &self,
+        target: &Located<'_>,
+        purpose: &str,
+        build: impl AsyncFnOnce(&Path) -> Result<(), NodeError>,
+    ) -> Result<(), NodeError> {
         target.check_free()?;
-        let staging = target.storage.tmp_path("create");
-        let built = self.build_empty(&staging, &head).await;
-        let placed =
-            built.and_then(|()| place(target.storage, &staging, &target.path, &target.to_string()));
+        let staging = target.storage.tmp_path(purpose);
+        let placed = match build(&staging).await {
+            Ok(()) => place(target.storage, &staging, &target.path, &target.to_string()),
+            Err(error) => Err(error),
+        };
         if placed.is_err() {
             let _ = tokio::fs::remove_dir_all(&staging).await;
         }
@@ -55,11 +72,7 @@ impl Node {
     }
 
     async fn remove(&self, request: RemoveRepositoryRequest) -> Result<(), NodeError> {
-        let target = self
-            .state
-            .storages
-            .locate(request.repository.as_ref())?
-            .require()?;
+        let target = self.state.storages.existing(request.repository.as_ref())?;
         let doomed = target.storage.tmp_path("remove");
         match tokio::fs::rename(&target.path, &doomed).await {
             Ok(()) => {}
@@ -78,11 +91,7 @@ impl Node {
     }
 
     async fn rename(&self, request: RenameRepositoryRequest) -> Result<(), NodeError> {
-        let source = self
-            .state
-            .storages
-            .locate(request.repository.as_ref())?
-            .require()?;
+        let source = self.state.storages.existing(request.repository.as_ref())?;
         let new_path = RelativePath::parse(&request.new_relative_path)?;
         let destination = source.storage.root.join(new_path.as_str());
         let name = format!("{}/{new_path}", source.storage.name);

@@ -59,7 +59,7 @@ impl Node {
         &self,
         invocation: &Invocation<'_>,
     ) -> Result<tokio::process::Command, NodeError> {
-        let repository = self.state.storages.locate(invocation.header)?.require()?;
+        let repository = self.state.storages.existing(invocation.header)?;
         check_git_protocol(invocation.git_protocol)?;
         let mut command = self.state.git.command(None);
         command

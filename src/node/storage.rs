@@ -225,6 +225,11 @@ impl Storages {
         Ok(storage)
     }
 
+    /// Like [`Storages::locate`], for a repository that must exist (`NotFound` otherwise).
+    pub fn existing(&self, header: Option<&RepositoryHeader>) -> Result<Located<'_>, NodeError> {
+        self.locate(header)?.require()
+    }
+
     /// Validates a repository header and resolves it to a path. The repository may not exist.
     pub fn locate(&self, header: Option<&RepositoryHeader>) -> Result<Located<'_>, NodeError> {
         let header = header.ok_or_else(|| {
