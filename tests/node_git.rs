@@ -33,31 +33,13 @@ async fn push_and_clone_a_history_over_ssh_protocol_v2_and_v0() {
     );
 
     for (version, name) in [("2", "clone-v2"), ("0", "clone-v0")] {
-        let output = git(work.path())
-            .args([
-                "-c",
-                &format!("protocol.version={version}"),
-                "clone",
-                "-q",
-                &url,
-                name,
-            ])
-            .env("GIT_TRACE_PACKET", "1")
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let trace = String::from_utf8_lossy(&output.stderr);
+        let (clone, trace) = clone_traced(work.path(), &url, version, name);
         assert_eq!(
             trace.contains("clone< version 2"),
             version == "2",
             "protocol v{version} was not used"
         );
 
-        let clone = work.path().join(name);
         run_git(&clone, &["fetch", "-q", "origin", "feature:feature"]);
         let cloned_refs = refs_of(&clone);
         for line in refs_of(&source).lines() {

@@ -281,30 +281,12 @@ async fn clone_fetch_and_push_over_the_stateless_protocol_v0_and_v2() {
 
     for version in ["2", "0"] {
         let name = format!("clone-v{version}");
-        let output = git(work.path())
-            .args([
-                "-c",
-                &format!("protocol.version={version}"),
-                "clone",
-                "-q",
-                &url,
-                &name,
-            ])
-            .env("GIT_TRACE_PACKET", "1")
-            .output()
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let trace = String::from_utf8_lossy(&output.stderr);
+        let (clone, trace) = clone_traced(work.path(), &url, version, &name);
         assert_eq!(
             trace.contains("< version 2"),
             version == "2",
             "protocol v{version} was not used"
         );
-        let clone = work.path().join(&name);
         assert_eq!(
             std::fs::read_to_string(clone.join("src/deep/lib.rs")).unwrap(),
             "pub fn answer() -> u32 { 42 }\n"

@@ -172,6 +172,32 @@ pub fn push_noise(node: &NodeProcess, work: &Path) {
     );
 }
 
+/// Clones `url` into `dir/name` with git's protocol `version` ("0" or "2") and packet tracing;
+/// panics if the clone fails. Returns the clone and the packet trace.
+pub fn clone_traced(dir: &Path, url: &str, version: &str, name: &str) -> (PathBuf, String) {
+    let output = git(dir)
+        .args([
+            "-c",
+            &format!("protocol.version={version}"),
+            "clone",
+            "-q",
+            url,
+            name,
+        ])
+        .env("GIT_TRACE_PACKET", "1")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (
+        dir.join(name),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 /// A git command with a clean environment that uses the bridge as its ssh command.
 pub fn git(dir: &Path) -> Command {
     let mut command = Command::new("git");
