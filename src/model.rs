@@ -91,6 +91,46 @@ impl fmt::Display for RelativePath {
     }
 }
 
+/// A repository's id in the catalog. Ids are never reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RepositoryId(pub i64);
+
+/// Top directory of the replicas the proxy places on its nodes.
+pub const REPLICA_ROOT: &str = "@cluster";
+
+impl RepositoryId {
+    /// Where this repository's replicas live on every node: derived from the id alone, spread
+    /// over 65536 directories, such as `@cluster/6b/86/42.git`.
+    pub fn replica_path(self) -> RelativePath {
+        use sha2::Digest as _;
+        let digest = sha2::Sha256::digest(self.0.to_string().as_bytes());
+        RelativePath(format!(
+            "{REPLICA_ROOT}/{:02x}/{:02x}/{}.git",
+            digest[0], digest[1], self.0
+        ))
+    }
+
+    /// The id a replica path was derived from, if it is one.
+    pub fn from_replica_path(path: &RelativePath) -> Option<Self> {
+        let id: i64 = path
+            .as_str()
+            .strip_prefix(REPLICA_ROOT)?
+            .rsplit('/')
+            .next()?
+            .strip_suffix(".git")?
+            .parse()
+            .ok()?;
+        let id = Self(id);
+        (id.replica_path() == *path).then_some(id)
+    }
+}
+
+impl fmt::Display for RepositoryId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
 /// Path of a file inside a git tree, such as `src/main.rs`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TreePath(String);
@@ -404,5 +444,21 @@ mod tests {
         for bad in ["", "-x", "--output=/tmp/x", "a:b", "a\nb"] {
             assert!(Revision::parse(bad).is_err(), "{bad:?} was accepted");
         }
+    }
+
+    #[test]
+    fn replica_paths_are_derived_from_the_id_and_back() {
+        let path = RepositoryId(42).replica_path();
+        assert!(path.as_str().starts_with("@cluster/"), "{path}");
+        assert!(path.as_str().ends_with("/42.git"), "{path}");
+        assert_eq!(
+            RepositoryId::from_replica_path(&path),
+            Some(RepositoryId(42))
+        );
+        assert_ne!(RepositoryId(43).replica_path(), path);
+        let moved = RelativePath::parse("@cluster/00/00/42.git").unwrap();
+        assert_eq!(RepositoryId::from_replica_path(&moved), None);
+        let other = RelativePath::parse("group/42.git").unwrap();
+        assert_eq!(RepositoryId::from_replica_path(&other), None);
     }
 }

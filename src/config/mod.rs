@@ -9,11 +9,15 @@
 
 mod duration;
 mod node;
+mod proxy;
 
 use std::path::Path;
 
 pub use duration::Duration;
 pub use node::{NodeConfig, StorageConfig};
+pub use proxy::{
+    DatabaseConfig, HealthConfig, NodeEntry, ProxyConfig, VirtualStorageConfig, WritesConfig,
+};
 use serde::de::DeserializeOwned;
 
 /// Prefix of every environment override.

@@ -1,0 +1,3 @@
+//! The local cluster, and the private PostgreSQL server it (and the tests) start.
+
+pub mod postgres;

@@ -1,0 +1,139 @@
+//! PostgreSQL, the source of truth. Every SQL statement of gitfleet lives in this module: one
+//! submodule per table family. Each state change is one statement that states its guard in its
+//! `WHERE`, and callers check what it returned.
+
+mod repositories;
+mod writes;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+pub use repositories::{NewRepository, RemovedRepository, Renamed, RepositoryRecord};
+pub use writes::{RefChange, WriteLease, WriteOutcome, WriteStart};
+
+use crate::model::StorageName;
+
+/// The channel on which routing changes are announced, with a repository id as payload.
+pub const ROUTING_CHANNEL: &str = "gitfleet_routing";
+
+/// Job kinds queued by the proxy.
+pub const JOB_REPLICATE: &str = "replicate";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("the database is unavailable: {0}")]
+    Unavailable(sqlx::Error),
+    #[error("the database refused a statement: {0}")]
+    Failed(sqlx::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        match &error {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Tls(_) => Self::Unavailable(error),
+            sqlx::Error::Database(db)
+                // Class 08: connection exceptions; 57P0x: the server is shutting down or
+                // restarting; 53: out of resources.
+                if db.code().is_some_and(|code| {
+                    code.starts_with("08") || code.starts_with("57P") || code.starts_with("53")
+                }) =>
+            {
+                Self::Unavailable(error)
+            }
+            _ => Self::Failed(error),
+        }
+    }
+}
+
+/// Counts what the store asks of PostgreSQL: one round trip per statement.
+#[derive(Debug, Default)]
+pub struct StoreMetrics {
+    statements: AtomicU64,
+    /// Total time spent waiting for statements, in microseconds.
+    wait_micros: AtomicU64,
+}
+
+/// A pool of connections and the statements gitfleet runs.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: PgPool,
+    metrics: Arc<StoreMetrics>,
+}
+
+impl Store {
+    /// Creates the pool without connecting: a database that is down at start makes calls fail
+    /// with UNAVAILABLE rather than keeping the process from starting.
+    pub fn connect_lazy(
+        url: &str,
+        max_connections: u32,
+        acquire_timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let options: PgConnectOptions = url.parse().map_err(StoreError::Failed)?;
+        let options = options.application_name("gitfleet");
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(acquire_timeout)
+            // A ping before every statement would double the round trips; a dead connection
+            // fails its statement instead and is replaced.
+            .test_before_acquire(false)
+            .connect_lazy_with(options);
+        Ok(Self {
+            pool,
+            metrics: Arc::default(),
+        })
+    }
+
+    /// Applies `migrations/`. sqlx holds a PostgreSQL advisory lock while it does, so
+    /// processes that migrate at the same moment take turns.
+    pub async fn migrate(&self) -> Result<(), sqlx::migrate::MigrateError> {
+        sqlx::migrate!("./migrations").run(&self.pool).await
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Statements run since start.
+    pub fn round_trips(&self) -> u64 {
+        self.metrics.statements.load(Ordering::Relaxed)
+    }
+
+    /// Runs one statement, counting it and its latency.
+    async fn measure<T, F>(&self, operation: &'static str, statement: F) -> Result<T, StoreError>
+    where
+        F: std::future::Future<Output = Result<T, sqlx::Error>>,
+    {
+        let started = Instant::now();
+        let result = statement.await;
+        let elapsed = started.elapsed();
+        self.metrics.statements.fetch_add(1, Ordering::Relaxed);
+        self.metrics
+            .wait_micros
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        tracing::trace!(operation, ?elapsed, ok = result.is_ok(), "statement");
+        result.map_err(StoreError::from)
+    }
+
+    /// Closes the pool, waiting for connections in use to be returned.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn storage_names(names: &[String]) -> Vec<StorageName> {
+    names
+        .iter()
+        .filter_map(|name| StorageName::parse(name).ok())
+        .collect()
+}
+
+fn texts(storages: &[StorageName]) -> Vec<String> {
+    storages.iter().map(|s| s.as_str().to_owned()).collect()
+}

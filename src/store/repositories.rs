@@ -1,0 +1,314 @@
+//! Repositories, their assignments and their replicas: what exists and where.
+
+use sqlx::Row as _;
+
+use super::{JOB_REPLICATE, Store, StoreError, storage_names, texts};
+use crate::model::{RelativePath, RepositoryId, StorageName};
+
+/// A repository as the router needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepositoryRecord {
+    pub id: RepositoryId,
+    pub virtual_storage: StorageName,
+    pub relative_path: RelativePath,
+    pub replica_path: RelativePath,
+    pub generation: i64,
+    pub primary: StorageName,
+    /// The storages that should hold it.
+    pub assigned: Vec<StorageName>,
+    /// The replicas known to exist, with the generation each holds.
+    pub replicas: Vec<(StorageName, i64)>,
+}
+
+impl RepositoryRecord {
+    /// Replicas that hold the repository's current generation.
+    pub fn up_to_date(&self) -> impl Iterator<Item = &StorageName> {
+        self.replicas
+            .iter()
+            .filter(|(_, generation)| *generation == self.generation)
+            .map(|(storage, _)| storage)
+    }
+
+    pub fn is_up_to_date(&self, storage: &StorageName) -> bool {
+        self.up_to_date().any(|s| s == storage)
+    }
+}
+
+/// A repository about to be created.
+#[derive(Debug, Clone)]
+pub struct NewRepository {
+    pub id: RepositoryId,
+    pub virtual_storage: StorageName,
+    pub relative_path: RelativePath,
+    pub primary: StorageName,
+    pub assigned: Vec<StorageName>,
+}
+
+/// What a removal took out of the catalog, for cleaning the disks.
+#[derive(Debug, Clone)]
+pub struct RemovedRepository {
+    pub id: RepositoryId,
+    pub replica_path: RelativePath,
+    /// Every storage that holds or should hold a replica.
+    pub storages: Vec<StorageName>,
+}
+
+/// The columns of a [`RepositoryRecord`], for `concat!` with a WHERE clause.
+macro_rules! select_record {
+    () => {
+        "
+    SELECT r.id, r.virtual_storage, r.relative_path, r.replica_path, r.generation,
+           r.primary_storage,
+           ARRAY(SELECT a.storage FROM assignments a
+                 WHERE a.repository_id = r.id ORDER BY a.storage) AS assigned,
+           ARRAY(SELECT p.storage FROM replicas p
+                 WHERE p.repository_id = r.id ORDER BY p.storage) AS replica_storages,
+           ARRAY(SELECT p.generation FROM replicas p
+                 WHERE p.repository_id = r.id ORDER BY p.storage) AS replica_generations
+    FROM repositories r"
+    };
+}
+
+fn record(row: &sqlx::postgres::PgRow) -> Result<RepositoryRecord, sqlx::Error> {
+    let decode = |what: &str, error: crate::model::InvalidInput| sqlx::Error::ColumnDecode {
+        index: what.to_owned(),
+        source: Box::new(error),
+    };
+    let storages: Vec<String> = row.try_get("replica_storages")?;
+    let generations: Vec<i64> = row.try_get("replica_generations")?;
+    let replicas = storage_names(&storages)
+        .into_iter()
+        .zip(generations)
+        .collect();
+    Ok(RepositoryRecord {
+        id: RepositoryId(row.try_get("id")?),
+        virtual_storage: StorageName::parse(row.try_get("virtual_storage")?)
+            .map_err(|e| decode("virtual_storage", e))?,
+        relative_path: RelativePath::parse(row.try_get("relative_path")?)
+            .map_err(|e| decode("relative_path", e))?,
+        replica_path: RelativePath::parse(row.try_get("replica_path")?)
+            .map_err(|e| decode("replica_path", e))?,
+        generation: row.try_get("generation")?,
+        primary: StorageName::parse(row.try_get("primary_storage")?)
+            .map_err(|e| decode("primary_storage", e))?,
+        assigned: storage_names(&row.try_get::<Vec<String>, _>("assigned")?),
+        replicas,
+    })
+}
+
+/// What a rename did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renamed {
+    Done,
+    NotFound,
+    Taken,
+}
+
+impl Store {
+    /// The repository at a path, with its assignments and replicas: one statement.
+    pub async fn find_repository(
+        &self,
+        virtual_storage: &StorageName,
+        relative_path: &RelativePath,
+    ) -> Result<Option<RepositoryRecord>, StoreError> {
+        let row = self
+            .measure(
+                "find_repository",
+                sqlx::query(concat!(
+                    select_record!(),
+                    " WHERE r.virtual_storage = $1 AND r.relative_path = $2"
+                ))
+                .bind(virtual_storage.as_str())
+                .bind(relative_path.as_str())
+                .fetch_optional(&self.pool),
+            )
+            .await?;
+        row.as_ref()
+            .map(record)
+            .transpose()
+            .map_err(StoreError::from)
+    }
+
+    /// Reserves a repository id. Ids come from a sequence and are never handed out twice.
+    pub async fn next_repository_id(&self) -> Result<RepositoryId, StoreError> {
+        let id: i64 = self
+            .measure(
+                "next_repository_id",
+                sqlx::query_scalar("SELECT nextval(pg_get_serial_sequence('repositories', 'id'))")
+                    .fetch_one(&self.pool),
+            )
+            .await?;
+        Ok(RepositoryId(id))
+    }
+
+    /// Writes the repository row and its assignments in one statement. Returns false when the
+    /// path is taken.
+    pub async fn insert_repository(&self, new: &NewRepository) -> Result<bool, StoreError> {
+        let rows = self
+            .measure(
+                "insert_repository",
+                sqlx::query(
+                    "WITH repo AS (
+                         INSERT INTO repositories
+                             (id, virtual_storage, relative_path, replica_path, primary_storage)
+                         OVERRIDING SYSTEM VALUE
+                         VALUES ($1, $2, $3, $4, $5)
+                         ON CONFLICT (virtual_storage, relative_path) DO NOTHING
+                         RETURNING id
+                     )
+                     INSERT INTO assignments (repository_id, storage)
+                     SELECT repo.id, storage FROM repo, unnest($6::text[]) AS storage
+                     RETURNING repository_id",
+                )
+                .bind(new.id.0)
+                .bind(new.virtual_storage.as_str())
+                .bind(new.relative_path.as_str())
+                .bind(new.id.replica_path().as_str())
+                .bind(new.primary.as_str())
+                .bind(texts(&new.assigned))
+                .fetch_all(&self.pool),
+            )
+            .await?;
+        Ok(!rows.is_empty())
+    }
+
+    /// Records the replicas that were created (at generation 0) and queues a replication job
+    /// for each assigned storage that failed, copying from `source`.
+    pub async fn record_created_replicas(
+        &self,
+        id: RepositoryId,
+        created: &[StorageName],
+        failed: &[StorageName],
+        source: &StorageName,
+    ) -> Result<(), StoreError> {
+        self.measure(
+            "record_created_replicas",
+            sqlx::query(
+                "WITH created AS (
+                     INSERT INTO replicas (repository_id, storage, generation)
+                     SELECT r.id, storage, 0
+                     FROM repositories r, unnest($2::text[]) AS storage
+                     WHERE r.id = $1
+                     ON CONFLICT (repository_id, storage) DO NOTHING
+                     RETURNING storage
+                 ), queued AS (
+                     INSERT INTO jobs (kind, repository_id, source_storage, target_storage)
+                     SELECT $5, r.id, $3, storage
+                     FROM repositories r, unnest($4::text[]) AS storage
+                     WHERE r.id = $1
+                     ON CONFLICT (kind, repository_id, target_storage)
+                         WHERE state IN ('queued', 'running') DO NOTHING
+                     RETURNING id
+                 )
+                 SELECT (SELECT count(*) FROM created), (SELECT count(*) FROM queued)",
+            )
+            .bind(id.0)
+            .bind(texts(created))
+            .bind(source.as_str())
+            .bind(texts(failed))
+            .bind(JOB_REPLICATE)
+            .execute(&self.pool),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Deletes a repository row (its assignments, replicas and open intents go with it) and
+    /// says what was there. None when there was no such repository.
+    pub async fn delete_repository(
+        &self,
+        virtual_storage: &StorageName,
+        relative_path: &RelativePath,
+    ) -> Result<Option<RemovedRepository>, StoreError> {
+        let row = self
+            .measure(
+                "delete_repository",
+                sqlx::query(
+                    "DELETE FROM repositories r
+                     WHERE r.virtual_storage = $1 AND r.relative_path = $2
+                     RETURNING r.id, r.replica_path,
+                         ARRAY(SELECT p.storage FROM replicas p WHERE p.repository_id = r.id
+                               UNION
+                               SELECT a.storage FROM assignments a WHERE a.repository_id = r.id)
+                         AS storages",
+                )
+                .bind(virtual_storage.as_str())
+                .bind(relative_path.as_str())
+                .fetch_optional(&self.pool),
+            )
+            .await?;
+        removed(row)
+    }
+
+    /// Deletes a repository row by id: undoes a creation that could not place enough replicas.
+    pub async fn delete_repository_by_id(
+        &self,
+        id: RepositoryId,
+    ) -> Result<Option<RemovedRepository>, StoreError> {
+        let row = self
+            .measure(
+                "delete_repository_by_id",
+                sqlx::query(
+                    "DELETE FROM repositories r WHERE r.id = $1
+                     RETURNING r.id, r.replica_path,
+                         ARRAY(SELECT p.storage FROM replicas p WHERE p.repository_id = r.id
+                               UNION
+                               SELECT a.storage FROM assignments a WHERE a.repository_id = r.id)
+                         AS storages",
+                )
+                .bind(id.0)
+                .fetch_optional(&self.pool),
+            )
+            .await?;
+        removed(row)
+    }
+
+    /// Gives a repository a new relative path: a change of this row only, since replica paths
+    /// derive from the id.
+    pub async fn rename_repository(
+        &self,
+        virtual_storage: &StorageName,
+        from: &RelativePath,
+        to: &RelativePath,
+    ) -> Result<Renamed, StoreError> {
+        let result = self
+            .measure(
+                "rename_repository",
+                sqlx::query(
+                    "UPDATE repositories SET relative_path = $3
+                     WHERE virtual_storage = $1 AND relative_path = $2",
+                )
+                .bind(virtual_storage.as_str())
+                .bind(from.as_str())
+                .bind(to.as_str())
+                .execute(&self.pool),
+            )
+            .await;
+        match result {
+            Ok(done) if done.rows_affected() == 1 => Ok(Renamed::Done),
+            Ok(_) => Ok(Renamed::NotFound),
+            Err(StoreError::Failed(sqlx::Error::Database(db)))
+                if db.code().as_deref() == Some("23505") =>
+            {
+                Ok(Renamed::Taken)
+            }
+            Err(error) => Err(error),
+        }
+    }
+}
+
+fn removed(row: Option<sqlx::postgres::PgRow>) -> Result<Option<RemovedRepository>, StoreError> {
+    let Some(row) = row else { return Ok(None) };
+    let replica_path: String = row.try_get("replica_path")?;
+    let replica_path = RelativePath::parse(&replica_path).map_err(|error| {
+        StoreError::Failed(sqlx::Error::ColumnDecode {
+            index: "replica_path".into(),
+            source: Box::new(error),
+        })
+    })?;
+    Ok(Some(RemovedRepository {
+        id: RepositoryId(row.try_get("id")?),
+        replica_path,
+        storages: storage_names(&row.try_get::<Vec<String>, _>("storages")?),
+    }))
+}

@@ -1,0 +1,267 @@
+//! Write leases and write intents: a write is recorded, with the ref updates it will make,
+//! before any replica sees it, and committed as a new generation after a majority applied it.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use sqlx::Row as _;
+
+use super::{JOB_REPLICATE, Store, StoreError, storage_names, texts};
+use crate::model::{RepositoryId, StorageName};
+
+/// One ref update a write will make. `old` and `new` are object ids (all zeros: absent), or
+/// for a symbolic ref such as HEAD, the ref it points to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RefChange {
+    #[serde(rename = "ref")]
+    pub name: String,
+    pub old: String,
+    pub new: String,
+}
+
+/// A write lease held by this proxy, and the intent recorded under it.
+#[derive(Debug, Clone)]
+pub struct WriteLease {
+    pub repository: RepositoryId,
+    pub intent: i64,
+    /// The fencing token: every later statement of this write is guarded by it.
+    pub token: i64,
+    /// The generation the write starts from.
+    pub generation: i64,
+    /// The storages the write goes to: assigned, up to date and healthy.
+    pub targets: Vec<StorageName>,
+    pub assigned: Vec<StorageName>,
+}
+
+/// What an attempt to start a write found.
+#[derive(Debug)]
+pub enum WriteStart {
+    Leased(WriteLease),
+    /// Another write holds the lease.
+    Busy,
+    /// The repository is gone.
+    NotFound,
+}
+
+/// How a write ended, once committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteOutcome {
+    pub generation: i64,
+    /// Assigned storages that did not get the write and now have a replication job.
+    pub queued: Vec<StorageName>,
+}
+
+impl Store {
+    /// Takes the repository's write lease and records the write intent, in one statement.
+    /// `healthy` lists the storages the proxy can reach now; the write targets the assigned,
+    /// up-to-date ones among them.
+    pub async fn begin_write(
+        &self,
+        repository: RepositoryId,
+        owner: &str,
+        lease: Duration,
+        rpc: &str,
+        changes: &[RefChange],
+        healthy: &[StorageName],
+    ) -> Result<WriteStart, StoreError> {
+        let changes = serde_json::to_value(changes)
+            .map_err(|error| StoreError::Failed(sqlx::Error::Encode(Box::new(error))))?;
+        let row = self
+            .measure(
+                "begin_write",
+                sqlx::query(
+                    "WITH snapshot AS (
+                         SELECT id, generation FROM repositories WHERE id = $1
+                     ), lease AS (
+                         UPDATE repositories
+                         SET lease_owner = $2, lease_token = lease_token + 1,
+                             lease_expires_at = now() + make_interval(secs => $3)
+                         WHERE id = $1 AND (lease_owner IS NULL OR lease_expires_at < now())
+                         RETURNING id, lease_token, generation, lease_expires_at
+                     ), targets AS (
+                         SELECT coalesce(array_agg(a.storage ORDER BY a.storage), '{}') AS storages
+                         FROM lease
+                         JOIN assignments a ON a.repository_id = lease.id
+                         JOIN replicas p ON p.repository_id = a.repository_id
+                                        AND p.storage = a.storage
+                         WHERE p.generation = lease.generation AND a.storage = ANY($6)
+                     ), intent AS (
+                         INSERT INTO write_intents (repository_id, owner, fencing_token,
+                             lease_expires_at, rpc, base_generation, ref_updates, target_storages)
+                         SELECT lease.id, $2, lease.lease_token, lease.lease_expires_at, $4,
+                                lease.generation, $5, targets.storages
+                         FROM lease, targets
+                         RETURNING id
+                     )
+                     SELECT (SELECT count(*) FROM snapshot) AS found,
+                            (SELECT generation FROM snapshot) AS snapshot_generation,
+                            lease.lease_token, lease.generation, intent.id AS intent,
+                            targets.storages AS targets,
+                            ARRAY(SELECT storage FROM assignments
+                                  WHERE repository_id = $1 ORDER BY storage) AS assigned
+                     FROM (SELECT 1) AS one
+                     LEFT JOIN lease ON true LEFT JOIN intent ON true LEFT JOIN targets ON true",
+                )
+                .bind(repository.0)
+                .bind(owner)
+                .bind(lease.as_secs_f64())
+                .bind(rpc)
+                .bind(changes)
+                .bind(texts(healthy))
+                .fetch_one(&self.pool),
+            )
+            .await?;
+        let found: i64 = row.try_get("found")?;
+        let token: Option<i64> = row.try_get("lease_token")?;
+        let (Some(token), Some(intent)) = (token, row.try_get::<Option<i64>, _>("intent")?) else {
+            return Ok(if found == 0 {
+                WriteStart::NotFound
+            } else {
+                WriteStart::Busy
+            });
+        };
+        let generation: i64 = row.try_get("generation")?;
+        let lease = WriteLease {
+            repository,
+            intent,
+            token,
+            generation,
+            targets: storage_names(&row.try_get::<Vec<String>, _>("targets")?),
+            assigned: storage_names(&row.try_get::<Vec<String>, _>("assigned")?),
+        };
+        // The lease was free only after a write that finished while this statement waited for
+        // the row: the targets were read before that write committed. Start again.
+        let snapshot_generation: Option<i64> = row.try_get("snapshot_generation")?;
+        if snapshot_generation != Some(generation) {
+            self.release_write(&lease, owner).await?;
+            return Ok(WriteStart::Busy);
+        }
+        Ok(WriteStart::Leased(lease))
+    }
+
+    /// Extends a lease that a long write still needs. False when the lease was lost.
+    pub async fn renew_write(
+        &self,
+        lease: &WriteLease,
+        owner: &str,
+        duration: Duration,
+    ) -> Result<bool, StoreError> {
+        let renewed: Option<i64> = self
+            .measure(
+                "renew_write",
+                sqlx::query_scalar(
+                    "WITH repo AS (
+                         UPDATE repositories
+                         SET lease_expires_at = now() + make_interval(secs => $4)
+                         WHERE id = $1 AND lease_owner = $2 AND lease_token = $3
+                         RETURNING id, lease_expires_at
+                     ), intent AS (
+                         UPDATE write_intents i SET lease_expires_at = repo.lease_expires_at
+                         FROM repo WHERE i.id = $5
+                         RETURNING i.id
+                     )
+                     SELECT id FROM repo",
+                )
+                .bind(lease.repository.0)
+                .bind(owner)
+                .bind(lease.token)
+                .bind(duration.as_secs_f64())
+                .bind(lease.intent)
+                .fetch_optional(&self.pool),
+            )
+            .await?;
+        Ok(renewed.is_some())
+    }
+
+    /// Commits a write: generation + 1 on the repository and on the replicas in `current`
+    /// (those that hold the new state), a replication job from `source` for every other
+    /// assigned storage, the intent closed and the lease released. One statement, guarded by
+    /// the fencing token: None when this proxy no longer holds the lease, and nothing changed.
+    pub async fn commit_write(
+        &self,
+        lease: &WriteLease,
+        owner: &str,
+        current: &[StorageName],
+        source: &StorageName,
+    ) -> Result<Option<WriteOutcome>, StoreError> {
+        let row = self
+            .measure(
+                "commit_write",
+                sqlx::query(
+                    "WITH repo AS (
+                         UPDATE repositories
+                         SET generation = generation + 1, lease_owner = NULL,
+                             lease_expires_at = NULL
+                         WHERE id = $1 AND lease_owner = $2 AND lease_token = $3
+                         RETURNING id, generation
+                     ), current AS (
+                         UPDATE replicas p SET generation = repo.generation
+                         FROM repo
+                         WHERE p.repository_id = repo.id AND p.storage = ANY($4)
+                         RETURNING p.storage
+                     ), queued AS (
+                         INSERT INTO jobs (kind, repository_id, source_storage, target_storage)
+                         SELECT $7, repo.id, $5, a.storage
+                         FROM repo JOIN assignments a ON a.repository_id = repo.id
+                         WHERE NOT (a.storage = ANY($4))
+                         ON CONFLICT (kind, repository_id, target_storage)
+                             WHERE state IN ('queued', 'running') DO NOTHING
+                         RETURNING target_storage
+                     ), closed AS (
+                         DELETE FROM write_intents i USING repo
+                         WHERE i.id = $6 AND i.repository_id = repo.id
+                         RETURNING i.id
+                     )
+                     SELECT repo.generation,
+                            (SELECT count(*) FROM current) AS current,
+                            (SELECT count(*) FROM closed) AS closed,
+                            ARRAY(SELECT a.storage FROM repo
+                                  JOIN assignments a ON a.repository_id = repo.id
+                                  WHERE NOT (a.storage = ANY($4)) ORDER BY a.storage) AS behind
+                     FROM repo",
+                )
+                .bind(lease.repository.0)
+                .bind(owner)
+                .bind(lease.token)
+                .bind(texts(current))
+                .bind(source.as_str())
+                .bind(lease.intent)
+                .bind(JOB_REPLICATE)
+                .fetch_optional(&self.pool),
+            )
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        Ok(Some(WriteOutcome {
+            generation: row.try_get("generation")?,
+            queued: storage_names(&row.try_get::<Vec<String>, _>("behind")?),
+        }))
+    }
+
+    /// Ends a write that changed nothing on any replica: the intent is closed and the lease
+    /// released, the generation stays. False when the lease was already lost.
+    pub async fn release_write(&self, lease: &WriteLease, owner: &str) -> Result<bool, StoreError> {
+        let released: Option<i64> = self
+            .measure(
+                "release_write",
+                sqlx::query_scalar(
+                    "WITH repo AS (
+                         UPDATE repositories SET lease_owner = NULL, lease_expires_at = NULL
+                         WHERE id = $1 AND lease_owner = $2 AND lease_token = $3
+                         RETURNING id
+                     ), closed AS (
+                         DELETE FROM write_intents i USING repo
+                         WHERE i.id = $4 AND i.repository_id = repo.id
+                         RETURNING i.id
+                     )
+                     SELECT id FROM repo",
+                )
+                .bind(lease.repository.0)
+                .bind(owner)
+                .bind(lease.token)
+                .bind(lease.intent)
+                .fetch_optional(&self.pool),
+            )
+            .await?;
+        Ok(released.is_some())
+    }
+}

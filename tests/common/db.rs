@@ -1,0 +1,123 @@
+//! PostgreSQL for the tests: `DATABASE_URL` when it is set, otherwise one throwaway server per
+//! test binary, started from the system's binaries on a private socket. Every test gets a
+//! fresh database of its own.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use gitfleet::dev::postgres::{Durability, PrivatePostgres};
+use sqlx::Connection as _;
+
+/// Where the throwaway servers of this and earlier test runs live.
+const SCRATCH_PREFIX: &str = "gitfleet-test-pg-";
+
+/// A URL to the server, on its maintenance database: for creating the per-test databases.
+fn admin_url() -> &'static str {
+    static URL: OnceLock<String> = OnceLock::new();
+    URL.get_or_init(|| match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.is_empty() => url,
+        _ => start_throwaway_server(),
+    })
+}
+
+/// Starts the server from a thread that never ends: the server is bound to that thread's life
+/// (parent-death signal), so it stops when the test process exits, however it exits.
+fn start_throwaway_server() -> String {
+    remove_stale_servers();
+    let (url_tx, url_rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("test-postgres".into())
+        .spawn(move || {
+            let base = std::env::temp_dir().join(format!("{SCRATCH_PREFIX}{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&base);
+            std::fs::create_dir_all(&base).unwrap();
+            let started = PrivatePostgres::start(
+                &base.join("data"),
+                &base.join("socket"),
+                &base.join("postgres.log"),
+                Durability::Throwaway,
+            );
+            match started {
+                Ok(server) => {
+                    url_tx.send(Ok(server.url("postgres"))).unwrap();
+                    // Keep the server (and this thread) for the life of the process.
+                    let _server = server;
+                    loop {
+                        std::thread::park();
+                    }
+                }
+                Err(error) => url_tx.send(Err(format!("{error:#}"))).unwrap(),
+            }
+        })
+        .unwrap();
+    match url_rx.recv().unwrap() {
+        Ok(url) => url,
+        Err(error) => panic!(
+            "no PostgreSQL for the tests: set DATABASE_URL, or install the PostgreSQL server package: {error}"
+        ),
+    }
+}
+
+/// Removes the directories of throwaway servers whose test process is gone.
+fn remove_stale_servers() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|name| name.strip_prefix(SCRATCH_PREFIX))
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !PathBuf::from(format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Replaces the database name in a PostgreSQL URL.
+pub fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[scheme_end..].find('/') {
+        Some(slash) => &base[..scheme_end + slash],
+        None => base,
+    };
+    match query {
+        Some(query) => format!("{base}/{database}?{query}"),
+        None => format!("{base}/{database}"),
+    }
+}
+
+/// Creates an empty database for one test and returns its URL.
+pub async fn fresh_database() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let admin = admin_url();
+    let name = format!(
+        "gitfleet_test_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    let mut connection = sqlx::PgConnection::connect(admin)
+        .await
+        .unwrap_or_else(|error| panic!("cannot reach the test PostgreSQL at {admin}: {error}"));
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name}"
+    )))
+    .execute(&mut connection)
+    .await
+    .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut connection)
+        .await
+        .unwrap();
+    connection.close().await.unwrap();
+    with_database(admin, &name)
+}

@@ -1,0 +1,224 @@
+//! The catalog against a real PostgreSQL: a fresh database per test.
+
+mod common;
+
+use std::time::Duration;
+
+use gitfleet::model::{RelativePath, RepositoryId, StorageName};
+use gitfleet::store::{NewRepository, RefChange, Store, WriteStart};
+
+async fn store() -> Store {
+    let url = common::db::fresh_database().await;
+    let store = Store::connect_lazy(&url, 4, Duration::from_secs(5)).unwrap();
+    store.migrate().await.unwrap();
+    store
+}
+
+fn name(text: &str) -> StorageName {
+    StorageName::parse(text).unwrap()
+}
+
+fn path(text: &str) -> RelativePath {
+    RelativePath::parse(text).unwrap()
+}
+
+async fn create(store: &Store, relative_path: &str) -> RepositoryId {
+    let id = store.next_repository_id().await.unwrap();
+    let storages = vec![name("s1"), name("s2"), name("s3")];
+    let inserted = store
+        .insert_repository(&NewRepository {
+            id,
+            virtual_storage: name("default"),
+            relative_path: path(relative_path),
+            primary: name("s1"),
+            assigned: storages.clone(),
+        })
+        .await
+        .unwrap();
+    assert!(inserted);
+    store
+        .record_created_replicas(id, &storages, &[], &name("s1"))
+        .await
+        .unwrap();
+    id
+}
+
+#[test]
+fn urls_get_their_database_replaced() {
+    use common::db::with_database;
+    assert_eq!(
+        with_database("postgres://u:p@h:5/db?host=/tmp/x", "t1"),
+        "postgres://u:p@h:5/t1?host=/tmp/x"
+    );
+    assert_eq!(with_database("postgres://h", "t1"), "postgres://h/t1");
+    assert_eq!(with_database("postgres://h/", "t1"), "postgres://h/t1");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn migrations_run_concurrently_and_twice() {
+    let url = common::db::fresh_database().await;
+    let a = Store::connect_lazy(&url, 2, Duration::from_secs(5)).unwrap();
+    let b = Store::connect_lazy(&url, 2, Duration::from_secs(5)).unwrap();
+    let (first, second) = tokio::join!(a.migrate(), b.migrate());
+    first.unwrap();
+    second.unwrap();
+    a.migrate().await.unwrap();
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables
+         WHERE table_schema = 'public' AND table_name NOT LIKE '\\_sqlx%' ORDER BY 1",
+    )
+    .fetch_all(a.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        tables,
+        [
+            "assignments",
+            "jobs",
+            "maintenance",
+            "replicas",
+            "repositories",
+            "write_intents"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_path_removed_and_created_again_gets_a_new_id_and_replica_path() {
+    let store = store().await;
+    let first = create(&store, "group/project.git").await;
+    let record = store
+        .find_repository(&name("default"), &path("group/project.git"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.replica_path, first.replica_path());
+    assert_eq!(record.generation, 0);
+    assert_eq!(record.up_to_date().count(), 3);
+
+    // The path is taken.
+    let duplicate = store
+        .insert_repository(&NewRepository {
+            id: store.next_repository_id().await.unwrap(),
+            virtual_storage: name("default"),
+            relative_path: path("group/project.git"),
+            primary: name("s1"),
+            assigned: vec![name("s1")],
+        })
+        .await
+        .unwrap();
+    assert!(!duplicate);
+
+    let removed = store
+        .delete_repository(&name("default"), &path("group/project.git"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(removed.id, first);
+    assert_eq!(removed.storages, [name("s1"), name("s2"), name("s3")]);
+    assert!(
+        store
+            .find_repository(&name("default"), &path("group/project.git"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    let second = create(&store, "group/project.git").await;
+    assert!(second.0 > first.0);
+    assert_ne!(second.replica_path(), first.replica_path());
+}
+
+#[tokio::test]
+async fn a_write_lease_is_exclusive_and_fenced() {
+    let store = store().await;
+    let id = create(&store, "a.git").await;
+    let all = [name("s1"), name("s2"), name("s3")];
+    let change = [RefChange {
+        name: "refs/heads/main".into(),
+        old: "0".repeat(40),
+        new: "1".repeat(40),
+    }];
+    let lease = Duration::from_secs(30);
+    let WriteStart::Leased(held) = store
+        .begin_write(id, "proxy-a", lease, "/x/Y", &change, &all)
+        .await
+        .unwrap()
+    else {
+        panic!("the lease was free")
+    };
+    assert_eq!(held.targets, all);
+    assert_eq!(held.generation, 0);
+
+    // A second writer finds the lease taken.
+    assert!(matches!(
+        store
+            .begin_write(id, "proxy-b", lease, "/x/Y", &change, &all)
+            .await
+            .unwrap(),
+        WriteStart::Busy
+    ));
+    let open: i64 = sqlx::query_scalar("SELECT count(*) FROM write_intents")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(open, 1);
+
+    // A stale token commits nothing.
+    let mut stale = held.clone();
+    stale.token -= 1;
+    assert!(
+        store
+            .commit_write(&stale, "proxy-a", &all[..2], &all[0])
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    let outcome = store
+        .commit_write(&held, "proxy-a", &all[..2], &all[0])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcome.generation, 1);
+    assert_eq!(outcome.queued, [name("s3")]);
+    let record = store
+        .find_repository(&name("default"), &path("a.git"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.generation, 1);
+    assert_eq!(record.up_to_date().cloned().collect::<Vec<_>>(), all[..2]);
+    let jobs: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT kind, source_storage, target_storage FROM jobs WHERE repository_id = $1",
+    )
+    .bind(id.0)
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(jobs, [("replicate".into(), "s1".into(), "s3".into())]);
+    let open: i64 = sqlx::query_scalar("SELECT count(*) FROM write_intents")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(open, 0);
+
+    // Committing twice is refused: the lease is gone.
+    assert!(
+        store
+            .commit_write(&held, "proxy-a", &all, &all[0])
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // Now the next writer gets the lease, with the outdated replica left out.
+    let WriteStart::Leased(next) = store
+        .begin_write(id, "proxy-b", lease, "/x/Y", &change, &all)
+        .await
+        .unwrap()
+    else {
+        panic!("the lease was released")
+    };
+    assert!(next.token > held.token);
+    assert_eq!(next.targets, all[..2]);
+}
