@@ -7,4 +7,5 @@ pub mod git;
 pub mod model;
 pub mod node;
 pub mod proto;
+pub mod proxy;
 pub mod store;

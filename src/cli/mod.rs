@@ -1,7 +1,10 @@
 //! The command line: one binary, one subcommand per role.
 
+mod admin;
 mod bridge;
+mod migrate;
 mod node;
+mod proxy;
 
 use std::process::ExitCode;
 
@@ -20,6 +23,12 @@ pub struct Cli {
 enum Command {
     /// Run a storage node: serve the repositories of one or more storages over gRPC.
     Node(node::NodeArgs),
+    /// Run the routing proxy: one gRPC API for every repository, replicated on several nodes.
+    Proxy(proxy::ProxyArgs),
+    /// Apply the database migrations in migrations/.
+    Migrate(migrate::MigrateArgs),
+    /// Operator commands: create and remove repositories through the proxy.
+    Admin(admin::AdminArgs),
     /// Connect git to a gitfleet server through gRPC, as git's ext:: transport or ssh command.
     Bridge(bridge::BridgeArgs),
     /// Print a signed token for calling a node by hand (grpcurl and the like).
@@ -72,6 +81,27 @@ pub fn main(cli: Cli) -> ExitCode {
                     .and_then(|rt| rt.block_on(node::run(args))),
             )
         }
+        Command::Proxy(args) => {
+            init_logging();
+            report(
+                runtime()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|rt| rt.block_on(proxy::run(args))),
+            )
+        }
+        Command::Migrate(args) => {
+            init_logging();
+            report(
+                runtime()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|rt| rt.block_on(migrate::run(args))),
+            )
+        }
+        Command::Admin(args) => report(
+            runtime()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(admin::run(args))),
+        ),
         Command::Token(args) => {
             if crate::auth::check_scope(&args.scope).is_err() {
                 eprintln!(

@@ -96,6 +96,16 @@ impl Store {
         sqlx::migrate!("./migrations").run(&self.pool).await
     }
 
+    /// How many migrations the database has applied.
+    pub async fn applied_migrations(&self) -> Result<i64, StoreError> {
+        self.measure(
+            "applied_migrations",
+            sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&self.pool),
+        )
+        .await
+    }
+
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }

@@ -2,7 +2,9 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod db;
+pub mod http_front;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -118,6 +120,40 @@ impl NodeProcess {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Kills the node (SIGKILL) and keeps its storages on disk.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the node again on the same port, with the same storages.
+    pub fn restart(&mut self) {
+        self.kill();
+        let config_path = self.dir.path().join("node.toml");
+        let config = std::fs::read_to_string(&config_path).unwrap().replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:{}\"", self.port),
+        );
+        std::fs::write(&config_path, config).unwrap();
+        let mut child = Command::new(BINARY)
+            .args(["node", "--config"])
+            .arg(&config_path)
+            .env("GITFLEET_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(
+            line.starts_with("gitfleet node: listening on"),
+            "node did not restart: {line:?}"
+        );
+        self.child = child;
     }
 }
 

@@ -1,0 +1,54 @@
+use std::path::PathBuf;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ProxyConfig;
+
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Every key of the config file can be overridden by an environment variable: \
+GITFLEET__LISTEN, GITFLEET__AUTH__TOKEN, GITFLEET__DATABASE__URL, \
+GITFLEET__VIRTUAL_STORAGES__0__NODES__0__TOKEN, and so on. \
+On start the proxy applies the migrations (unless database.migrate_on_start is false), checks \
+every node's health once and prints 'gitfleet proxy: listening on ADDRESS' on stdout. \
+SIGTERM or SIGINT stops it: no new calls, writes in flight get shutdown_grace to commit."
+)]
+pub struct ProxyArgs {
+    /// The proxy's TOML config file.
+    #[arg(long, env = "GITFLEET_CONFIG")]
+    config: PathBuf,
+}
+
+pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
+    let config = ProxyConfig::load(&args.config)?;
+    let listen = config.listen;
+    let proxy = crate::proxy::Proxy::new(config)?;
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let address = listener.local_addr()?;
+    let shutdown = CancellationToken::new();
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = terminate.recv() => tracing::info!("SIGTERM received"),
+            _ = interrupt.recv() => tracing::info!("SIGINT received"),
+        }
+        trigger.cancel();
+    });
+    let ready = CancellationToken::new();
+    let announce = ready.clone();
+    tokio::spawn(async move {
+        announce.cancelled().await;
+        println!("gitfleet proxy: listening on {address}");
+    });
+    tracing::info!(%address, "proxy starting");
+    crate::proxy::serve_announced(listener, proxy, shutdown, ready).await?;
+    tracing::info!("proxy stopped");
+    Ok(())
+}

@@ -1,0 +1,239 @@
+//! Creation, removal and the questions PostgreSQL answers alone.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use prost::Message as _;
+use rand::seq::SliceRandom as _;
+use tonic::{Request, Response};
+
+use super::error::ProxyError;
+use super::forward::{lookup, send};
+use super::service::{ResponseStream, single};
+use super::{Call, Proxy, header, majority};
+use crate::model::{RelativePath, StorageName};
+use crate::proto::repository_service_client::RepositoryServiceClient;
+use crate::proto::{
+    RemoveRepositoryRequest, RemoveRepositoryResponse, RenameRepositoryRequest,
+    RenameRepositoryResponse, RepositoryExistsResponse, RepositoryHeader,
+};
+use crate::store::{NewRepository, Renamed};
+
+/// How long removal waits for the nodes: leftovers are the storage walker's.
+const REMOVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+const EXISTS: &str = "/gitfleet.v1.RepositoryService/RepositoryExists";
+const RENAME: &str = "/gitfleet.v1.RepositoryService/RenameRepository";
+
+/// Writes the repository row and its assignments, then creates the replicas. A replica that
+/// fails is queued for repair; fewer than a majority undoes the row.
+pub(super) async fn create(
+    proxy: &Proxy,
+    call: Call,
+) -> Result<Response<ResponseStream>, ProxyError> {
+    let state = &proxy.state;
+    let virtual_storage = state
+        .nodes
+        .virtual_storage(call.virtual_storage.as_str())
+        .ok_or_else(|| ProxyError::UnknownVirtualStorage(call.virtual_storage.to_string()))?;
+    let factor = virtual_storage.replication_factor;
+    let (mut healthy, mut unhealthy): (Vec<StorageName>, Vec<StorageName>) = virtual_storage
+        .storages
+        .iter()
+        .cloned()
+        .partition(|storage| state.nodes.is_healthy(storage));
+    healthy.shuffle(&mut rand::rng());
+    unhealthy.shuffle(&mut rand::rng());
+    let assigned: Vec<StorageName> = healthy
+        .iter()
+        .chain(&unhealthy)
+        .take(factor)
+        .cloned()
+        .collect();
+    let reachable: Vec<StorageName> = assigned
+        .iter()
+        .filter(|storage| healthy.contains(storage))
+        .cloned()
+        .collect();
+    if reachable.len() < majority(factor) {
+        return Err(ProxyError::NotEnoughReplicas {
+            repository: call.repository(),
+            needed: majority(factor),
+            assigned: factor,
+            missing: assigned
+                .into_iter()
+                .filter(|s| !reachable.contains(s))
+                .collect(),
+        });
+    }
+
+    let id = state.store.next_repository_id().await?;
+    let new = NewRepository {
+        id,
+        virtual_storage: call.virtual_storage.clone(),
+        relative_path: call.relative_path.clone(),
+        primary: reachable[0].clone(),
+        assigned: assigned.clone(),
+    };
+    if !state.store.insert_repository(&new).await? {
+        return Err(ProxyError::AlreadyExists(call.repository()));
+    }
+    let replica_path = id.replica_path();
+    tracing::info!(%id, %replica_path, assigned = ?assigned, "repository recorded");
+
+    let attempts = reachable.iter().map(|storage| {
+        let message = header::rewrite(
+            &call.first,
+            &call.located,
+            storage.as_str(),
+            replica_path.as_str(),
+        );
+        unary(proxy, storage, call.info.path, message)
+    });
+    let results = futures_util::future::join_all(attempts).await;
+    let mut created = Vec::new();
+    let mut errors = Vec::new();
+    for (storage, result) in reachable.iter().zip(results) {
+        match result {
+            Ok(_) => created.push(storage.clone()),
+            Err(error) => {
+                tracing::warn!(%storage, %error, "replica not created");
+                errors.push(error.to_string());
+            }
+        }
+    }
+    if created.len() >= majority(factor) {
+        let failed: Vec<StorageName> = assigned
+            .iter()
+            .filter(|storage| !created.contains(storage))
+            .cloned()
+            .collect();
+        state
+            .store
+            .record_created_replicas(id, &created, &failed, &created[0])
+            .await?;
+        return Ok(single(crate::proto::CreateRepositoryResponse {}));
+    }
+    // Not enough replicas to stand on: the creation is undone and the replicas that were made
+    // are removed (what a removal misses, the storage walker finds).
+    if let Some(removed) = state.store.delete_repository_by_id(id).await? {
+        remove_replicas(proxy, &removed.replica_path, &created).await;
+    }
+    Err(ProxyError::WriteFailed {
+        repository: call.repository(),
+        reason: format!(
+            "only {} of {factor} replicas could be created: {}",
+            created.len(),
+            errors.join("; ")
+        ),
+    })
+}
+
+/// Deletes the row, then removes the replicas, best effort and briefly.
+pub(super) async fn remove(
+    proxy: &Proxy,
+    call: Call,
+) -> Result<Response<ResponseStream>, ProxyError> {
+    let removed = proxy
+        .state
+        .store
+        .delete_repository(&call.virtual_storage, &call.relative_path)
+        .await?
+        .ok_or_else(|| ProxyError::NotFound(call.repository()))?;
+    tracing::info!(id = %removed.id, "repository removed from the catalog");
+    remove_replicas(proxy, &removed.replica_path, &removed.storages).await;
+    Ok(single(RemoveRepositoryResponse {}))
+}
+
+async fn remove_replicas(proxy: &Proxy, replica_path: &RelativePath, storages: &[StorageName]) {
+    let removals = storages.iter().map(|storage| async move {
+        let Some(node) = proxy.state.nodes.get(storage) else {
+            return;
+        };
+        let mut client = RepositoryServiceClient::new(node.authed());
+        let request = RemoveRepositoryRequest {
+            repository: Some(RepositoryHeader {
+                storage: storage.to_string(),
+                relative_path: replica_path.to_string(),
+            }),
+        };
+        match tokio::time::timeout(REMOVE_TIMEOUT, client.remove_repository(request)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(status)) if status.code() == tonic::Code::NotFound => {}
+            Ok(Err(status)) => {
+                tracing::warn!(%storage, %replica_path, %status, "replica left for the walker")
+            }
+            Err(_) => tracing::warn!(%storage, %replica_path, "replica removal timed out"),
+        }
+    });
+    futures_util::future::join_all(removals).await;
+}
+
+/// Calls answered from the catalog.
+pub(super) async fn answer(
+    proxy: &Proxy,
+    call: Call,
+) -> Result<Response<ResponseStream>, ProxyError> {
+    match call.info.path {
+        EXISTS => {
+            let exists = proxy
+                .state
+                .routing
+                .lookup(&call.virtual_storage, &call.relative_path)
+                .await?
+                .is_some();
+            Ok(single(RepositoryExistsResponse { exists }))
+        }
+        RENAME => {
+            let request = RenameRepositoryRequest::decode(call.first.clone())
+                .map_err(|_| ProxyError::Undecodable("RenameRepositoryRequest"))?;
+            let to = RelativePath::parse(&request.new_relative_path)?;
+            let renamed = proxy
+                .state
+                .store
+                .rename_repository(&call.virtual_storage, &call.relative_path, &to)
+                .await?;
+            match renamed {
+                Renamed::Done => Ok(single(RenameRepositoryResponse {})),
+                Renamed::NotFound => Err(ProxyError::NotFound(call.repository())),
+                Renamed::Taken => Err(ProxyError::AlreadyExists(format!(
+                    "{}/{to}",
+                    call.virtual_storage
+                ))),
+            }
+        }
+        other => {
+            // A catalog RPC this proxy does not know how to answer: refuse rather than guess.
+            let _ = lookup(proxy, &call).await?;
+            Err(ProxyError::NotServed(other.to_owned()))
+        }
+    }
+}
+
+/// Sends a one-message call and waits for its one answer and final status.
+pub(super) async fn unary(
+    proxy: &Proxy,
+    storage: &StorageName,
+    path: &'static str,
+    message: Bytes,
+) -> Result<Bytes, ProxyError> {
+    let node_error = |status| ProxyError::Node {
+        storage: storage.clone(),
+        status,
+    };
+    let response = send(
+        proxy,
+        storage,
+        path,
+        Request::new(tokio_stream::once(message)),
+    )
+    .await?;
+    let mut stream = response.into_inner();
+    let answer = stream
+        .message()
+        .await
+        .map_err(node_error)?
+        .ok_or_else(|| node_error(tonic::Status::internal("the node sent no answer")))?;
+    stream.message().await.map_err(node_error)?;
+    Ok(answer)
+}

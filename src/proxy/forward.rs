@@ -1,0 +1,162 @@
+//! Accessors: one up-to-date replica on a healthy node serves the call, chosen at random among
+//! equals, and its answer streams back untouched.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rand::seq::IndexedRandom as _;
+use tokio_stream::{Stream, StreamExt as _};
+use tonic::{Request, Response, Status};
+
+use super::error::ProxyError;
+use super::nodes::Nodes;
+use super::service::{ResponseStream, streamed};
+use super::{Call, Proxy, ROUTE_HEADER, header};
+use crate::model::StorageName;
+use crate::store::RepositoryRecord;
+
+pub(super) async fn accessor(
+    proxy: &Proxy,
+    call: Call,
+) -> Result<Response<ResponseStream>, ProxyError> {
+    let record = lookup(proxy, &call).await?;
+    let primary = call
+        .metadata
+        .get(ROUTE_HEADER)
+        .is_some_and(|value| value.as_bytes() == b"primary");
+    let storage = choose(&proxy.state.nodes, &record, primary, &call.repository())?;
+    tracing::debug!(%storage, generation = record.generation, "routing read");
+    let deadline = call.deadline();
+    let first = header::rewrite(
+        &call.first,
+        &call.located,
+        storage.as_str(),
+        record.replica_path.as_str(),
+    );
+    let outbound = tokio_stream::once(first).chain(later_messages(call.inbound));
+    let mut request = Request::new(outbound);
+    if let Some(deadline) = deadline {
+        request.set_timeout(deadline);
+    }
+    send(proxy, &storage, call.info.path, request)
+        .await
+        .map(streamed)
+}
+
+/// The repository a call names, from the routing cache.
+pub(super) async fn lookup(
+    proxy: &Proxy,
+    call: &Call,
+) -> Result<Arc<RepositoryRecord>, ProxyError> {
+    proxy
+        .state
+        .routing
+        .lookup(&call.virtual_storage, &call.relative_path)
+        .await?
+        .ok_or_else(|| ProxyError::NotFound(call.repository()))
+}
+
+/// Sends a call to one storage's node. A node that cannot be reached is marked unhealthy at
+/// once; the prober brings it back.
+pub(super) async fn send<S>(
+    proxy: &Proxy,
+    storage: &StorageName,
+    path: &'static str,
+    request: Request<S>,
+) -> Result<tonic::Response<tonic::Streaming<Bytes>>, ProxyError>
+where
+    S: Stream<Item = Bytes> + Send + 'static,
+{
+    let nodes = &proxy.state.nodes;
+    let node = nodes.get(storage).ok_or_else(|| ProxyError::Node {
+        storage: storage.clone(),
+        status: Status::unavailable("the storage is not configured on this proxy"),
+    })?;
+    node.call(path, request).await.map_err(|status| {
+        if is_unreachable(&status) {
+            nodes.report_unreachable(storage);
+        }
+        ProxyError::Node {
+            storage: storage.clone(),
+            status,
+        }
+    })
+}
+
+/// Whether a status says the node could not be reached at all (rather than that it refused).
+pub(super) fn is_unreachable(status: &Status) -> bool {
+    status.code() == tonic::Code::Unavailable
+        && status.metadata().get("gitfleet-error-source").is_none()
+        && status.metadata().get("content-type").is_none()
+}
+
+/// The messages after the first: passed on while they are well formed. A message that
+/// carries a header of its own, or a broken client stream, ends the stream early; the node
+/// then sees an incomplete request and changes nothing.
+pub(super) fn later_messages(
+    inbound: tonic::Streaming<Bytes>,
+) -> impl Stream<Item = Bytes> + Send + 'static {
+    inbound.map_while(|message| match message {
+        Ok(message) if header::check_not_first(&message).is_ok() => Some(message),
+        _ => None,
+    })
+}
+
+/// Picks the replica for a read: up to date, on a healthy node, at random among equals.
+pub(super) fn choose(
+    nodes: &Nodes,
+    record: &RepositoryRecord,
+    primary: bool,
+    repository: &str,
+) -> Result<StorageName, ProxyError> {
+    let candidates: Vec<&StorageName> = record
+        .up_to_date()
+        .filter(|storage| nodes.is_healthy(storage))
+        .collect();
+    if primary {
+        return if candidates.contains(&&record.primary) {
+            Ok(record.primary.clone())
+        } else {
+            Err(ProxyError::NoReplica {
+                repository: repository.to_owned(),
+                reason: format!(
+                    "the primary, {}, was asked for and is outdated or unhealthy",
+                    record.primary
+                ),
+            })
+        };
+    }
+    match candidates.choose(&mut rand::rng()) {
+        Some(storage) => Ok((*storage).clone()),
+        None => Err(ProxyError::NoReplica {
+            repository: repository.to_owned(),
+            reason: describe_replicas(nodes, record),
+        }),
+    }
+}
+
+/// "s1 at generation 3 (unhealthy), s2 at generation 2 (outdated)", for error messages.
+fn describe_replicas(nodes: &Nodes, record: &RepositoryRecord) -> String {
+    if record.replicas.is_empty() {
+        return "no replica is recorded yet".into();
+    }
+    record
+        .replicas
+        .iter()
+        .map(|(storage, generation)| {
+            let mut state = Vec::new();
+            if *generation != record.generation {
+                state.push("outdated");
+            }
+            if !nodes.is_healthy(storage) {
+                state.push("unhealthy");
+            }
+            format!(
+                "{storage} at generation {generation} of {} ({})",
+                record.generation,
+                state.join(", ")
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}

@@ -1,0 +1,281 @@
+//! The routing proxy: serves the public API of a node, addressed by virtual storage, and
+//! keeps the replicas of every repository in agreement through PostgreSQL.
+
+mod catalog;
+mod codec;
+mod error;
+mod forward;
+mod header;
+mod nodes;
+mod push;
+mod routing;
+mod service;
+mod write;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::metadata::MetadataMap;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+
+pub use error::ProxyError;
+pub use nodes::{NodeHandle, Nodes};
+pub use routing::RoutingCache;
+
+use crate::config::ProxyConfig;
+use crate::model::{RelativePath, RepositoryId, StorageName};
+use crate::proto::routing::RpcInfo;
+use crate::store::Store;
+
+/// A request header that sends an accessor to the repository's primary replica.
+pub const ROUTE_HEADER: &str = "gitfleet-route";
+
+/// What every call shares.
+#[derive(Debug)]
+pub struct ProxyState {
+    pub config: ProxyConfig,
+    pub store: Store,
+    pub nodes: Arc<Nodes>,
+    pub routing: Arc<RoutingCache>,
+    /// Names this process in write leases.
+    pub instance_id: String,
+    /// Writes to one repository through this proxy queue here before they ask PostgreSQL for
+    /// the lease.
+    write_queues: Mutex<HashMap<RepositoryId, Weak<tokio::sync::Mutex<()>>>>,
+    /// Writes run as tasks of their own, so that a caller who goes away or a shutdown never
+    /// cuts one between its fan-out and its second transaction. Shutdown waits for them.
+    writes: TaskTracker,
+}
+
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    state: Arc<ProxyState>,
+}
+
+/// One call, once its first message has been read and its header checked.
+pub(crate) struct Call {
+    pub info: &'static RpcInfo,
+    pub metadata: MetadataMap,
+    pub first: Bytes,
+    pub located: header::Located,
+    pub inbound: tonic::Streaming<Bytes>,
+    pub virtual_storage: StorageName,
+    pub relative_path: RelativePath,
+}
+
+impl Call {
+    /// `VIRTUAL_STORAGE/RELATIVE_PATH`, for messages.
+    pub fn repository(&self) -> String {
+        format!("{}/{}", self.virtual_storage, self.relative_path)
+    }
+
+    /// The caller's deadline, from its grpc-timeout header.
+    pub fn deadline(&self) -> Option<Duration> {
+        parse_grpc_timeout(self.metadata.get("grpc-timeout")?.to_str().ok()?)
+    }
+}
+
+/// Reads a grpc-timeout value such as "1500m" or "30S".
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+/// How many of `assigned` replicas make a majority.
+pub fn majority(assigned: usize) -> usize {
+    assigned / 2 + 1
+}
+
+impl Proxy {
+    /// Builds the proxy: a lazily connected pool, the nodes, an empty routing cache. Nothing
+    /// runs until [`serve`].
+    pub fn new(config: ProxyConfig) -> anyhow::Result<Self> {
+        let store = Store::connect_lazy(
+            &config.database.url,
+            config.database.max_connections,
+            config.database.acquire_timeout.0,
+        )?;
+        let nodes = Arc::new(Nodes::new(&config)?);
+        let routing = Arc::new(RoutingCache::new(store.clone()));
+        let instance_id = format!(
+            "{}-{}-{:08x}",
+            nix::unistd::gethostname()
+                .ok()
+                .and_then(|name| name.into_string().ok())
+                .unwrap_or_else(|| "proxy".into()),
+            std::process::id(),
+            rand::random::<u32>()
+        );
+        Ok(Self {
+            state: Arc::new(ProxyState {
+                config,
+                store,
+                nodes,
+                routing,
+                instance_id,
+                write_queues: Mutex::default(),
+                writes: TaskTracker::new(),
+            }),
+        })
+    }
+
+    pub fn state(&self) -> &ProxyState {
+        &self.state
+    }
+
+    /// The queue for writes to one repository through this proxy.
+    fn write_queue(&self, id: RepositoryId) -> Arc<tokio::sync::Mutex<()>> {
+        let mut queues = self.state.write_queues.lock().unwrap();
+        if let Some(queue) = queues.get(&id).and_then(Weak::upgrade) {
+            return queue;
+        }
+        queues.retain(|_, queue| queue.strong_count() > 0);
+        let queue = Arc::new(tokio::sync::Mutex::new(()));
+        queues.insert(id, Arc::downgrade(&queue));
+        queue
+    }
+}
+
+async fn set_health(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    for service in service::public_services() {
+        reporter.set_service_status(service, status).await;
+    }
+}
+
+/// Serves the proxy on an already-bound listener until `shutdown` is cancelled. Shutdown, in
+/// order: health NOT_SERVING for shutdown_delay, no new calls, calls in flight (writes up to
+/// their second transaction) get shutdown_grace, background work stops, the pool closes.
+pub async fn serve(
+    listener: TcpListener,
+    proxy: Proxy,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    serve_announced(listener, proxy, shutdown, CancellationToken::new()).await
+}
+
+/// [`serve`], cancelling `ready` once the migrations are applied, the nodes probed and calls
+/// are taken.
+pub async fn serve_announced(
+    listener: TcpListener,
+    proxy: Proxy,
+    shutdown: CancellationToken,
+    ready: CancellationToken,
+) -> anyhow::Result<()> {
+    let state = proxy.state.clone();
+    let config = &state.config;
+    if config.database.migrate_on_start {
+        state.store.migrate().await.map_err(|error| {
+            anyhow::anyhow!("cannot apply the migrations to the database: {error}")
+        })?;
+    }
+
+    let background = CancellationToken::new();
+    // The first round of health checks ends before the first call is taken.
+    state.nodes.probe_all(config.health.timeout.0).await;
+    let prober = tokio::spawn(state.nodes.clone().run_prober(
+        config.health.interval.0,
+        config.health.timeout.0,
+        background.clone(),
+    ));
+    let listener_task = tokio::spawn(state.routing.clone().run_listener(background.clone()));
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    set_health(&health_reporter, ServingStatus::Serving).await;
+    let routes = service::routes(proxy.clone(), health_service)?;
+    let server = Server::builder()
+        .layer(crate::auth::CallPathLayer)
+        .trace_fn(|request| {
+            tracing::info_span!(
+                "rpc",
+                path = %request.uri().path(),
+                repository = tracing::field::Empty,
+                generation = tracing::field::Empty,
+            )
+        })
+        .add_routes(routes);
+
+    let stop_accepting = CancellationToken::new();
+    let served = tokio::spawn(server.serve_with_incoming_shutdown(
+        TcpListenerStream::new(listener),
+        stop_accepting.clone().cancelled_owned(),
+    ));
+    tokio::pin!(served);
+    ready.cancel();
+    let stopped_early = tokio::select! {
+        result = &mut served => Some(result),
+        _ = shutdown.cancelled() => None,
+    };
+    if stopped_early.is_none() {
+        set_health(&health_reporter, ServingStatus::NotServing).await;
+        tracing::info!(delay = ?config.shutdown_delay.0, "shutting down: health is NOT_SERVING");
+        tokio::time::sleep(config.shutdown_delay.0).await;
+        stop_accepting.cancel();
+    }
+    state.writes.close();
+    let grace = config.shutdown_grace.0;
+    let drained = async {
+        if stopped_early.is_none() {
+            let _ = (&mut served).await;
+        }
+        state.writes.wait().await;
+    };
+    if tokio::time::timeout(grace, drained).await.is_err() {
+        tracing::warn!(
+            ?grace,
+            "calls still open after the grace period: closing them"
+        );
+    }
+    background.cancel();
+    let _ = tokio::join!(prober, listener_task);
+    state.store.close().await;
+    match stopped_early {
+        Some(result) => Ok(result??),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_are_read() {
+        assert_eq!(
+            parse_grpc_timeout("1500m"),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(parse_grpc_timeout("30S"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_grpc_timeout("S"), None);
+        assert_eq!(parse_grpc_timeout("12x"), None);
+        assert_eq!(parse_grpc_timeout("1234567890S"), None);
+    }
+
+    #[test]
+    fn a_majority_is_more_than_half() {
+        assert_eq!(majority(1), 1);
+        assert_eq!(majority(2), 2);
+        assert_eq!(majority(3), 2);
+        assert_eq!(majority(5), 3);
+    }
+}

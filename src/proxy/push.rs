@@ -1,0 +1,163 @@
+//! The ref-update commands at the head of a push: read before the write is recorded, so the
+//! write intent says which refs the push will move. The pack after them is not looked at.
+
+use bytes::Bytes;
+use prost::Message as _;
+use tonic::Streaming;
+
+use super::error::ProxyError;
+use crate::git::pktline::{Decoder, Packet};
+use crate::proto::PostReceivePackRequest;
+use crate::store::RefChange;
+
+/// The most command bytes a push may send before its pack: room for ~40,000 ref updates.
+pub const MAX_COMMAND_BYTES: usize = 4 << 20;
+
+/// The commands of a push, and the messages read to find them (after the first one).
+#[derive(Debug)]
+pub struct PushHead {
+    pub changes: Vec<RefChange>,
+    pub messages: Vec<Bytes>,
+}
+
+/// Reads messages until the command list has ended.
+pub async fn read_head(
+    first: &Bytes,
+    inbound: &mut Streaming<Bytes>,
+) -> Result<PushHead, ProxyError> {
+    let mut reader = CommandReader::default();
+    let mut messages = Vec::new();
+    let mut message = first.clone();
+    loop {
+        let data = PostReceivePackRequest::decode(message.clone())
+            .map_err(|_| ProxyError::Undecodable("PostReceivePackRequest"))?
+            .data;
+        if let Some(changes) = reader.push(&data)? {
+            return Ok(PushHead { changes, messages });
+        }
+        message = match inbound.message().await.map_err(ProxyError::Inbound)? {
+            Some(next) => next,
+            None => return Err(bad("the push ended before its command list did")),
+        };
+        super::header::check_not_first(&message)?;
+        messages.push(message.clone());
+    }
+}
+
+fn bad(reason: &str) -> ProxyError {
+    ProxyError::InvalidInput(crate::model::InvalidInput::new("push", reason))
+}
+
+/// Parses `old new ref` commands, up to the flush that ends them.
+#[derive(Debug, Default)]
+pub struct CommandReader {
+    decoder: Decoder,
+    seen: usize,
+    changes: Vec<RefChange>,
+}
+
+impl CommandReader {
+    /// Feeds a chunk; returns the commands once the list is complete.
+    pub fn push(&mut self, chunk: &[u8]) -> Result<Option<Vec<RefChange>>, ProxyError> {
+        self.seen += chunk.len();
+        self.decoder.push(chunk);
+        while let Some(packet) = self.decoder.next_packet() {
+            match packet.map_err(|error| bad(&error.to_string()))? {
+                Packet::Flush => return Ok(Some(std::mem::take(&mut self.changes))),
+                Packet::Data(line) => self.line(&line)?,
+                Packet::Delimiter | Packet::ResponseEnd => {
+                    return Err(bad("unexpected special packet in the command list"));
+                }
+            }
+        }
+        if self.seen > MAX_COMMAND_BYTES {
+            return Err(bad(&format!(
+                "the command list is longer than {MAX_COMMAND_BYTES} bytes"
+            )));
+        }
+        Ok(None)
+    }
+
+    fn line(&mut self, line: &[u8]) -> Result<(), ProxyError> {
+        // Capabilities follow a NUL on the first command.
+        let line = line.split(|byte| *byte == 0).next().unwrap_or_default();
+        let line = std::str::from_utf8(line)
+            .map_err(|_| bad("a command is not UTF-8"))?
+            .trim_end_matches('\n');
+        if line.starts_with("shallow ") {
+            return Ok(());
+        }
+        if line.starts_with("push-cert") {
+            return Err(bad("signed pushes are not supported"));
+        }
+        let mut parts = line.splitn(3, ' ');
+        let (Some(old), Some(new), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(bad(&format!("{line:?} is not an \"old new ref\" command")));
+        };
+        let old = crate::model::ObjectId::parse(old)?;
+        let new = crate::model::ObjectId::parse(new)?;
+        let name = crate::model::RefName::parse(name)?;
+        self.changes.push(RefChange {
+            name: name.as_str().to_owned(),
+            old: old.as_str().to_owned(),
+            new: new.as_str().to_owned(),
+        });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::git::pktline::encode;
+
+    #[test]
+    fn commands_are_read_across_chunks_up_to_the_flush() {
+        let zero = "0".repeat(40);
+        let one = "1".repeat(40);
+        let mut stream = encode(
+            format!("{zero} {one} refs/heads/main\0report-status side-band-64k\n").as_bytes(),
+        );
+        stream.extend(encode(format!("{one} {zero} refs/heads/old\n").as_bytes()));
+        stream.extend(b"0000PACK\x00\x00\x00\x02");
+        let mut reader = CommandReader::default();
+        let (head, tail) = stream.split_at(30);
+        assert_eq!(reader.push(head).unwrap(), None);
+        let changes = reader.push(tail).unwrap().unwrap();
+        assert_eq!(
+            changes,
+            [
+                RefChange {
+                    name: "refs/heads/main".into(),
+                    old: zero.clone(),
+                    new: one.clone()
+                },
+                RefChange {
+                    name: "refs/heads/old".into(),
+                    old: one,
+                    new: zero
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn bad_commands_are_refused() {
+        for line in ["nonsense", "abc def refs/heads/x", "push-cert\0"] {
+            let mut stream = encode(line.as_bytes());
+            stream.extend(b"0000");
+            assert!(CommandReader::default().push(&stream).is_err(), "{line:?}");
+        }
+        let endless =
+            encode(format!("{} {} refs/heads/x", "0".repeat(40), "1".repeat(40)).as_bytes());
+        let mut reader = CommandReader::default();
+        let mut refused = false;
+        for _ in 0..(MAX_COMMAND_BYTES / endless.len() + 2) {
+            if reader.push(&endless).is_err() {
+                refused = true;
+                break;
+            }
+        }
+        assert!(refused);
+    }
+}

@@ -1,0 +1,166 @@
+//! Routing state cached in memory: repository records, dropped when PostgreSQL announces a
+//! change on [`ROUTING_CHANNEL`]. While the notification connection is down nothing is cached
+//! and every lookup reads the database, so the cache is never trusted blindly.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sqlx::postgres::PgListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{RelativePath, RepositoryId, StorageName};
+use crate::store::{ROUTING_CHANNEL, RepositoryRecord, Store, StoreError};
+
+type Key = (StorageName, RelativePath);
+
+#[derive(Debug, Default)]
+struct Entries {
+    by_path: HashMap<Key, Arc<RepositoryRecord>>,
+    path_of: HashMap<RepositoryId, Key>,
+}
+
+#[derive(Debug)]
+pub struct RoutingCache {
+    store: Store,
+    entries: Mutex<Entries>,
+    /// Bumped by every invalidation: a lookup that read the database before a bump does not
+    /// cache what it read.
+    epoch: AtomicU64,
+    /// Whether notifications are being received.
+    listening: AtomicBool,
+}
+
+impl RoutingCache {
+    pub fn new(store: Store) -> Self {
+        Self {
+            store,
+            entries: Mutex::default(),
+            epoch: AtomicU64::new(0),
+            listening: AtomicBool::new(false),
+        }
+    }
+
+    /// The repository at a path: from memory when it is there and notifications flow, else
+    /// from the database (one round trip).
+    pub async fn lookup(
+        &self,
+        virtual_storage: &StorageName,
+        relative_path: &RelativePath,
+    ) -> Result<Option<Arc<RepositoryRecord>>, StoreError> {
+        let key = (virtual_storage.clone(), relative_path.clone());
+        if self.listening.load(Ordering::Acquire)
+            && let Some(record) = self.entries.lock().unwrap().by_path.get(&key)
+        {
+            return Ok(Some(record.clone()));
+        }
+        let epoch = self.epoch.load(Ordering::Acquire);
+        let Some(record) = self
+            .store
+            .find_repository(virtual_storage, relative_path)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let record = Arc::new(record);
+        let mut entries = self.entries.lock().unwrap();
+        if self.listening.load(Ordering::Acquire) && self.epoch.load(Ordering::Acquire) == epoch {
+            entries.path_of.insert(record.id, key.clone());
+            entries.by_path.insert(key, record.clone());
+        }
+        Ok(Some(record))
+    }
+
+    /// Forgets one repository.
+    pub fn invalidate(&self, id: RepositoryId) {
+        let mut entries = self.entries.lock().unwrap();
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        if let Some(key) = entries.path_of.remove(&id) {
+            entries.by_path.remove(&key);
+        }
+    }
+
+    /// Forgets everything.
+    pub fn clear(&self) {
+        let mut entries = self.entries.lock().unwrap();
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        *entries = Entries::default();
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.lock().unwrap().by_path.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn is_listening(&self) -> bool {
+        self.listening.load(Ordering::Acquire)
+    }
+
+    fn set_listening(&self, listening: bool) {
+        // Whatever was cached may have changed unannounced: start over either way.
+        self.clear();
+        let was = self.listening.swap(listening, Ordering::AcqRel);
+        if was != listening {
+            if listening {
+                tracing::info!("routing notifications flow: caching routing state");
+            } else {
+                tracing::warn!(
+                    "routing notifications lost: reading routing state from the database"
+                );
+            }
+        }
+    }
+
+    /// Receives notifications until `cancel`, reconnecting with a pause when the connection
+    /// drops; the cache is emptied at every (re)connection.
+    pub async fn run_listener(self: Arc<Self>, cancel: CancellationToken) {
+        loop {
+            let connected = tokio::select! {
+                _ = cancel.cancelled() => return,
+                connected = self.listen() => connected,
+            };
+            let mut listener = match connected {
+                Ok(listener) => listener,
+                Err(error) => {
+                    tracing::debug!(%error, "cannot listen for routing notifications");
+                    self.set_listening(false);
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    }
+                }
+            };
+            self.set_listening(true);
+            loop {
+                let received = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    received = listener.try_recv() => received,
+                };
+                match received {
+                    Ok(Some(notification)) => match notification.payload().parse::<i64>() {
+                        Ok(id) => self.invalidate(RepositoryId(id)),
+                        Err(_) => self.clear(),
+                    },
+                    // The connection dropped and was made again: what was said in between is
+                    // lost.
+                    Ok(None) => self.set_listening(true),
+                    Err(error) => {
+                        tracing::debug!(%error, "routing notifications interrupted");
+                        self.set_listening(false);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn listen(&self) -> Result<PgListener, sqlx::Error> {
+        let mut listener = PgListener::connect_with(self.store.pool()).await?;
+        listener.listen(ROUTING_CHANNEL).await?;
+        Ok(listener)
+    }
+}

@@ -1,0 +1,190 @@
+//! A whole cluster for end-to-end tests: real node processes, a fresh PostgreSQL database, and
+//! the proxy serving on 127.0.0.1:0 inside the test process (so the test can read its
+//! counters), with a smart HTTP front end in front of it for real git.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use gitfleet::auth::Signer;
+use gitfleet::client::AuthedChannel;
+use gitfleet::config::ProxyConfig;
+use gitfleet::model::{RelativePath, StorageName};
+use gitfleet::proxy::Proxy;
+use gitfleet::store::{RepositoryRecord, Store};
+use tempfile::TempDir;
+use tokio_util::sync::CancellationToken;
+
+use super::http_front::{Hidden, start_front_end};
+use super::{NodeOptions, NodeProcess, TOKEN};
+
+pub const PROXY_TOKEN: &str = "proxy-secret-0123456789";
+pub const STORAGES: [&str; 5] = [
+    "storage-1",
+    "storage-2",
+    "storage-3",
+    "storage-4",
+    "storage-5",
+];
+
+pub struct Cluster {
+    pub nodes: Vec<NodeProcess>,
+    pub proxy: Proxy,
+    pub address: String,
+    pub database_url: String,
+    pub config_path: PathBuf,
+    /// Base URL of the smart HTTP front end: `{http}/default/REPO.git`.
+    pub http: String,
+    pub hidden: Hidden,
+    shutdown: CancellationToken,
+    served: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _dir: TempDir,
+}
+
+impl Cluster {
+    /// `nodes` nodes, every repository on all of them.
+    pub async fn start(nodes: usize) -> Self {
+        Self::start_with(nodes, nodes, "").await
+    }
+
+    /// `extra` is added at the top of the proxy's config.
+    pub async fn start_with(nodes: usize, factor: usize, extra: &str) -> Self {
+        let database_url = super::db::fresh_database().await;
+        let nodes: Vec<NodeProcess> = STORAGES[..nodes]
+            .iter()
+            .map(|storage| {
+                NodeProcess::start_with(NodeOptions {
+                    storages: vec![storage],
+                    extra_config: String::new(),
+                })
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = format!(
+            "listen = \"127.0.0.1:0\"\nshutdown_delay = \"0s\"\n{extra}\n\
+             [auth]\ntoken = \"{PROXY_TOKEN}\"\n\
+             [database]\nurl = \"{database_url}\"\n\
+             [health]\ninterval = \"200ms\"\ntimeout = \"1s\"\n\
+             [[virtual_storages]]\nname = \"default\"\nreplication_factor = {factor}\n"
+        );
+        for (node, storage) in nodes.iter().zip(STORAGES) {
+            config.push_str(&format!(
+                "[[virtual_storages.nodes]]\nstorage = \"{storage}\"\naddress = \"{}\"\ntoken = \"{TOKEN}\"\n",
+                node.address
+            ));
+        }
+        let config_path = dir.path().join("proxy.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let config = ProxyConfig::load(&config_path).unwrap();
+        let proxy = Proxy::new(config).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = format!("http://{}", listener.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let ready = CancellationToken::new();
+        let served = tokio::spawn(gitfleet::proxy::serve_announced(
+            listener,
+            proxy.clone(),
+            shutdown.clone(),
+            ready.clone(),
+        ));
+        tokio::select! {
+            _ = ready.cancelled() => {}
+            result = tokio::time::sleep(Duration::from_secs(60)) => panic!("the proxy did not start: {result:?}"),
+        }
+        let mut cluster = Self {
+            nodes,
+            proxy,
+            address,
+            database_url,
+            config_path,
+            http: String::new(),
+            hidden: Hidden::default(),
+            shutdown,
+            served: Some(served),
+            _dir: dir,
+        };
+        cluster.http = start_front_end(cluster.channel().await, cluster.hidden.clone()).await;
+        cluster.wait_until_listening().await;
+        cluster
+    }
+
+    pub async fn channel(&self) -> AuthedChannel {
+        gitfleet::client::connect(&self.address, Signer::from_secret(PROXY_TOKEN))
+            .await
+            .unwrap()
+    }
+
+    /// A store on the cluster's database, for looking at rows.
+    pub fn store(&self) -> Store {
+        Store::connect_lazy(&self.database_url, 2, Duration::from_secs(5)).unwrap()
+    }
+
+    pub async fn record(&self, relative_path: &str) -> RepositoryRecord {
+        self.store()
+            .find_repository(
+                &StorageName::parse("default").unwrap(),
+                &RelativePath::parse(relative_path).unwrap(),
+            )
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("no row for {relative_path}"))
+    }
+
+    /// Where the replica of `record` lives on node `index`.
+    pub fn replica_dir(&self, index: usize, record: &RepositoryRecord) -> PathBuf {
+        self.nodes[index].repo_path(STORAGES[index], record.replica_path.as_str())
+    }
+
+    pub fn storage(index: usize) -> StorageName {
+        StorageName::parse(STORAGES[index]).unwrap()
+    }
+
+    /// Waits until the proxy sees node `index` as `healthy`.
+    pub async fn wait_for_health(&self, index: usize, healthy: bool) {
+        let storage = Self::storage(index);
+        for _ in 0..200 {
+            if self.proxy.state().nodes.is_healthy(&storage) == healthy {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "{storage} never became {}",
+            if healthy { "healthy" } else { "unhealthy" }
+        );
+    }
+
+    /// Waits until the routing cache receives notifications.
+    pub async fn wait_until_listening(&self) {
+        for _ in 0..200 {
+            if self.proxy.state().routing.is_listening() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the proxy never started listening for routing notifications");
+    }
+
+    /// URL of a repository on the front end.
+    pub fn url(&self, relative_path: &str) -> String {
+        format!("{}/default/{relative_path}", self.http)
+    }
+
+    /// Stops the proxy gracefully and returns what `serve` returned.
+    pub async fn stop_proxy(&mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        match self.served.take() {
+            Some(served) => served.await.unwrap(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        let errors = self.hidden.lock().unwrap();
+        if !errors.is_empty() && !std::thread::panicking() {
+            panic!("errors hidden from git by the HTTP front end: {errors:?}");
+        }
+    }
+}
