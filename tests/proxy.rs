@@ -93,3 +93,362 @@ async fn a_push_through_the_proxy_lands_on_every_replica_and_clones_back() {
     advertised.sort();
     assert_eq!(advertised.join("\n").replace('\t', " "), local.join("\n"));
 }
+
+/// Makes the [`make_history`] work tree and pushes main through the proxy.
+fn push_main(cluster: &Cluster, relative_path: &str) -> tempfile::TempDir {
+    let work = tempfile::tempdir().unwrap();
+    make_history(work.path());
+    run_git(
+        work.path(),
+        &["push", "-q", &cluster.url(relative_path), "main"],
+    );
+    work
+}
+
+/// Commits a new file on a new branch in `work`.
+fn commit_branch(work: &std::path::Path, branch: &str) {
+    run_git(work, &["checkout", "-q", "-B", branch, "main"]);
+    std::fs::write(work.join(format!("{branch}.txt")), branch).unwrap();
+    run_git(work, &["add", "."]);
+    run_git(work, &["commit", "-q", "-m", branch]);
+}
+
+fn remote_refs(work: &std::path::Path, url: &str) -> String {
+    run_git(work, &["ls-remote", "--refs", url])
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_are_spread_over_the_replicas_and_cost_no_database_round_trip() {
+    let cluster = Cluster::start(3).await;
+    create(&cluster, "spread.git").await;
+    let work = push_main(&cluster, "spread.git");
+    let main = run_git(work.path(), &["rev-parse", "main"])
+        .trim()
+        .to_owned();
+    let mut refs = RefServiceClient::new(cluster.channel().await);
+    let find = || FindDefaultBranchRequest {
+        repository: header("default", "spread.git"),
+    };
+    // The first read after a write fills the cache; give the write's own notification time
+    // to arrive so that it does not empty the cache again mid-count.
+    refs.find_default_branch(find()).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    refs.find_default_branch(find()).await.unwrap();
+
+    let round_trips = cluster.round_trips();
+    let reads: Vec<u64> = (0..3).map(|index| cluster.reads(index)).collect();
+    for _ in 0..60 {
+        let answer = refs.find_default_branch(find()).await.unwrap().into_inner();
+        assert_eq!(answer.name, "refs/heads/main");
+        assert_eq!(answer.target, main);
+    }
+    assert_eq!(
+        cluster.round_trips() - round_trips,
+        0,
+        "reads went to the database"
+    );
+    let spread: Vec<u64> = (0..3)
+        .map(|index| cluster.reads(index) - reads[index])
+        .collect();
+    assert_eq!(spread.iter().sum::<u64>(), 60);
+    // Sixty fair draws among three leave fewer than five for one replica about once in a
+    // million runs.
+    assert!(spread.iter().all(|&count| count >= 5), "{spread:?}");
+
+    let round_trips = cluster.round_trips();
+    refs.update_refs(UpdateRefsRequest {
+        repository: header("default", "spread.git"),
+        updates: vec![RefUpdate {
+            name: "refs/heads/copy".into(),
+            old_target: "0".repeat(40),
+            new_target: main.clone(),
+        }],
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        cluster.round_trips() - round_trips,
+        2,
+        "a write is two statements"
+    );
+    let record = cluster.record("spread.git").await;
+    assert_eq!(record.generation, 2);
+    assert_eq!(record.up_to_date().count(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_to_one_repository_take_turns_and_other_repositories_do_not_wait() {
+    let cluster = Cluster::start(3).await;
+    create(&cluster, "a.git").await;
+    create(&cluster, "b.git").await;
+    let work = push_main(&cluster, "a.git");
+    run_git(work.path(), &["push", "-q", &cluster.url("b.git"), "main"]);
+
+    // Two pushes to one repository at the same moment: both land, one after the other.
+    let url_a = cluster.url("a.git");
+    let pushes: Vec<_> = ["x", "y"]
+        .into_iter()
+        .map(|branch| {
+            let clone = tempfile::tempdir().unwrap();
+            run_git(clone.path(), &["clone", "-q", &url_a, "."]);
+            commit_branch(clone.path(), branch);
+            let url = url_a.clone();
+            std::thread::spawn(move || {
+                let output = try_git(clone.path(), &["push", "-q", &url, branch]);
+                (output, clone)
+            })
+        })
+        .collect();
+    for push in pushes {
+        let (output, _clone) = push.join().unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let record = cluster.record("a.git").await;
+    assert_eq!(record.generation, 3);
+    assert_eq!(record.up_to_date().count(), 3);
+    let advertised = remote_refs(work.path(), &url_a);
+    assert!(advertised.contains("refs/heads/x") && advertised.contains("refs/heads/y"));
+
+    // While another proxy holds a.git's write lease, a push to a.git waits and a push to
+    // b.git goes through.
+    let store = cluster.store();
+    sqlx::query(
+        "UPDATE repositories SET lease_owner = 'another-proxy', lease_token = lease_token + 1,
+                lease_expires_at = now() + interval '1 hour'
+         WHERE relative_path = 'a.git'",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+    commit_branch(work.path(), "waiting");
+    let waiting = {
+        let (dir, url) = (work.path().to_owned(), url_a.clone());
+        std::thread::spawn(move || try_git(&dir, &["push", "-q", &url, "waiting"]))
+    };
+    let other = tempfile::tempdir().unwrap();
+    run_git(other.path(), &["clone", "-q", &cluster.url("b.git"), "."]);
+    commit_branch(other.path(), "free");
+    run_git(other.path(), &["push", "-q", &cluster.url("b.git"), "free"]);
+    assert_eq!(cluster.record("b.git").await.generation, 2);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "the push did not wait for the lease"
+    );
+    assert!(!remote_refs(other.path(), &url_a).contains("refs/heads/waiting"));
+
+    sqlx::query(
+        "UPDATE repositories SET lease_owner = NULL, lease_expires_at = NULL
+         WHERE relative_path = 'a.git'",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let output = waiting.join().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(remote_refs(other.path(), &url_a).contains("refs/heads/waiting"));
+    assert_eq!(cluster.record("a.git").await.generation, 4);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_node_misses_a_push_and_no_read_reaches_its_outdated_replica() {
+    let mut cluster = Cluster::start(3).await;
+    create(&cluster, "r.git").await;
+    create(&cluster, "other.git").await;
+    let work = push_main(&cluster, "r.git");
+    let url = cluster.url("r.git");
+
+    cluster.nodes[2].kill();
+    cluster.wait_for_health(2, false).await;
+    commit_branch(work.path(), "while-down");
+    run_git(work.path(), &["push", "-q", &url, "while-down"]);
+
+    let record = cluster.record("r.git").await;
+    assert_eq!(record.generation, 2);
+    assert_eq!(generation_of(&record, 0), Some(2));
+    assert_eq!(generation_of(&record, 1), Some(2));
+    assert_eq!(
+        generation_of(&record, 2),
+        Some(1),
+        "the stopped node's replica is outdated"
+    );
+    let jobs: Vec<(String, String)> = sqlx::query_as(
+        "SELECT kind, target_storage FROM jobs WHERE repository_id = $1 AND state = 'queued'",
+    )
+    .bind(record.id.0)
+    .fetch_all(cluster.store().pool())
+    .await
+    .unwrap();
+    assert_eq!(jobs, [("replicate".to_owned(), STORAGES[2].to_owned())]);
+
+    // The node comes back, and its outdated replica is made to differ on purpose.
+    cluster.nodes[2].restart();
+    cluster.wait_for_health(2, true).await;
+    let main = run_git(work.path(), &["rev-parse", "main"])
+        .trim()
+        .to_owned();
+    RefServiceClient::new(cluster.nodes[2].channel().await)
+        .update_refs(UpdateRefsRequest {
+            repository: header(STORAGES[2], record.replica_path.as_str()),
+            updates: vec![RefUpdate {
+                name: "refs/heads/only-on-the-outdated-replica".into(),
+                old_target: "0".repeat(40),
+                new_target: main,
+            }],
+        })
+        .await
+        .unwrap();
+
+    let outdated_reads = cluster.reads(2);
+    for _ in 0..30 {
+        let advertised = remote_refs(work.path(), &url);
+        assert!(advertised.contains("refs/heads/while-down"), "{advertised}");
+        assert!(
+            !advertised.contains("only-on-the-outdated-replica"),
+            "{advertised}"
+        );
+    }
+    assert_eq!(cluster.reads(2), outdated_reads);
+
+    // The node is used again where its replica is up to date.
+    let mut refs = RefServiceClient::new(cluster.channel().await);
+    for _ in 0..40 {
+        refs.find_default_branch(FindDefaultBranchRequest {
+            repository: header("default", "other.git"),
+        })
+        .await
+        .unwrap();
+    }
+    assert!(
+        cluster.reads(2) > outdated_reads,
+        "the node that came back gets no reads"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn remove_deletes_the_row_then_the_replicas_and_rename_moves_only_the_row() {
+    let cluster = Cluster::start(3).await;
+    create(&cluster, "old/name.git").await;
+    let work = push_main(&cluster, "old/name.git");
+    let record = cluster.record("old/name.git").await;
+    let mut repositories = RepositoryServiceClient::new(cluster.channel().await);
+
+    repositories
+        .rename_repository(RenameRepositoryRequest {
+            repository: header("default", "old/name.git"),
+            new_relative_path: "new/name.git".into(),
+        })
+        .await
+        .unwrap();
+    let renamed = cluster.record("new/name.git").await;
+    assert_eq!(renamed.id, record.id);
+    assert_eq!(renamed.replica_path, record.replica_path);
+    let exists = |path: &str| RepositoryExistsRequest {
+        repository: header("default", path),
+    };
+    assert!(
+        !repositories
+            .repository_exists(exists("old/name.git"))
+            .await
+            .unwrap()
+            .into_inner()
+            .exists
+    );
+    assert!(
+        repositories
+            .repository_exists(exists("new/name.git"))
+            .await
+            .unwrap()
+            .into_inner()
+            .exists
+    );
+    assert!(remote_refs(work.path(), &cluster.url("new/name.git")).contains("refs/heads/main"));
+
+    repositories
+        .remove_repository(RemoveRepositoryRequest {
+            repository: header("default", "new/name.git"),
+        })
+        .await
+        .unwrap();
+    assert!(
+        !repositories
+            .repository_exists(exists("new/name.git"))
+            .await
+            .unwrap()
+            .into_inner()
+            .exists
+    );
+    for index in 0..3 {
+        assert!(!cluster.replica_dir(index, &record).exists());
+    }
+    let error = repositories
+        .remove_repository(RemoveRepositoryRequest {
+            repository: header("default", "new/name.git"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::NotFound);
+
+    // The same path again is a new repository with a new replica path.
+    create(&cluster, "new/name.git").await;
+    let again = cluster.record("new/name.git").await;
+    assert!(again.id > record.id);
+    assert_ne!(again.replica_path, record.replica_path);
+    assert!(remote_refs(work.path(), &cluster.url("new/name.git")).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn operators_create_and_remove_repositories_from_the_command_line() {
+    let cluster = Cluster::start(3).await;
+    let admin = |args: &[&str]| {
+        std::process::Command::new(BINARY)
+            .arg("admin")
+            .arg("--config")
+            .arg(&cluster.config_path)
+            .args(["--address", &cluster.address])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let created = admin(&["create-repository", "default/ops/tool.git"]);
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&created.stdout),
+        "created default/ops/tool.git\n"
+    );
+    assert_eq!(cluster.record("ops/tool.git").await.up_to_date().count(), 3);
+
+    let again = admin(&["create-repository", "default/ops/tool.git"]);
+    assert_eq!(again.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(stderr.contains("already exists"), "{stderr}");
+
+    let bad = admin(&["create-repository", "default/../escape.git"]);
+    assert_eq!(bad.status.code(), Some(1));
+
+    let removed = admin(&["remove-repository", "default/ops/tool.git"]);
+    assert!(
+        removed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&removed.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&removed.stdout),
+        "removed default/ops/tool.git\n"
+    );
+    let missing = admin(&["remove-repository", "default/ops/tool.git"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("does not exist"));
+}

@@ -26,6 +26,9 @@ pub(super) async fn accessor(
         .is_some_and(|value| value.as_bytes() == b"primary");
     let storage = choose(&proxy.state.nodes, &record, primary, &call.repository())?;
     tracing::debug!(%storage, generation = record.generation, "routing read");
+    if let Some(node) = proxy.state.nodes.get(&storage) {
+        node.count_read();
+    }
     let deadline = call.deadline();
     let first = header::rewrite(
         &call.first,

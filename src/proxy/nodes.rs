@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -30,6 +30,8 @@ pub struct NodeHandle {
     secret: Arc<str>,
     channel: Channel,
     healthy: AtomicBool,
+    /// Reads routed here since start.
+    reads: AtomicU64,
     max_message_bytes: usize,
 }
 
@@ -44,6 +46,16 @@ impl NodeHandle {
             self.channel.clone(),
             Signer::from_secret(&self.secret),
         )
+    }
+
+    /// Counts a read routed to this storage.
+    pub fn count_read(&self) {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Reads routed to this storage since start.
+    pub fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
     }
 
     pub fn secret(&self) -> &str {
@@ -143,6 +155,7 @@ impl Nodes {
                         secret: entry.token.as_str().into(),
                         channel,
                         healthy: AtomicBool::new(false),
+                        reads: AtomicU64::new(0),
                         max_message_bytes: config.max_message_bytes,
                     }),
                 );

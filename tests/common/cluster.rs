@@ -48,7 +48,11 @@ impl Cluster {
 
     /// `extra` is added at the top of the proxy's config.
     pub async fn start_with(nodes: usize, factor: usize, extra: &str) -> Self {
-        let database_url = super::db::fresh_database().await;
+        Self::start_on(super::db::fresh_database().await, nodes, factor, extra).await
+    }
+
+    /// A cluster on the database at `database_url`.
+    pub async fn start_on(database_url: String, nodes: usize, factor: usize, extra: &str) -> Self {
         let nodes: Vec<NodeProcess> = STORAGES[..nodes]
             .iter()
             .map(|storage| {
@@ -167,6 +171,21 @@ impl Cluster {
     /// URL of a repository on the front end.
     pub fn url(&self, relative_path: &str) -> String {
         format!("{}/default/{relative_path}", self.http)
+    }
+
+    /// Reads the proxy routed to node `index`.
+    pub fn reads(&self, index: usize) -> u64 {
+        self.proxy
+            .state()
+            .nodes
+            .get(&Self::storage(index))
+            .unwrap()
+            .reads()
+    }
+
+    /// Statements the proxy has sent to PostgreSQL.
+    pub fn round_trips(&self) -> u64 {
+        self.proxy.state().store.round_trips()
     }
 
     /// Stops the proxy gracefully and returns what `serve` returned.
