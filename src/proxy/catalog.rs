@@ -32,6 +32,15 @@ pub(super) async fn create(
     call: Call,
 ) -> Result<Response<ResponseStream>, ProxyError> {
     let state = &proxy.state;
+    // Checked first so that a duplicate uses up no id; the insert below settles races.
+    if state
+        .routing
+        .lookup(&call.virtual_storage, &call.relative_path)
+        .await?
+        .is_some()
+    {
+        return Err(ProxyError::AlreadyExists(call.repository()));
+    }
     let virtual_storage = state
         .nodes
         .virtual_storage(call.virtual_storage.as_str())

@@ -1,0 +1,552 @@
+//! The proxy when things go wrong: bad input, dead nodes, a majority out of reach, a write that
+//! arrives twice or lands on a minority, PostgreSQL going away, a shutdown mid-push.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::cluster::{Cluster, STORAGES};
+use common::*;
+use gitfleet::dev::postgres::{Durability, PrivatePostgres};
+use gitfleet::proto::node_service_client::NodeServiceClient;
+use gitfleet::proto::ref_service_client::RefServiceClient;
+use gitfleet::proto::repository_service_client::RepositoryServiceClient;
+use gitfleet::proto::*;
+use gitfleet::store::RepositoryRecord;
+
+async fn create(cluster: &Cluster, relative_path: &str) {
+    RepositoryServiceClient::new(cluster.channel().await)
+        .create_repository(CreateRepositoryRequest {
+            repository: header("default", relative_path),
+            default_branch: "main".into(),
+        })
+        .await
+        .unwrap();
+}
+
+fn push_main(cluster: &Cluster, relative_path: &str) -> tempfile::TempDir {
+    let work = tempfile::tempdir().unwrap();
+    make_history(work.path());
+    run_git(
+        work.path(),
+        &["push", "-q", &cluster.url(relative_path), "main"],
+    );
+    work
+}
+
+/// Everything a call could have changed in the catalog.
+async fn catalog_state(cluster: &Cluster) -> (i64, i64, i64, i64, i64, i64) {
+    sqlx::query_as(
+        "SELECT (SELECT count(*) FROM repositories),
+                (SELECT coalesce(sum(generation), 0)::bigint FROM repositories),
+                (SELECT coalesce(sum(lease_token), 0)::bigint FROM repositories),
+                (SELECT count(*) FROM write_intents),
+                (SELECT count(*) FROM jobs),
+                (SELECT last_value FROM repositories_id_seq)",
+    )
+    .fetch_one(cluster.store().pool())
+    .await
+    .unwrap()
+}
+
+async fn node_checksum(cluster: &Cluster, index: usize, record: &RepositoryRecord) -> String {
+    RefServiceClient::new(cluster.nodes[index].channel().await)
+        .refs_checksum(RefsChecksumRequest {
+            repository: header(STORAGES[index], record.replica_path.as_str()),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .checksum
+}
+
+fn update(name: &str, old: &str, new: &str) -> RefUpdate {
+    RefUpdate {
+        name: name.into(),
+        old_target: old.into(),
+        new_target: new.into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_gets_a_clear_error_and_changes_nothing() {
+    let cluster = Cluster::start(3).await;
+    create(&cluster, "exists.git").await;
+    let before = catalog_state(&cluster).await;
+    let channel = cluster.channel().await;
+    let mut repositories = RepositoryServiceClient::new(channel.clone());
+    let mut refs = RefServiceClient::new(channel.clone());
+
+    let error = refs
+        .find_default_branch(FindDefaultBranchRequest {
+            repository: header("nowhere", "exists.git"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::InvalidArgument);
+    assert!(
+        error.message().contains("\"nowhere\""),
+        "{}",
+        error.message()
+    );
+    assert_eq!(
+        error.metadata().get("gitfleet-error-source").unwrap(),
+        "proxy"
+    );
+
+    let error = refs
+        .list_refs(ListRefsRequest {
+            repository: header("default", "missing.git"),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::NotFound);
+    assert!(
+        error.message().contains("default/missing.git"),
+        "{}",
+        error.message()
+    );
+
+    let error = repositories
+        .create_repository(CreateRepositoryRequest {
+            repository: header("default", "exists.git"),
+            default_branch: "main".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::AlreadyExists);
+
+    for bad in [
+        "../escape.git",
+        "/abs.git",
+        "a/\0.git",
+        ".gitfleet/x.git",
+        "",
+    ] {
+        let error = repositories
+            .create_repository(CreateRepositoryRequest {
+                repository: header("default", bad),
+                default_branch: "main".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), tonic::Code::InvalidArgument, "{bad:?}");
+    }
+    let error = repositories
+        .create_repository(CreateRepositoryRequest {
+            repository: None,
+            default_branch: "main".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::InvalidArgument);
+    assert!(
+        error.message().contains("no repository header"),
+        "{}",
+        error.message()
+    );
+
+    let error = refs
+        .update_refs(UpdateRefsRequest {
+            repository: header("default", "exists.git"),
+            updates: vec![update("refs/heads/x", "nonsense", &"1".repeat(40))],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::InvalidArgument);
+
+    // Larger than max_message_bytes (4 MiB by default).
+    let error = repositories
+        .create_repository(CreateRepositoryRequest {
+            repository: header("default", "huge.git"),
+            default_branch: "b".repeat(5 << 20),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+        ),
+        "{error:?}"
+    );
+
+    // The node-internal API is not reachable through the proxy.
+    let error = NodeServiceClient::new(channel.clone())
+        .disk_usage(DiskUsageRequest {
+            storage: Some(StorageHeader {
+                storage: STORAGES[0].into(),
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::Unimplemented);
+
+    // Without a token nothing is served.
+    let unsigned = gitfleet::client::endpoint(&cluster.address)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let error = RefServiceClient::new(unsigned)
+        .find_default_branch(FindDefaultBranchRequest {
+            repository: header("default", "exists.git"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::Unauthenticated);
+
+    assert_eq!(catalog_state(&cluster).await, before);
+    let stray = std::fs::read_dir(cluster.nodes[0].storage_path(STORAGES[0]).join("@cluster"))
+        .unwrap()
+        .count();
+    assert_eq!(stray, 1, "one directory for the one repository");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_arriving_twice_is_refused_the_second_time_and_changes_nothing() {
+    let cluster = Cluster::start(3).await;
+    create(&cluster, "twice.git").await;
+    let work = push_main(&cluster, "twice.git");
+    let main = run_git(work.path(), &["rev-parse", "main"])
+        .trim()
+        .to_owned();
+    let request = UpdateRefsRequest {
+        repository: header("default", "twice.git"),
+        updates: vec![update("refs/heads/copy", &"0".repeat(40), &main)],
+    };
+    let mut refs = RefServiceClient::new(cluster.channel().await);
+    refs.update_refs(request.clone()).await.unwrap();
+    let state = catalog_state(&cluster).await;
+    let error = refs.update_refs(request).await.unwrap_err();
+    assert_eq!(error.code(), tonic::Code::Aborted, "{error:?}");
+    assert!(
+        error.message().contains("nothing was changed"),
+        "{}",
+        error.message()
+    );
+    assert_eq!(
+        error.metadata().get("gitfleet-error-source").unwrap(),
+        "node"
+    );
+    let after = catalog_state(&cluster).await;
+    assert_eq!(
+        (after.0, after.1, after.3, after.4),
+        (state.0, state.1, state.3, state.4)
+    );
+    let record = cluster.record("twice.git").await;
+    assert_eq!(record.generation, 2);
+    assert_eq!(record.up_to_date().count(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_only_a_minority_applies_is_rolled_back() {
+    let cluster = Cluster::start(3).await;
+    create(&cluster, "minority.git").await;
+    let work = push_main(&cluster, "minority.git");
+    let main = run_git(work.path(), &["rev-parse", "main"])
+        .trim()
+        .to_owned();
+    let feature = run_git(work.path(), &["rev-parse", "feature"])
+        .trim()
+        .to_owned();
+    run_git(
+        work.path(),
+        &["push", "-q", &cluster.url("minority.git"), "feature"],
+    );
+    let record = cluster.record("minority.git").await;
+    assert_eq!(record.generation, 2);
+
+    // Two replicas are moved behind the proxy's back, so the write's compare-and-swap holds
+    // on one replica only.
+    for index in [1, 2] {
+        RefServiceClient::new(cluster.nodes[index].channel().await)
+            .update_refs(UpdateRefsRequest {
+                repository: header(STORAGES[index], record.replica_path.as_str()),
+                updates: vec![update("refs/heads/feature", &feature, &main)],
+            })
+            .await
+            .unwrap();
+    }
+    let before = node_checksum(&cluster, 0, &record).await;
+    let error = RefServiceClient::new(cluster.channel().await)
+        .update_refs(UpdateRefsRequest {
+            repository: header("default", "minority.git"),
+            updates: vec![update("refs/heads/feature", &feature, &"0".repeat(40))],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::Unavailable, "{error:?}");
+    assert!(
+        error.message().contains("rolled back"),
+        "{}",
+        error.message()
+    );
+    assert_eq!(
+        node_checksum(&cluster, 0, &record).await,
+        before,
+        "not rolled back"
+    );
+    let record = cluster.record("minority.git").await;
+    assert_eq!(record.generation, 2, "nothing was acknowledged");
+    let intents: i64 = sqlx::query_scalar("SELECT count(*) FROM write_intents")
+        .fetch_one(cluster.store().pool())
+        .await
+        .unwrap();
+    assert_eq!(intents, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_fails_at_once_when_a_majority_of_replicas_is_unhealthy() {
+    let mut cluster = Cluster::start(3).await;
+    create(&cluster, "quorum.git").await;
+    let work = push_main(&cluster, "quorum.git");
+    let main = run_git(work.path(), &["rev-parse", "main"])
+        .trim()
+        .to_owned();
+    cluster.nodes[1].kill();
+    cluster.nodes[2].kill();
+    cluster.wait_for_health(1, false).await;
+    cluster.wait_for_health(2, false).await;
+    let state = catalog_state(&cluster).await;
+
+    let started = Instant::now();
+    let error = RefServiceClient::new(cluster.channel().await)
+        .update_refs(UpdateRefsRequest {
+            repository: header("default", "quorum.git"),
+            updates: vec![update("refs/heads/copy", &"0".repeat(40), &main)],
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(error.code(), tonic::Code::Unavailable);
+    assert!(
+        error.message().contains(STORAGES[1]) && error.message().contains(STORAGES[2]),
+        "{}",
+        error.message()
+    );
+    assert_eq!(catalog_state(&cluster).await, state);
+
+    // A push fails the same way.
+    commit_on_new_branch(work.path(), "late");
+    let output = try_git(
+        work.path(),
+        &["push", "-q", &cluster.url("quorum.git"), "late"],
+    );
+    assert!(!output.status.success());
+    assert_eq!(catalog_state(&cluster).await, state);
+
+    // Creating needs a majority too.
+    let error = RepositoryServiceClient::new(cluster.channel().await)
+        .create_repository(CreateRepositoryRequest {
+            repository: header("default", "new.git"),
+            default_branch: "main".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::Unavailable);
+    assert_eq!(catalog_state(&cluster).await, state);
+
+    // Reads go on from the healthy replica.
+    let answer = RefServiceClient::new(cluster.channel().await)
+        .find_default_branch(FindDefaultBranchRequest {
+            repository: header("default", "quorum.git"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.target, main);
+}
+
+fn commit_on_new_branch(work: &std::path::Path, branch: &str) {
+    run_git(work, &["checkout", "-q", "-B", branch, "main"]);
+    std::fs::write(work.join(format!("{branch}.txt")), branch).unwrap();
+    run_git(work, &["add", "."]);
+    run_git(work, &["commit", "-q", "-m", branch]);
+}
+
+/// Commits 24 MB of incompressible data on main in `work`.
+fn commit_noise(work: &std::path::Path) {
+    let noise: Vec<u8> = (0..24_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(work.join("noise.bin"), noise).unwrap();
+    run_git(work, &["add", "noise.bin"]);
+    run_git(work, &["commit", "-q", "-m", "noise"]);
+}
+
+/// Waits until node `index` runs a git process (the push has reached it).
+async fn wait_for_git_on(cluster: &Cluster, index: usize) {
+    for _ in 0..600 {
+        if !git_processes_of(cluster.nodes[index].pid()).is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the push never reached node {index}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_that_dies_mid_push_is_left_behind_and_the_push_succeeds() {
+    let mut cluster = Cluster::start(3).await;
+    create(&cluster, "big.git").await;
+    let work = push_main(&cluster, "big.git");
+    commit_noise(work.path());
+    let push = {
+        let (dir, url) = (work.path().to_owned(), cluster.url("big.git"));
+        std::thread::spawn(move || try_git(&dir, &["push", "-q", &url, "main"]))
+    };
+    wait_for_git_on(&cluster, 2).await;
+    cluster.nodes[2].kill();
+    let output = push.join().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let record = cluster.record("big.git").await;
+    assert_eq!(record.generation, 2);
+    let current: Vec<&str> = record
+        .up_to_date()
+        .map(|storage| storage.as_str())
+        .collect();
+    assert_eq!(current, [STORAGES[0], STORAGES[1]]);
+    let jobs: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM jobs WHERE repository_id = $1 AND target_storage = $2 AND state = 'queued'",
+    )
+    .bind(record.id.0)
+    .bind(STORAGES[2])
+    .fetch_one(cluster.store().pool())
+    .await
+    .unwrap();
+    assert_eq!(jobs, 1);
+    assert_eq!(
+        node_checksum(&cluster, 0, &record).await,
+        node_checksum(&cluster, 1, &record).await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shutdown_lets_a_push_in_flight_commit() {
+    let mut cluster = Cluster::start(3).await;
+    create(&cluster, "inflight.git").await;
+    let work = push_main(&cluster, "inflight.git");
+    commit_noise(work.path());
+    let push = {
+        let (dir, url) = (work.path().to_owned(), cluster.url("inflight.git"));
+        std::thread::spawn(move || try_git(&dir, &["push", "-q", &url, "main"]))
+    };
+    wait_for_git_on(&cluster, 0).await;
+    cluster.stop_proxy().await.unwrap();
+    let output = push.join().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let record = cluster.record("inflight.git").await;
+    assert_eq!(record.generation, 2);
+    assert_eq!(record.up_to_date().count(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_postgresql_every_call_fails_fast_and_no_node_is_written() {
+    let scratch = tempfile::Builder::new()
+        .prefix("gf-pg")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let start = || {
+        PrivatePostgres::start(
+            &scratch.path().join("data"),
+            &scratch.path().join("sock"),
+            &scratch.path().join("log"),
+            Durability::Throwaway,
+        )
+        .unwrap()
+    };
+    let mut postgres = start();
+    let cluster = Cluster::start_on(postgres.url("postgres"), 3, 3, "").await;
+    create(&cluster, "db.git").await;
+    let work = push_main(&cluster, "db.git");
+    let main = run_git(work.path(), &["rev-parse", "main"])
+        .trim()
+        .to_owned();
+    let record = cluster.record("db.git").await;
+    let checksums: Vec<String> =
+        futures_util::future::join_all((0..3).map(|index| node_checksum(&cluster, index, &record)))
+            .await;
+
+    postgres.stop();
+    let channel = cluster.channel().await;
+    let started = Instant::now();
+    let error = RefServiceClient::new(channel.clone())
+        .update_refs(UpdateRefsRequest {
+            repository: header("default", "db.git"),
+            updates: vec![update("refs/heads/copy", &"0".repeat(40), &main)],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::Unavailable, "{error:?}");
+    assert!(error.message().contains("database"), "{}", error.message());
+    let error = RepositoryServiceClient::new(channel.clone())
+        .create_repository(CreateRepositoryRequest {
+            repository: header("default", "during-outage.git"),
+            default_branch: "main".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::Unavailable, "{error:?}");
+    // Once the proxy knows notifications stopped, reads are not served from memory either.
+    for _ in 0..100 {
+        if !cluster.proxy.state().routing.is_listening() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let error = RefServiceClient::new(channel.clone())
+        .find_default_branch(FindDefaultBranchRequest {
+            repository: header("default", "db.git"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::Unavailable, "{error:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    for index in 0..3 {
+        assert_eq!(
+            node_checksum(&cluster, index, &record).await,
+            checksums[index]
+        );
+        let placed = std::fs::read_dir(
+            cluster.nodes[index]
+                .storage_path(STORAGES[index])
+                .join("@cluster"),
+        )
+        .unwrap()
+        .count();
+        assert_eq!(placed, 1, "a replica was created without its row");
+    }
+
+    // PostgreSQL comes back: so does the proxy, with a fresh cache.
+    postgres = start();
+    cluster.wait_until_listening().await;
+    RefServiceClient::new(channel.clone())
+        .update_refs(UpdateRefsRequest {
+            repository: header("default", "db.git"),
+            updates: vec![update("refs/heads/copy", &"0".repeat(40), &main)],
+        })
+        .await
+        .unwrap();
+    assert_eq!(cluster.record("db.git").await.generation, 2);
+    drop(cluster);
+    drop(postgres);
+}
