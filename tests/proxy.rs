@@ -452,3 +452,61 @@ async fn operators_create_and_remove_repositories_from_the_command_line() {
     assert_eq!(missing.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("does not exist"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn git_over_the_bridge_clones_and_pushes_through_the_proxy() {
+    let cluster = Cluster::start(3).await;
+    create(&cluster, "ssh.git").await;
+    let port = cluster.address.rsplit(':').next().unwrap();
+    let url = format!("ssh://127.0.0.1:{port}/default/ssh.git");
+    let proxy_git = |dir: &std::path::Path, args: &[&str]| {
+        let output = git(dir)
+            .env("GITFLEET_TOKEN", common::cluster::PROXY_TOKEN)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let work = tempfile::tempdir().unwrap();
+    make_history(work.path());
+    proxy_git(work.path(), &["push", "-q", &url, "main", "feature", "v1"]);
+    let record = cluster.record("ssh.git").await;
+    assert_eq!(record.generation, 1);
+    assert_eq!(record.up_to_date().count(), 3);
+    let mut checksums = Vec::new();
+    for index in 0..3 {
+        checksums.push(node_checksum(&cluster, index, &record).await);
+    }
+    assert!(
+        checksums.iter().all(|checksum| *checksum == checksums[0]),
+        "{checksums:?}"
+    );
+
+    // A dry run and an up-to-date push write nothing.
+    proxy_git(work.path(), &["push", "--dry-run", &url, "v2"]);
+    proxy_git(work.path(), &["push", &url, "main"]);
+    assert_eq!(cluster.record("ssh.git").await.generation, 1);
+
+    // A deletion is a write like any other.
+    proxy_git(work.path(), &["push", "-q", &url, ":feature"]);
+    assert_eq!(cluster.record("ssh.git").await.generation, 2);
+
+    let clones = tempfile::tempdir().unwrap();
+    proxy_git(
+        clones.path(),
+        &["-c", "protocol.version=2", "clone", "-q", &url, "clone"],
+    );
+    let clone = clones.path().join("clone");
+    assert_eq!(
+        run_git(&clone, &["rev-parse", "HEAD"]),
+        run_git(work.path(), &["rev-parse", "main"])
+    );
+    let advertised = proxy_git(work.path(), &["ls-remote", "--refs", &url]);
+    assert!(!advertised.contains("refs/heads/feature"), "{advertised}");
+    assert!(advertised.contains("refs/tags/v1"), "{advertised}");
+}

@@ -10,6 +10,7 @@ mod nodes;
 mod push;
 mod routing;
 mod service;
+mod ssh_push;
 mod write;
 
 use std::collections::HashMap;

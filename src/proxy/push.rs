@@ -7,11 +7,18 @@ use tonic::Streaming;
 
 use super::error::ProxyError;
 use crate::git::pktline::{Decoder, Packet};
-use crate::proto::PostReceivePackRequest;
 use crate::store::RefChange;
 
 /// The most command bytes a push may send before its pack: room for ~40,000 ref updates.
 pub const MAX_COMMAND_BYTES: usize = 4 << 20;
+
+/// Field 3 of both `PostReceivePackRequest` (`data`) and `SshRequest` (`stdin`): the bytes
+/// git reads. Nothing else of the message is decoded.
+#[derive(Clone, PartialEq, prost::Message)]
+struct GitInput {
+    #[prost(bytes = "bytes", tag = "3")]
+    data: Bytes,
+}
 
 /// The commands of a push, and the messages read to find them (after the first one).
 #[derive(Debug)]
@@ -29,8 +36,8 @@ pub async fn read_head(
     let mut messages = Vec::new();
     let mut message = first.clone();
     loop {
-        let data = PostReceivePackRequest::decode(message.clone())
-            .map_err(|_| ProxyError::Undecodable("PostReceivePackRequest"))?
+        let data = GitInput::decode(message.clone())
+            .map_err(|_| ProxyError::Undecodable("push request"))?
             .data;
         if let Some(changes) = reader.push(&data)? {
             return Ok(PushHead { changes, messages });

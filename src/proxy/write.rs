@@ -42,6 +42,9 @@ pub(super) async fn mutator(
     proxy: &Proxy,
     mut call: Call,
 ) -> Result<Response<ResponseStream>, ProxyError> {
+    if call.info.path == super::ssh_push::SSH_RECEIVE_PACK {
+        return super::ssh_push::receive_pack(proxy, call).await;
+    }
     let record = lookup(proxy, &call).await?;
     let (changes, prefix) = match call.info.path {
         UPDATE_REFS => (update_refs_changes(&call.first)?, Vec::new()),
@@ -51,14 +54,28 @@ pub(super) async fn mutator(
             (head.changes, head.messages)
         }
         // A mutator whose changes the proxy cannot read is refused: it could not be recorded.
-        other => {
-            return Err(ProxyError::NotServed(format!(
-                "{other} through the proxy (for git pushes, use smart HTTP)"
-            )));
-        }
+        other => return Err(ProxyError::NotServed(other.to_owned())),
     };
+    check_reachable(proxy, &record, &call.repository())?;
+    let write = Write::new(proxy, call, record, changes, prefix);
+    // The write runs to its end even if the caller goes away.
+    let task = proxy
+        .state
+        .writes
+        .spawn(write.run().instrument(tracing::Span::current()));
+    let (storage, reply) = task
+        .await
+        .map_err(|error| ProxyError::Task(error.to_string()))??;
+    respond(&storage, reply)
+}
 
-    // Fail at once, before anything is recorded, when a majority is out of reach.
+/// Fails at once, before anything is recorded, when a majority of the assigned replicas is
+/// outdated or on unhealthy nodes.
+pub(super) fn check_reachable(
+    proxy: &Proxy,
+    record: &RepositoryRecord,
+    repository: &str,
+) -> Result<(), ProxyError> {
     let nodes = &proxy.state.nodes;
     let ready: Vec<&StorageName> = record
         .assigned
@@ -66,39 +83,20 @@ pub(super) async fn mutator(
         .filter(|storage| record.is_up_to_date(storage) && nodes.is_healthy(storage))
         .collect();
     let needed = majority(record.assigned.len());
-    if ready.len() < needed {
-        return Err(ProxyError::NotEnoughReplicas {
-            repository: call.repository(),
-            needed,
-            assigned: record.assigned.len(),
-            missing: record
-                .assigned
-                .iter()
-                .filter(|storage| !ready.contains(storage))
-                .cloned()
-                .collect(),
-        });
+    if ready.len() >= needed {
+        return Ok(());
     }
-
-    let write = Write {
-        proxy: proxy.clone(),
-        repository: call.repository(),
-        deadline: call.deadline(),
-        path: call.info.path,
-        first: call.first,
-        located: call.located,
-        prefix,
-        inbound: Some(call.inbound),
-        record,
-        changes,
-    };
-    // The write runs to its end even if the caller goes away.
-    let task = proxy
-        .state
-        .writes
-        .spawn(write.run().instrument(tracing::Span::current()));
-    task.await
-        .map_err(|error| ProxyError::Task(error.to_string()))?
+    Err(ProxyError::NotEnoughReplicas {
+        repository: repository.to_owned(),
+        needed,
+        assigned: record.assigned.len(),
+        missing: record
+            .assigned
+            .iter()
+            .filter(|storage| !ready.contains(storage))
+            .cloned()
+            .collect(),
+    })
 }
 
 fn update_refs_changes(message: &Bytes) -> Result<Vec<RefChange>, ProxyError> {
@@ -129,12 +127,15 @@ fn default_branch_change(message: &Bytes) -> Result<Vec<RefChange>, ProxyError> 
 }
 
 /// What one replica answered.
-struct Reply {
-    metadata: MetadataMap,
-    messages: Vec<Bytes>,
+pub(super) struct Reply {
+    pub metadata: MetadataMap,
+    pub messages: Vec<Bytes>,
 }
 
-struct Write {
+/// The replica whose answer is the caller's, and that answer.
+pub(super) type Answer = (StorageName, Result<Reply, Status>);
+
+pub(super) struct Write {
     proxy: Proxy,
     repository: String,
     deadline: Option<Duration>,
@@ -149,7 +150,28 @@ struct Write {
 }
 
 impl Write {
-    async fn run(mut self) -> Result<Response<ResponseStream>, ProxyError> {
+    pub(super) fn new(
+        proxy: &Proxy,
+        call: Call,
+        record: Arc<RepositoryRecord>,
+        changes: Vec<RefChange>,
+        prefix: Vec<Bytes>,
+    ) -> Self {
+        Self {
+            proxy: proxy.clone(),
+            repository: call.repository(),
+            deadline: call.deadline(),
+            path: call.info.path,
+            first: call.first,
+            located: call.located,
+            prefix,
+            inbound: Some(call.inbound),
+            record,
+            changes,
+        }
+    }
+
+    pub(super) async fn run(mut self) -> Result<Answer, ProxyError> {
         let state = &self.proxy.state;
         let started = Instant::now();
         let wait = state.config.writes.lease_wait.0;
@@ -208,11 +230,7 @@ impl Write {
     }
 
     /// Sends the write, judges it and records the outcome.
-    async fn apply(
-        &mut self,
-        lease: &WriteLease,
-        needed: usize,
-    ) -> Result<Response<ResponseStream>, ProxyError> {
+    async fn apply(&mut self, lease: &WriteLease, needed: usize) -> Result<Answer, ProxyError> {
         let state = self.proxy.state.clone();
         let replica_path = self.record.replica_path.clone();
         let owner = state.instance_id.as_str();
@@ -272,14 +290,14 @@ impl Write {
                 .position(|&i| replies[i].is_ok())
                 .map(|position| agreeing[position])
                 .unwrap_or(agreeing[0]);
-            return respond(&targets[answer], replies.swap_remove(answer));
+            return Ok((targets[answer].clone(), replies.swap_remove(answer)));
         }
 
         if changed.is_empty() && unknown.is_empty() {
             // Nothing changed anywhere: the replicas refused the write (a stale old value, a
             // non-fast-forward push). Their answer is the caller's answer.
             state.store.release_write(lease, owner).await?;
-            return respond(&targets[0], replies.swap_remove(0));
+            return Ok((targets[0].clone(), replies.swap_remove(0)));
         }
 
         // Not acknowledged: undo it where it landed.
@@ -374,7 +392,17 @@ impl Write {
                 }
             }
         };
-        let ((), replies) = tokio::join!(tee, futures_util::future::join_all(calls));
+        // The calls decide when the fan-out is over: a client may keep its side of the stream
+        // open until it has the answer (git's full-duplex form does).
+        let calls = futures_util::future::join_all(calls);
+        tokio::pin!(calls, tee);
+        let mut teeing = true;
+        let replies = loop {
+            tokio::select! {
+                replies = &mut calls => break replies,
+                () = &mut tee, if teeing => teeing = false,
+            }
+        };
         for (storage, reply) in targets.iter().zip(&replies) {
             if let Err(status) = reply {
                 tracing::warn!(%storage, %status, "replica did not apply the write");
@@ -488,7 +516,7 @@ async fn collect(response: Response<Streaming<Bytes>>) -> Result<Reply, Status> 
     Ok(Reply { metadata, messages })
 }
 
-fn respond(
+pub(super) fn respond(
     storage: &StorageName,
     reply: Result<Reply, Status>,
 ) -> Result<Response<ResponseStream>, ProxyError> {

@@ -1,0 +1,244 @@
+//! A push in git's full-duplex form (`SshReceivePack`, what `gitfleet bridge ssh` speaks).
+//! git reads the ref advertisement before it sends its commands, so one up-to-date replica
+//! advertises first and is then dismissed without a command; the push itself is an ordinary
+//! recorded write, and each replica's own advertisement is cut from its answer.
+
+use bytes::Bytes;
+use prost::Message as _;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument as _;
+
+use super::error::ProxyError;
+use super::forward::{choose, later_messages, lookup, send};
+use super::service::ResponseStream;
+use super::write::{Answer, Write, check_reachable};
+use super::{Call, Proxy, header, push};
+use crate::git::pktline::{Decoder, Packet};
+use crate::model::StorageName;
+use crate::proto::{SshRequest, SshResponse};
+
+pub(super) const SSH_RECEIVE_PACK: &str = "/gitfleet.v1.SshService/SshReceivePack";
+
+pub(super) async fn receive_pack(
+    proxy: &Proxy,
+    call: Call,
+) -> Result<Response<ResponseStream>, ProxyError> {
+    let record = lookup(proxy, &call).await?;
+    check_reachable(proxy, &record, &call.repository())?;
+    let advertiser = choose(&proxy.state.nodes, &record, false, &call.repository())?;
+    let (advertiser_tx, advertiser_rx) = mpsc::channel::<Bytes>(16);
+    let first = header::rewrite(
+        &call.first,
+        &call.located,
+        advertiser.as_str(),
+        record.replica_path.as_str(),
+    );
+    let request = Request::new(tokio_stream::once(first).chain(ReceiverStream::new(advertiser_rx)));
+    let advertisement = send(proxy, &advertiser, SSH_RECEIVE_PACK, request)
+        .await?
+        .into_inner();
+
+    let (out_tx, out_rx) = mpsc::channel::<Result<Bytes, Status>>(16);
+    let session = Session {
+        proxy: proxy.clone(),
+        advertiser,
+        advertiser_tx,
+        out_tx: out_tx.clone(),
+    };
+    let work = async move {
+        if let Err(error) = session.run(call, record, advertisement).await {
+            let _ = out_tx.send(Err(Status::from(error))).await;
+        }
+    };
+    proxy
+        .state
+        .writes
+        .spawn(work.instrument(tracing::Span::current()));
+    Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+}
+
+struct Session {
+    proxy: Proxy,
+    advertiser: StorageName,
+    advertiser_tx: mpsc::Sender<Bytes>,
+    out_tx: mpsc::Sender<Result<Bytes, Status>>,
+}
+
+impl Session {
+    async fn run(
+        self,
+        mut call: Call,
+        record: std::sync::Arc<crate::store::RepositoryRecord>,
+        mut advertisement: Streaming<Bytes>,
+    ) -> Result<(), ProxyError> {
+        let node_error = |status| ProxyError::Node {
+            storage: self.advertiser.clone(),
+            status,
+        };
+        // The advertisement goes to the client as it comes, up to its closing flush.
+        let mut cut = AdvertisementCut::default();
+        loop {
+            let Some(message) = advertisement.message().await.map_err(node_error)? else {
+                return Ok(());
+            };
+            let done = cut.is_done_after(&message);
+            let finished = SshResponse::decode(message.clone())
+                .map(|response| response.exit_status.is_some())
+                .unwrap_or(true);
+            if self.out_tx.send(Ok(message)).await.is_err() {
+                return Ok(());
+            }
+            if finished {
+                return Ok(());
+            }
+            if done {
+                break;
+            }
+        }
+
+        let head = push::read_head(&call.first, &mut call.inbound).await?;
+        if head.changes.is_empty() {
+            // Nothing to write (git push --dry-run, or everything up to date): the advertiser
+            // answers the rest.
+            for message in head.messages {
+                let _ = self.advertiser_tx.send(message).await;
+            }
+            let mut rest = std::pin::pin!(later_messages(call.inbound));
+            let forward = async {
+                while let Some(message) = rest.next().await {
+                    if self.advertiser_tx.send(message).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            let relay = async {
+                while let Some(message) = advertisement.message().await.transpose() {
+                    if self.out_tx.send(message).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            tokio::join!(forward, relay);
+            return Ok(());
+        }
+
+        // The advertiser is dismissed with an empty command list.
+        let dismissal = SshRequest {
+            stdin: Bytes::from_static(b"0000"),
+            close_stdin: true,
+            ..Default::default()
+        };
+        let _ = self
+            .advertiser_tx
+            .send(Bytes::from(dismissal.encode_to_vec()))
+            .await;
+        drop(self.advertiser_tx);
+        while let Ok(Some(_)) = advertisement.message().await {}
+
+        let write = Write::new(&self.proxy, call, record, head.changes, head.messages);
+        let (storage, reply): Answer = write.run().await?;
+        let reply = reply.map_err(|status| ProxyError::Node {
+            storage: storage.clone(),
+            status,
+        })?;
+        // Each replica advertised too: its answer starts after that.
+        let mut cut = AdvertisementCut::default();
+        for message in reply.messages {
+            if let Some(rest) = cut.rest_of(&message)
+                && self.out_tx.send(Ok(rest)).await.is_err()
+            {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Finds where receive-pack's ref advertisement ends in its stdout: at the first flush.
+#[derive(Debug, Default)]
+struct AdvertisementCut {
+    decoder: Decoder,
+    done: bool,
+}
+
+impl AdvertisementCut {
+    /// Feeds a message of the advertiser; true once the advertisement is complete.
+    fn is_done_after(&mut self, message: &Bytes) -> bool {
+        if let Ok(response) = SshResponse::decode(message.clone()) {
+            self.feed(&response.stdout);
+        }
+        self.done
+    }
+
+    /// The part of a replica's message that comes after its advertisement, if any.
+    fn rest_of(&mut self, message: &Bytes) -> Option<Bytes> {
+        if self.done {
+            return Some(message.clone());
+        }
+        let mut response = SshResponse::decode(message.clone()).ok()?;
+        let consumed = self.feed(&response.stdout);
+        if !self.done && response.exit_status.is_none() && response.stderr.is_empty() {
+            return None;
+        }
+        response.stdout = response.stdout.slice(consumed.min(response.stdout.len())..);
+        Some(Bytes::from(response.encode_to_vec()))
+    }
+
+    /// Reads advertisement bytes; returns how many of `stdout` belonged to it.
+    fn feed(&mut self, stdout: &Bytes) -> usize {
+        if self.done {
+            return 0;
+        }
+        let mut consumed = 0;
+        for byte in stdout.iter() {
+            consumed += 1;
+            self.decoder.push(std::slice::from_ref(byte));
+            if let Some(packet) = self.decoder.next_packet()
+                && matches!(packet, Ok(Packet::Flush) | Err(_))
+            {
+                self.done = true;
+                return consumed;
+            }
+        }
+        consumed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::git::pktline::encode;
+
+    fn stdout(bytes: &[u8]) -> Bytes {
+        Bytes::from(
+            SshResponse {
+                stdout: Bytes::copy_from_slice(bytes),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        )
+    }
+
+    #[test]
+    fn a_replicas_advertisement_is_cut_from_its_answer() {
+        let mut advertisement =
+            encode(b"0000000000000000000000000000000000000000 capabilities^{}\0report-status\n");
+        advertisement.extend(b"0000");
+        let (head, tail) = advertisement.split_at(20);
+        let mut report = tail.to_vec();
+        report.extend(encode(b"unpack ok\n"));
+        let mut cut = AdvertisementCut::default();
+        assert_eq!(cut.rest_of(&stdout(head)), None);
+        let rest = SshResponse::decode(cut.rest_of(&stdout(&report)).unwrap()).unwrap();
+        assert_eq!(rest.stdout.as_ref(), encode(b"unpack ok\n").as_slice());
+        let last = SshResponse {
+            exit_status: Some(0),
+            ..Default::default()
+        };
+        let passed = cut.rest_of(&Bytes::from(last.encode_to_vec())).unwrap();
+        assert_eq!(SshResponse::decode(passed).unwrap().exit_status, Some(0));
+    }
+}
