@@ -23,6 +23,10 @@ pub struct ProxyConfig {
     pub health: HealthConfig,
     #[serde(default)]
     pub writes: WritesConfig,
+    /// Connections the proxy keeps to each node; calls take them in turn, and each carries
+    /// many calls at once.
+    #[serde(default = "default_node_connections")]
+    pub node_connections: usize,
     /// The largest gRPC message accepted from a client or a node, in bytes.
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
@@ -139,6 +143,9 @@ fn default_lease() -> Duration {
 fn default_lease_wait() -> Duration {
     secs(60)
 }
+fn default_node_connections() -> usize {
+    4
+}
 fn default_max_message_bytes() -> usize {
     4 << 20
 }
@@ -165,6 +172,9 @@ impl ProxyConfig {
         }
         if self.virtual_storages.is_empty() {
             return invalid("no [[virtual_storages]] configured".into());
+        }
+        if !(1..=64).contains(&self.node_connections) {
+            return invalid("node_connections must be between 1 and 64".into());
         }
         if !(1024..=(64 << 20)).contains(&self.max_message_bytes) {
             return invalid("max_message_bytes must be between 1 KiB and 64 MiB".into());

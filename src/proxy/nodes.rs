@@ -1,9 +1,10 @@
-//! The nodes behind the proxy: one multiplexed HTTP/2 connection per node (tonic reconnects it
-//! when it drops), and a health prober that routes around the nodes that do not answer.
+//! The nodes behind the proxy: a small pool of HTTP/2 connections per node, each multiplexing
+//! many calls and reconnected by tonic when it drops, and a health prober that routes around
+//! the nodes that do not answer.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -28,7 +29,9 @@ pub struct NodeHandle {
     pub address: String,
     /// The node's secret: calls are signed with it, and replication tokens minted from it.
     secret: Arc<str>,
-    channel: Channel,
+    /// Calls take the connections in turn.
+    channels: Vec<Channel>,
+    next: AtomicUsize,
     healthy: AtomicBool,
     /// Reads routed here since start.
     reads: AtomicU64,
@@ -40,10 +43,16 @@ impl NodeHandle {
         self.healthy.load(Ordering::Relaxed)
     }
 
+    /// The next connection of the pool.
+    fn channel(&self) -> Channel {
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        self.channels[turn % self.channels.len()].clone()
+    }
+
     /// A channel that signs every call with a token scoped to that call.
     pub fn authed(&self) -> AuthedChannel {
         tonic::service::interceptor::InterceptedService::new(
-            self.channel.clone(),
+            self.channel(),
             Signer::from_secret(&self.secret),
         )
     }
@@ -94,7 +103,7 @@ impl NodeHandle {
 
     /// Asks the node's health service; a node that does not answer in `timeout` is unhealthy.
     async fn probe(&self, timeout: Duration) -> bool {
-        let mut client = HealthClient::new(self.channel.clone());
+        let mut client = HealthClient::new(self.channel());
         let check = client.check(HealthCheckRequest {
             service: String::new(),
         });
@@ -144,16 +153,18 @@ impl Nodes {
             let mut storages = Vec::new();
             for entry in entries {
                 let storage = StorageName::parse(&entry.storage)?;
-                let channel = crate::client::endpoint(&entry.address)?
-                    .timeout(Duration::from_secs(3600))
-                    .connect_lazy();
+                let endpoint = crate::client::endpoint(&entry.address)?;
+                let channels = (0..config.node_connections.max(1))
+                    .map(|_| endpoint.connect_lazy())
+                    .collect();
                 nodes.insert(
                     storage.clone(),
                     Arc::new(NodeHandle {
                         storage: storage.clone(),
                         address: entry.address.clone(),
                         secret: entry.token.as_str().into(),
-                        channel,
+                        channels,
+                        next: AtomicUsize::new(0),
                         healthy: AtomicBool::new(false),
                         reads: AtomicU64::new(0),
                         max_message_bytes: config.max_message_bytes,
