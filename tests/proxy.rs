@@ -9,28 +9,6 @@ use gitfleet::proto::repository_service_client::RepositoryServiceClient;
 use gitfleet::proto::*;
 use gitfleet::store::RepositoryRecord;
 
-async fn create(cluster: &Cluster, relative_path: &str) {
-    RepositoryServiceClient::new(cluster.channel().await)
-        .create_repository(CreateRepositoryRequest {
-            repository: header("default", relative_path),
-            default_branch: "main".into(),
-        })
-        .await
-        .unwrap();
-}
-
-/// The refs checksum of the replica on node `index`, asked of the node directly.
-async fn node_checksum(cluster: &Cluster, index: usize, record: &RepositoryRecord) -> String {
-    RefServiceClient::new(cluster.nodes[index].channel().await)
-        .refs_checksum(RefsChecksumRequest {
-            repository: header(STORAGES[index], record.replica_path.as_str()),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .checksum
-}
-
 fn generation_of(record: &RepositoryRecord, index: usize) -> Option<i64> {
     record
         .replicas
@@ -42,7 +20,7 @@ fn generation_of(record: &RepositoryRecord, index: usize) -> Option<i64> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_push_through_the_proxy_lands_on_every_replica_and_clones_back() {
     let cluster = Cluster::start(3).await;
-    create(&cluster, "group/project.git").await;
+    cluster.create("group/project.git").await;
     let record = cluster.record("group/project.git").await;
     assert_eq!(record.generation, 0);
     assert_eq!(record.assigned.len(), 3);
@@ -63,7 +41,7 @@ async fn a_push_through_the_proxy_lands_on_every_replica_and_clones_back() {
     let mut checksums = Vec::new();
     for index in 0..3 {
         assert_eq!(generation_of(&record, index), Some(1), "{record:?}");
-        checksums.push(node_checksum(&cluster, index, &record).await);
+        checksums.push(cluster.node_checksum(index, &record).await);
     }
     assert!(
         checksums.iter().all(|checksum| *checksum == checksums[0]),
@@ -94,25 +72,6 @@ async fn a_push_through_the_proxy_lands_on_every_replica_and_clones_back() {
     assert_eq!(advertised.join("\n").replace('\t', " "), local.join("\n"));
 }
 
-/// Makes the [`make_history`] work tree and pushes main through the proxy.
-fn push_main(cluster: &Cluster, relative_path: &str) -> tempfile::TempDir {
-    let work = tempfile::tempdir().unwrap();
-    make_history(work.path());
-    run_git(
-        work.path(),
-        &["push", "-q", &cluster.url(relative_path), "main"],
-    );
-    work
-}
-
-/// Commits a new file on a new branch in `work`.
-fn commit_branch(work: &std::path::Path, branch: &str) {
-    run_git(work, &["checkout", "-q", "-B", branch, "main"]);
-    std::fs::write(work.join(format!("{branch}.txt")), branch).unwrap();
-    run_git(work, &["add", "."]);
-    run_git(work, &["commit", "-q", "-m", branch]);
-}
-
 fn remote_refs(work: &std::path::Path, url: &str) -> String {
     run_git(work, &["ls-remote", "--refs", url])
 }
@@ -120,8 +79,8 @@ fn remote_refs(work: &std::path::Path, url: &str) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn reads_are_spread_over_the_replicas_and_cost_no_database_round_trip() {
     let cluster = Cluster::start(3).await;
-    create(&cluster, "spread.git").await;
-    let work = push_main(&cluster, "spread.git");
+    cluster.create("spread.git").await;
+    let work = cluster.push_main("spread.git");
     let main = run_git(work.path(), &["rev-parse", "main"])
         .trim()
         .to_owned();
@@ -155,6 +114,27 @@ async fn reads_are_spread_over_the_replicas_and_cost_no_database_round_trip() {
     // million runs.
     assert!(spread.iter().all(|&count| count >= 5), "{spread:?}");
 
+    // A caller that asks for the primary gets the primary, every time.
+    let record = cluster.record("spread.git").await;
+    let primary = STORAGES
+        .iter()
+        .position(|storage| *storage == record.primary.as_str())
+        .unwrap();
+    let reads: Vec<u64> = (0..3).map(|index| cluster.reads(index)).collect();
+    for _ in 0..10 {
+        let mut request = tonic::Request::new(find());
+        request
+            .metadata_mut()
+            .insert("gitfleet-route", "primary".parse().unwrap());
+        refs.find_default_branch(request).await.unwrap();
+    }
+    let routed: Vec<u64> = (0..3)
+        .map(|index| cluster.reads(index) - reads[index])
+        .collect();
+    let mut expected = vec![0; 3];
+    expected[primary] = 10;
+    assert_eq!(routed, expected);
+
     let round_trips = cluster.round_trips();
     refs.update_refs(UpdateRefsRequest {
         repository: header("default", "spread.git"),
@@ -179,9 +159,9 @@ async fn reads_are_spread_over_the_replicas_and_cost_no_database_round_trip() {
 #[tokio::test(flavor = "multi_thread")]
 async fn writes_to_one_repository_take_turns_and_other_repositories_do_not_wait() {
     let cluster = Cluster::start(3).await;
-    create(&cluster, "a.git").await;
-    create(&cluster, "b.git").await;
-    let work = push_main(&cluster, "a.git");
+    cluster.create("a.git").await;
+    cluster.create("b.git").await;
+    let work = cluster.push_main("a.git");
     run_git(work.path(), &["push", "-q", &cluster.url("b.git"), "main"]);
 
     // Two pushes to one repository at the same moment: both land, one after the other.
@@ -261,9 +241,9 @@ async fn writes_to_one_repository_take_turns_and_other_repositories_do_not_wait(
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stopped_node_misses_a_push_and_no_read_reaches_its_outdated_replica() {
     let mut cluster = Cluster::start(3).await;
-    create(&cluster, "r.git").await;
-    create(&cluster, "other.git").await;
-    let work = push_main(&cluster, "r.git");
+    cluster.create("r.git").await;
+    cluster.create("other.git").await;
+    let work = cluster.push_main("r.git");
     let url = cluster.url("r.git");
 
     cluster.nodes[2].kill();
@@ -336,8 +316,8 @@ async fn a_stopped_node_misses_a_push_and_no_read_reaches_its_outdated_replica()
 #[tokio::test(flavor = "multi_thread")]
 async fn remove_deletes_the_row_then_the_replicas_and_rename_moves_only_the_row() {
     let cluster = Cluster::start(3).await;
-    create(&cluster, "old/name.git").await;
-    let work = push_main(&cluster, "old/name.git");
+    cluster.create("old/name.git").await;
+    let work = cluster.push_main("old/name.git");
     let record = cluster.record("old/name.git").await;
     let mut repositories = RepositoryServiceClient::new(cluster.channel().await);
 
@@ -398,7 +378,7 @@ async fn remove_deletes_the_row_then_the_replicas_and_rename_moves_only_the_row(
     assert_eq!(error.code(), tonic::Code::NotFound);
 
     // The same path again is a new repository with a new replica path.
-    create(&cluster, "new/name.git").await;
+    cluster.create("new/name.git").await;
     let again = cluster.record("new/name.git").await;
     assert!(again.id > record.id);
     assert_ne!(again.replica_path, record.replica_path);
@@ -456,7 +436,7 @@ async fn operators_create_and_remove_repositories_from_the_command_line() {
 #[tokio::test(flavor = "multi_thread")]
 async fn git_over_the_bridge_clones_and_pushes_through_the_proxy() {
     let cluster = Cluster::start(3).await;
-    create(&cluster, "ssh.git").await;
+    cluster.create("ssh.git").await;
     let port = cluster.address.rsplit(':').next().unwrap();
     let url = format!("ssh://127.0.0.1:{port}/default/ssh.git");
     let proxy_git = |dir: &std::path::Path, args: &[&str]| {
@@ -480,7 +460,7 @@ async fn git_over_the_bridge_clones_and_pushes_through_the_proxy() {
     assert_eq!(record.up_to_date().count(), 3);
     let mut checksums = Vec::new();
     for index in 0..3 {
-        checksums.push(node_checksum(&cluster, index, &record).await);
+        checksums.push(cluster.node_checksum(index, &record).await);
     }
     assert!(
         checksums.iter().all(|checksum| *checksum == checksums[0]),

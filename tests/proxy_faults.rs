@@ -12,27 +12,6 @@ use gitfleet::proto::node_service_client::NodeServiceClient;
 use gitfleet::proto::ref_service_client::RefServiceClient;
 use gitfleet::proto::repository_service_client::RepositoryServiceClient;
 use gitfleet::proto::*;
-use gitfleet::store::RepositoryRecord;
-
-async fn create(cluster: &Cluster, relative_path: &str) {
-    RepositoryServiceClient::new(cluster.channel().await)
-        .create_repository(CreateRepositoryRequest {
-            repository: header("default", relative_path),
-            default_branch: "main".into(),
-        })
-        .await
-        .unwrap();
-}
-
-fn push_main(cluster: &Cluster, relative_path: &str) -> tempfile::TempDir {
-    let work = tempfile::tempdir().unwrap();
-    make_history(work.path());
-    run_git(
-        work.path(),
-        &["push", "-q", &cluster.url(relative_path), "main"],
-    );
-    work
-}
 
 /// Everything a call could have changed in the catalog.
 async fn catalog_state(cluster: &Cluster) -> (i64, i64, i64, i64, i64, i64) {
@@ -49,17 +28,6 @@ async fn catalog_state(cluster: &Cluster) -> (i64, i64, i64, i64, i64, i64) {
     .unwrap()
 }
 
-async fn node_checksum(cluster: &Cluster, index: usize, record: &RepositoryRecord) -> String {
-    RefServiceClient::new(cluster.nodes[index].channel().await)
-        .refs_checksum(RefsChecksumRequest {
-            repository: header(STORAGES[index], record.replica_path.as_str()),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .checksum
-}
-
 fn update(name: &str, old: &str, new: &str) -> RefUpdate {
     RefUpdate {
         name: name.into(),
@@ -71,7 +39,7 @@ fn update(name: &str, old: &str, new: &str) -> RefUpdate {
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_gets_a_clear_error_and_changes_nothing() {
     let cluster = Cluster::start(3).await;
-    create(&cluster, "exists.git").await;
+    cluster.create("exists.git").await;
     let before = catalog_state(&cluster).await;
     let channel = cluster.channel().await;
     let mut repositories = RepositoryServiceClient::new(channel.clone());
@@ -207,8 +175,8 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_write_arriving_twice_is_refused_the_second_time_and_changes_nothing() {
     let cluster = Cluster::start(3).await;
-    create(&cluster, "twice.git").await;
-    let work = push_main(&cluster, "twice.git");
+    cluster.create("twice.git").await;
+    let work = cluster.push_main("twice.git");
     let main = run_git(work.path(), &["rev-parse", "main"])
         .trim()
         .to_owned();
@@ -243,8 +211,8 @@ async fn a_write_arriving_twice_is_refused_the_second_time_and_changes_nothing()
 #[tokio::test(flavor = "multi_thread")]
 async fn a_write_only_a_minority_applies_is_rolled_back() {
     let cluster = Cluster::start(3).await;
-    create(&cluster, "minority.git").await;
-    let work = push_main(&cluster, "minority.git");
+    cluster.create("minority.git").await;
+    let work = cluster.push_main("minority.git");
     let main = run_git(work.path(), &["rev-parse", "main"])
         .trim()
         .to_owned();
@@ -269,7 +237,7 @@ async fn a_write_only_a_minority_applies_is_rolled_back() {
             .await
             .unwrap();
     }
-    let before = node_checksum(&cluster, 0, &record).await;
+    let before = cluster.node_checksum(0, &record).await;
     let error = RefServiceClient::new(cluster.channel().await)
         .update_refs(UpdateRefsRequest {
             repository: header("default", "minority.git"),
@@ -284,7 +252,7 @@ async fn a_write_only_a_minority_applies_is_rolled_back() {
         error.message()
     );
     assert_eq!(
-        node_checksum(&cluster, 0, &record).await,
+        cluster.node_checksum(0, &record).await,
         before,
         "not rolled back"
     );
@@ -300,8 +268,8 @@ async fn a_write_only_a_minority_applies_is_rolled_back() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_write_fails_at_once_when_a_majority_of_replicas_is_unhealthy() {
     let mut cluster = Cluster::start(3).await;
-    create(&cluster, "quorum.git").await;
-    let work = push_main(&cluster, "quorum.git");
+    cluster.create("quorum.git").await;
+    let work = cluster.push_main("quorum.git");
     let main = run_git(work.path(), &["rev-parse", "main"])
         .trim()
         .to_owned();
@@ -333,7 +301,7 @@ async fn a_write_fails_at_once_when_a_majority_of_replicas_is_unhealthy() {
     assert_eq!(catalog_state(&cluster).await, state);
 
     // A push fails the same way.
-    commit_on_new_branch(work.path(), "late");
+    commit_branch(work.path(), "late");
     let output = try_git(
         work.path(),
         &["push", "-q", &cluster.url("quorum.git"), "late"],
@@ -363,13 +331,6 @@ async fn a_write_fails_at_once_when_a_majority_of_replicas_is_unhealthy() {
     assert_eq!(answer.target, main);
 }
 
-fn commit_on_new_branch(work: &std::path::Path, branch: &str) {
-    run_git(work, &["checkout", "-q", "-B", branch, "main"]);
-    std::fs::write(work.join(format!("{branch}.txt")), branch).unwrap();
-    run_git(work, &["add", "."]);
-    run_git(work, &["commit", "-q", "-m", branch]);
-}
-
 /// Commits 24 MB of incompressible data on main in `work`.
 fn commit_noise(work: &std::path::Path) {
     let noise: Vec<u8> = (0..24_000_000u32)
@@ -394,8 +355,8 @@ async fn wait_for_git_on(cluster: &Cluster, index: usize) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_that_dies_mid_push_is_left_behind_and_the_push_succeeds() {
     let mut cluster = Cluster::start(3).await;
-    create(&cluster, "big.git").await;
-    let work = push_main(&cluster, "big.git");
+    cluster.create("big.git").await;
+    let work = cluster.push_main("big.git");
     commit_noise(work.path());
     let push = {
         let (dir, url) = (work.path().to_owned(), cluster.url("big.git"));
@@ -427,16 +388,16 @@ async fn a_node_that_dies_mid_push_is_left_behind_and_the_push_succeeds() {
     .unwrap();
     assert_eq!(jobs, 1);
     assert_eq!(
-        node_checksum(&cluster, 0, &record).await,
-        node_checksum(&cluster, 1, &record).await
+        cluster.node_checksum(0, &record).await,
+        cluster.node_checksum(1, &record).await
     );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_shutdown_lets_a_push_in_flight_commit() {
     let mut cluster = Cluster::start(3).await;
-    create(&cluster, "inflight.git").await;
-    let work = push_main(&cluster, "inflight.git");
+    cluster.create("inflight.git").await;
+    let work = cluster.push_main("inflight.git");
     commit_noise(work.path());
     let push = {
         let (dir, url) = (work.path().to_owned(), cluster.url("inflight.git"));
@@ -472,14 +433,14 @@ async fn without_postgresql_every_call_fails_fast_and_no_node_is_written() {
     };
     let mut postgres = start();
     let cluster = Cluster::start_on(postgres.url("postgres"), 3, 3, "").await;
-    create(&cluster, "db.git").await;
-    let work = push_main(&cluster, "db.git");
+    cluster.create("db.git").await;
+    let work = cluster.push_main("db.git");
     let main = run_git(work.path(), &["rev-parse", "main"])
         .trim()
         .to_owned();
     let record = cluster.record("db.git").await;
     let checksums: Vec<String> =
-        futures_util::future::join_all((0..3).map(|index| node_checksum(&cluster, index, &record)))
+        futures_util::future::join_all((0..3).map(|index| cluster.node_checksum(index, &record)))
             .await;
 
     postgres.stop();
@@ -523,7 +484,7 @@ async fn without_postgresql_every_call_fails_fast_and_no_node_is_written() {
     );
     for index in 0..3 {
         assert_eq!(
-            node_checksum(&cluster, index, &record).await,
+            cluster.node_checksum(index, &record).await,
             checksums[index]
         );
         let placed = std::fs::read_dir(

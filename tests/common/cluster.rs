@@ -173,6 +173,44 @@ impl Cluster {
         format!("{}/default/{relative_path}", self.http)
     }
 
+    /// Creates `default/RELATIVE_PATH` through the proxy, with main as its default branch.
+    pub async fn create(&self, relative_path: &str) {
+        gitfleet::proto::repository_service_client::RepositoryServiceClient::new(
+            self.channel().await,
+        )
+        .create_repository(gitfleet::proto::CreateRepositoryRequest {
+            repository: super::header("default", relative_path),
+            default_branch: "main".into(),
+        })
+        .await
+        .unwrap();
+    }
+
+    /// Makes the [`super::make_history`] work tree and pushes its main through the proxy.
+    pub fn push_main(&self, relative_path: &str) -> TempDir {
+        let work = tempfile::tempdir().unwrap();
+        super::make_history(work.path());
+        super::run_git(
+            work.path(),
+            &["push", "-q", &self.url(relative_path), "main"],
+        );
+        work
+    }
+
+    /// The refs checksum of the replica on node `index`, asked of the node directly.
+    pub async fn node_checksum(&self, index: usize, record: &RepositoryRecord) -> String {
+        gitfleet::proto::ref_service_client::RefServiceClient::new(
+            self.nodes[index].channel().await,
+        )
+        .refs_checksum(gitfleet::proto::RefsChecksumRequest {
+            repository: super::header(STORAGES[index], record.replica_path.as_str()),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .checksum
+    }
+
     /// Reads the proxy routed to node `index`.
     pub fn reads(&self, index: usize) -> u64 {
         self.proxy

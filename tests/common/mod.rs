@@ -306,6 +306,14 @@ pub fn make_history(dir: &Path) {
     run_git(dir, &["tag", "-a", "v2", "-m", "release two"]);
 }
 
+/// Commits a new file on a new branch, started from main, in `work`.
+pub fn commit_branch(work: &Path, branch: &str) {
+    run_git(work, &["checkout", "-q", "-B", branch, "main"]);
+    std::fs::write(work.join(format!("{branch}.txt")), branch).unwrap();
+    run_git(work, &["add", "."]);
+    run_git(work, &["commit", "-q", "-m", branch]);
+}
+
 /// `git for-each-ref` of a repository (work tree or bare), one "oid name" per line, sorted.
 pub fn refs_of(dir: &Path) -> String {
     run_git(
