@@ -222,3 +222,38 @@ async fn a_write_lease_is_exclusive_and_fenced() {
     assert!(next.token > held.token);
     assert_eq!(next.targets, all[..2]);
 }
+
+#[tokio::test]
+async fn a_commit_is_refused_when_a_replica_changed_under_the_write() {
+    let store = store().await;
+    let id = create(&store, "changed.git").await;
+    let all = [name("s1"), name("s2"), name("s3")];
+    let WriteStart::Leased(lease) = store
+        .begin_write(id, "proxy-a", Duration::from_secs(30), "/x/Y", &[], &all)
+        .await
+        .unwrap()
+    else {
+        panic!("the lease was free")
+    };
+    // The replica on s2 is found missing (as a verifier would) while the write runs.
+    sqlx::query("DELETE FROM replicas WHERE repository_id = $1 AND storage = 's2'")
+        .bind(id.0)
+        .execute(store.pool())
+        .await
+        .unwrap();
+    assert!(
+        store
+            .commit_write(&lease, "proxy-a", &all[..2], &all[0])
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let record = store
+        .find_repository(&name("default"), &path("changed.git"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.generation, 0, "nothing was committed");
+    // The lease is still this writer's to release.
+    assert!(store.release_write(&lease, "proxy-a").await.unwrap());
+}

@@ -108,6 +108,9 @@ pub struct WritesConfig {
     /// How long a write waits for another write to the same repository to finish.
     #[serde(default = "default_lease_wait")]
     pub lease_wait: Duration,
+    /// The longest a write may take on the replicas, whatever deadline its caller gave.
+    #[serde(default = "default_write_timeout")]
+    pub timeout: Duration,
 }
 
 impl Default for WritesConfig {
@@ -115,6 +118,7 @@ impl Default for WritesConfig {
         Self {
             lease: default_lease(),
             lease_wait: default_lease_wait(),
+            timeout: default_write_timeout(),
         }
     }
 }
@@ -142,6 +146,9 @@ fn default_lease() -> Duration {
 }
 fn default_lease_wait() -> Duration {
     secs(60)
+}
+fn default_write_timeout() -> Duration {
+    secs(3600)
 }
 fn default_node_connections() -> usize {
     4

@@ -117,11 +117,22 @@ pub(super) async fn create(
             .filter(|storage| !created.contains(storage))
             .cloned()
             .collect();
-        state
+        match state
             .store
             .record_created_replicas(id, &created, &failed, &created[0])
-            .await?;
-        return Ok(single(crate::proto::CreateRepositoryResponse {}));
+            .await
+        {
+            Ok(()) => return Ok(single(crate::proto::CreateRepositoryResponse {})),
+            Err(error) => {
+                // Without its replicas recorded the repository could not be served: undo it,
+                // if the database lets us.
+                tracing::warn!(%error, "replicas not recorded: undoing the creation");
+                if let Ok(Some(removed)) = state.store.delete_repository_by_id(id).await {
+                    remove_replicas(proxy, &removed.replica_path, &created).await;
+                }
+                return Err(error.into());
+            }
+        }
     }
     // Not enough replicas to stand on: the creation is undone and the replicas that were made
     // are removed (what a removal misses, the storage walker finds).

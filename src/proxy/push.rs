@@ -27,13 +27,32 @@ pub struct PushHead {
     pub messages: Vec<Bytes>,
 }
 
-/// Reads messages until the command list has ended.
+/// How long a client may take to send its command list.
+pub const COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+/// The most messages held while the command list is read.
+const MAX_HEAD_MESSAGES: usize = 1024;
+
+/// Reads messages until the command list has ended, within [`COMMAND_TIMEOUT`].
 pub async fn read_head(
+    first: &Bytes,
+    inbound: &mut Streaming<Bytes>,
+) -> Result<PushHead, ProxyError> {
+    tokio::time::timeout(COMMAND_TIMEOUT, read_commands(first, inbound))
+        .await
+        .map_err(|_| {
+            bad(&format!(
+                "the command list did not arrive within {COMMAND_TIMEOUT:?}"
+            ))
+        })?
+}
+
+async fn read_commands(
     first: &Bytes,
     inbound: &mut Streaming<Bytes>,
 ) -> Result<PushHead, ProxyError> {
     let mut reader = CommandReader::default();
     let mut messages = Vec::new();
+    let mut held = 0;
     let mut message = first.clone();
     loop {
         let data = GitInput::decode(message.clone())
@@ -47,6 +66,10 @@ pub async fn read_head(
             None => return Err(bad("the push ended before its command list did")),
         };
         super::header::check_not_first(&message)?;
+        held += message.len();
+        if held > 2 * MAX_COMMAND_BYTES || messages.len() >= MAX_HEAD_MESSAGES {
+            return Err(bad("the push sent too much before its command list ended"));
+        }
         messages.push(message.clone());
     }
 }

@@ -66,7 +66,13 @@ impl RoutingCache {
         let record = Arc::new(record);
         let mut entries = self.entries.lock().unwrap();
         if self.listening.load(Ordering::Acquire) && self.epoch.load(Ordering::Acquire) == epoch {
-            entries.path_of.insert(record.id, key.clone());
+            // A repository lives at one path: an entry under an older path (a rename not yet
+            // announced) goes, so the announcement, which drops by id, finds every entry.
+            if let Some(old_key) = entries.path_of.insert(record.id, key.clone())
+                && old_key != key
+            {
+                entries.by_path.remove(&old_key);
+            }
             entries.by_path.insert(key, record.clone());
         }
         Ok(Some(record))

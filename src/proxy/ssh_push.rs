@@ -15,7 +15,7 @@ use super::error::ProxyError;
 use super::forward::{choose, later_messages, lookup, send};
 use super::service::ResponseStream;
 use super::write::{Answer, Write, check_reachable};
-use super::{Call, Proxy, header, push};
+use super::{Call, Proxy, push};
 use crate::git::pktline::{Decoder, Packet};
 use crate::model::StorageName;
 use crate::proto::{SshRequest, SshResponse};
@@ -30,11 +30,19 @@ pub(super) async fn receive_pack(
     check_reachable(proxy, &record, &call.repository())?;
     let advertiser = choose(&proxy.state.nodes, &record, false, &call.repository())?;
     let (advertiser_tx, advertiser_rx) = mpsc::channel::<Bytes>(16);
-    let first = header::rewrite(
-        &call.first,
-        &call.located,
-        advertiser.as_str(),
-        record.replica_path.as_str(),
+    // The advertiser must never see a command: it gets the header and the protocol only.
+    let opening = SshRequest::decode(call.first.clone())
+        .map_err(|_| ProxyError::Undecodable("SshRequest"))?;
+    let first = Bytes::from(
+        SshRequest {
+            repository: Some(crate::proto::RepositoryHeader {
+                storage: advertiser.to_string(),
+                relative_path: record.replica_path.to_string(),
+            }),
+            git_protocol: opening.git_protocol,
+            ..Default::default()
+        }
+        .encode_to_vec(),
     );
     let request = Request::new(tokio_stream::once(first).chain(ReceiverStream::new(advertiser_rx)));
     let advertisement = send(proxy, &advertiser, SSH_RECEIVE_PACK, request)

@@ -35,6 +35,9 @@ const POST_RECEIVE_PACK: &str = "/gitfleet.v1.SmartHttpService/PostReceivePack";
 
 /// The most response bytes kept per replica while the write is judged.
 const MAX_RESPONSE_BYTES: usize = 16 << 20;
+/// How long a replica may leave a message of the write unread before it is dropped from the
+/// write (and repaired later), so that it does not hold back the others.
+const REPLICA_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a replica may take to report its refs' checksum.
 const CHECKSUM_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -147,6 +150,8 @@ pub(super) struct Write {
     inbound: Option<Streaming<Bytes>>,
     record: Arc<RepositoryRecord>,
     changes: Vec<RefChange>,
+    /// Cancelled when the lease can no longer be renewed: the write must stop and undo.
+    lease_lost: CancellationToken,
 }
 
 impl Write {
@@ -168,6 +173,7 @@ impl Write {
             inbound: Some(call.inbound),
             record,
             changes,
+            lease_lost: CancellationToken::new(),
         }
     }
 
@@ -191,12 +197,16 @@ impl Write {
             return Err(self.not_enough(&lease, &lease.targets));
         }
 
+        // Renewal stops when the write ends, however it ends (a panic included).
         let renewing = CancellationToken::new();
-        let renewal = tokio::spawn(renew(self.proxy.clone(), lease.clone(), renewing.clone()));
-        let outcome = self.apply(&lease, needed).await;
-        renewing.cancel();
-        let _ = renewal.await;
-        outcome
+        let _stop_renewing = renewing.clone().drop_guard();
+        tokio::spawn(renew(
+            self.proxy.clone(),
+            lease.clone(),
+            renewing,
+            self.lease_lost.clone(),
+        ));
+        self.apply(&lease, needed).await
     }
 
     /// Takes the lease and records the intent, waiting while another write holds it.
@@ -251,6 +261,16 @@ impl Write {
 
         let mut replies = self.fan_out(&targets, &replica_path).await;
         let after = checksums(&self.proxy, &targets, &replica_path).await;
+        if self.lease_lost.is_cancelled() {
+            // Another writer may hold the repository now: nothing may be committed, and what
+            // landed is undone.
+            for (index, (before, after)) in before.iter().zip(&after).enumerate() {
+                if after.as_deref() != Some(before.as_str()) {
+                    self.roll_back(&targets[index], &replica_path, before).await;
+                }
+            }
+            return Err(self.failed("the write lease was lost while the write ran; rolled back"));
+        }
 
         // Group the replicas by what the write did to their refs.
         let mut changed: HashMap<&str, Vec<usize>> = HashMap::new();
@@ -271,13 +291,19 @@ impl Write {
 
         if agreeing.len() >= needed {
             let current: Vec<StorageName> = agreeing.iter().map(|&i| targets[i].clone()).collect();
-            let outcome = state
+            let Some(outcome) = state
                 .store
                 .commit_write(lease, owner, &current, &current[0])
                 .await?
-                .ok_or_else(|| {
-                    self.failed("this proxy lost the write lease before it could commit")
-                })?;
+            else {
+                for &index in &agreeing {
+                    self.roll_back(&targets[index], &replica_path, &before[index])
+                        .await;
+                }
+                return Err(self.failed(
+                    "the write lease was lost or the replicas changed before the commit; rolled back",
+                ));
+            };
             tracing::info!(
                 generation = outcome.generation,
                 current = ?current,
@@ -327,10 +353,16 @@ impl Write {
         } else if let Some(source) = clean.first() {
             // The clean replicas hold the state before the write; they become the new
             // generation and the uncertain ones are repaired from them.
-            state
+            let committed = state
                 .store
                 .commit_write(lease, owner, &clean, source)
                 .await?;
+            if committed.is_none() {
+                tracing::error!(
+                    intent = lease.intent,
+                    "the lease was lost before the uncertain replicas could be marked: the intent stays open for recovery"
+                );
+            }
             state.routing.invalidate(lease.repository);
         } else {
             tracing::error!(
@@ -362,9 +394,8 @@ impl Write {
                 .chain(tokio_stream::iter(self.prefix.clone()))
                 .chain(ReceiverStream::new(message_rx));
             let mut request = Request::new(outbound);
-            if let Some(deadline) = self.deadline {
-                request.set_timeout(deadline);
-            }
+            let limit = self.proxy.state.config.writes.timeout.0;
+            request.set_timeout(self.deadline.map_or(limit, |deadline| deadline.min(limit)));
             let proxy = self.proxy.clone();
             let path = self.path;
             calls.push(async move {
@@ -380,13 +411,17 @@ impl Write {
             let Some(inbound) = inbound else { return };
             let mut inbound = std::pin::pin!(later_messages(inbound));
             while let Some(message) = inbound.next().await {
-                let sent = futures_util::future::join_all(
-                    senders.iter().map(|sender| sender.send(message.clone())),
-                )
+                let sent = futures_util::future::join_all(senders.iter().map(|sender| {
+                    tokio::time::timeout(REPLICA_STALL_TIMEOUT, sender.send(message.clone()))
+                }))
                 .await;
                 // A replica that stopped reading is dropped; the others go on.
                 let mut results = sent.into_iter();
-                senders.retain(|_| results.next().is_some_and(|result| result.is_ok()));
+                senders.retain(|_| {
+                    results
+                        .next()
+                        .is_some_and(|result| matches!(result, Ok(Ok(()))))
+                });
                 if senders.is_empty() {
                     break;
                 }
@@ -397,10 +432,18 @@ impl Write {
         let calls = futures_util::future::join_all(calls);
         tokio::pin!(calls, tee);
         let mut teeing = true;
+        let lease_lost = self.lease_lost.clone();
         let replies = loop {
             tokio::select! {
                 replies = &mut calls => break replies,
                 () = &mut tee, if teeing => teeing = false,
+                () = lease_lost.cancelled() => {
+                    // Dropping the calls cancels them on the nodes.
+                    break targets
+                        .iter()
+                        .map(|_| Err(Status::aborted("the write lease was lost")))
+                        .collect();
+                }
             }
         };
         for (storage, reply) in targets.iter().zip(&replies) {
@@ -475,10 +518,12 @@ impl Write {
     }
 }
 
-/// Keeps the lease alive while a long write runs.
-async fn renew(proxy: Proxy, lease: WriteLease, stop: CancellationToken) {
+/// Keeps the lease alive while a long write runs; cancels `lost` when it is taken away or
+/// cannot be renewed before it runs out.
+async fn renew(proxy: Proxy, lease: WriteLease, stop: CancellationToken, lost: CancellationToken) {
     let state = &proxy.state;
     let duration = state.config.writes.lease.0;
+    let mut renewed_at = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -489,12 +534,21 @@ async fn renew(proxy: Proxy, lease: WriteLease, stop: CancellationToken) {
             .renew_write(&lease, &state.instance_id, duration)
             .await
         {
-            Ok(true) => {}
+            Ok(true) => renewed_at = tokio::time::Instant::now(),
             Ok(false) => {
-                tracing::error!("the write lease was lost while the write ran");
+                tracing::error!("the write lease was taken away while the write ran");
+                lost.cancel();
                 return;
             }
-            Err(error) => tracing::warn!(%error, "cannot renew the write lease"),
+            Err(error) => {
+                tracing::warn!(%error, "cannot renew the write lease");
+                // Give up a little before the lease runs out, so no other writer overlaps.
+                if renewed_at.elapsed() > duration.mul_f64(0.9) {
+                    tracing::error!("the write lease ran out while the write ran");
+                    lost.cancel();
+                    return;
+                }
+            }
         }
     }
 }

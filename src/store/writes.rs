@@ -176,7 +176,8 @@ impl Store {
     /// Commits a write: generation + 1 on the repository and on the replicas in `current`
     /// (those that hold the new state), a replication job from `source` for every other
     /// assigned storage, the intent closed and the lease released. One statement, guarded by
-    /// the fencing token: None when this proxy no longer holds the lease, and nothing changed.
+    /// the fencing token and by every replica in `current` still being recorded at the
+    /// write's starting generation: None when either guard fails, and then nothing changed.
     pub async fn commit_write(
         &self,
         lease: &WriteLease,
@@ -188,11 +189,16 @@ impl Store {
             .measure(
                 "commit_write",
                 sqlx::query(
-                    "WITH repo AS (
+                    "WITH eligible AS (
+                         SELECT count(*) AS replicas FROM replicas
+                         WHERE repository_id = $1 AND storage = ANY($4) AND generation = $8
+                     ), repo AS (
                          UPDATE repositories
                          SET generation = generation + 1, lease_owner = NULL,
                              lease_expires_at = NULL
                          WHERE id = $1 AND lease_owner = $2 AND lease_token = $3
+                           AND generation = $8
+                           AND (SELECT replicas FROM eligible) = cardinality($4::text[])
                          RETURNING id, generation
                      ), current AS (
                          UPDATE replicas p SET generation = repo.generation
@@ -227,6 +233,7 @@ impl Store {
                 .bind(source.as_str())
                 .bind(lease.intent)
                 .bind(JOB_REPLICATE)
+                .bind(lease.generation)
                 .fetch_optional(&self.pool),
             )
             .await?;
