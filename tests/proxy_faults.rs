@@ -511,3 +511,71 @@ async fn without_postgresql_every_call_fails_fast_and_no_node_is_written() {
     drop(cluster);
     drop(postgres);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_next_write_settles_a_write_whose_proxy_died() {
+    let cluster = Cluster::start(3).await;
+    cluster.create("r.git").await;
+    let work = cluster.push_main("r.git");
+    let main = run_git(work.path(), &["rev-parse", "main"])
+        .trim()
+        .to_owned();
+    let record = cluster.record("r.git").await;
+
+    // Another proxy recorded a write, reached two replicas, and died before its commit.
+    let store = cluster.store();
+    let all: Vec<_> = (0..3).map(Cluster::storage).collect();
+    let change = gitfleet::store::RefChange {
+        name: "refs/heads/half-written".into(),
+        old: "0".repeat(40),
+        new: main.clone(),
+    };
+    let started = store
+        .begin_write(
+            record.id,
+            "dead-proxy",
+            Duration::from_secs(1),
+            "/gitfleet.v1.RefService/UpdateRefs",
+            std::slice::from_ref(&change),
+            &all,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(started, gitfleet::store::WriteStart::Leased(_)));
+    for index in [0, 1] {
+        RefServiceClient::new(cluster.nodes[index].channel().await)
+            .update_refs(UpdateRefsRequest {
+                repository: header(STORAGES[index], record.replica_path.as_str()),
+                updates: vec![update(&change.name, &change.old, &change.new)],
+            })
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+
+    // The next write waits for nothing more than the dead proxy's lease, and settles its
+    // write first: never acknowledged, it is undone everywhere.
+    commit_branch(work.path(), "next");
+    run_git(work.path(), &["push", "-q", &cluster.url("r.git"), "next"]);
+    let advertised = run_git(work.path(), &["ls-remote", "--refs", &cluster.url("r.git")]);
+    assert!(advertised.contains("refs/heads/next"), "{advertised}");
+    assert!(!advertised.contains("half-written"), "{advertised}");
+    let record = cluster.record("r.git").await;
+    assert_eq!(
+        record.generation, 3,
+        "the push, the settlement, the next push"
+    );
+    assert_eq!(record.up_to_date().count(), 3);
+    let checksums: Vec<String> =
+        futures_util::future::join_all((0..3).map(|index| cluster.node_checksum(index, &record)))
+            .await;
+    assert!(
+        checksums.iter().all(|checksum| *checksum == checksums[0]),
+        "{checksums:?}"
+    );
+    let intents: i64 = sqlx::query_scalar("SELECT count(*) FROM write_intents")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(intents, 0);
+}

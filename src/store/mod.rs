@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 pub use repositories::{NewRepository, RemovedRepository, Renamed, RepositoryRecord};
-pub use writes::{RefChange, WriteLease, WriteOutcome, WriteStart};
+pub use writes::{RefChange, StaleIntent, WriteLease, WriteOutcome, WriteStart};
 
 use crate::model::StorageName;
 

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
 
 use super::{JOB_REPLICATE, Store, StoreError, storage_names, texts};
@@ -11,13 +11,16 @@ use crate::model::{RepositoryId, StorageName};
 
 /// One ref update a write will make. `old` and `new` are object ids (all zeros: absent), or
 /// for a symbolic ref such as HEAD, the ref it points to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RefChange {
     #[serde(rename = "ref")]
     pub name: String,
     pub old: String,
     pub new: String,
 }
+
+/// No intent has this id (identities start at 1): a lease released with it closes none.
+const NO_INTENT: i64 = 0;
 
 /// A write lease held by this proxy, and the intent recorded under it.
 #[derive(Debug, Clone)]
@@ -33,10 +36,20 @@ pub struct WriteLease {
     pub assigned: Vec<StorageName>,
 }
 
+/// A write that was recorded and never committed: its proxy died or lost its lease.
+#[derive(Debug, Clone)]
+pub struct StaleIntent {
+    pub changes: Vec<RefChange>,
+    pub targets: Vec<StorageName>,
+}
+
 /// What an attempt to start a write found.
 #[derive(Debug)]
 pub enum WriteStart {
     Leased(WriteLease),
+    /// The lease is taken, but an interrupted write must be settled first: the lease's intent
+    /// is that write's, and no new intent was recorded.
+    Recover(WriteLease, StaleIntent),
     /// Another write holds the lease.
     Busy,
     /// The repository is gone.
@@ -85,12 +98,16 @@ impl Store {
                          JOIN replicas p ON p.repository_id = a.repository_id
                                         AND p.storage = a.storage
                          WHERE p.generation = lease.generation AND a.storage = ANY($6)
+                     ), stale AS (
+                         SELECT id, ref_updates, target_storages FROM write_intents
+                         WHERE repository_id = $1 ORDER BY id LIMIT 1
                      ), intent AS (
                          INSERT INTO write_intents (repository_id, owner, fencing_token,
                              lease_expires_at, rpc, base_generation, ref_updates, target_storages)
                          SELECT lease.id, $2, lease.lease_token, lease.lease_expires_at, $4,
                                 lease.generation, $5, targets.storages
                          FROM lease, targets
+                         WHERE NOT EXISTS (SELECT 1 FROM stale)
                          RETURNING id
                      )
                      SELECT (SELECT count(*) FROM snapshot) AS found,
@@ -98,9 +115,12 @@ impl Store {
                             lease.lease_token, lease.generation, intent.id AS intent,
                             targets.storages AS targets,
                             ARRAY(SELECT storage FROM assignments
-                                  WHERE repository_id = $1 ORDER BY storage) AS assigned
+                                  WHERE repository_id = $1 ORDER BY storage) AS assigned,
+                            stale.id AS stale_intent, stale.ref_updates::text AS stale_changes,
+                            stale.target_storages AS stale_targets
                      FROM (SELECT 1) AS one
-                     LEFT JOIN lease ON true LEFT JOIN intent ON true LEFT JOIN targets ON true",
+                     LEFT JOIN lease ON true LEFT JOIN intent ON true LEFT JOIN targets ON true
+                     LEFT JOIN stale ON true",
                 )
                 .bind(repository.0)
                 .bind(owner)
@@ -113,7 +133,9 @@ impl Store {
             .await?;
         let found: i64 = row.try_get("found")?;
         let token: Option<i64> = row.try_get("lease_token")?;
-        let (Some(token), Some(intent)) = (token, row.try_get::<Option<i64>, _>("intent")?) else {
+        let stale: Option<i64> = row.try_get("stale_intent")?;
+        let intent = row.try_get::<Option<i64>, _>("intent")?.or(stale);
+        let (Some(token), Some(intent)) = (token, intent) else {
             return Ok(if found == 0 {
                 WriteStart::NotFound
             } else {
@@ -121,7 +143,7 @@ impl Store {
             });
         };
         let generation: i64 = row.try_get("generation")?;
-        let lease = WriteLease {
+        let mut lease = WriteLease {
             repository,
             intent,
             token,
@@ -133,10 +155,25 @@ impl Store {
         // the row: the targets were read before that write committed. Start again.
         let snapshot_generation: Option<i64> = row.try_get("snapshot_generation")?;
         if snapshot_generation != Some(generation) {
+            if stale.is_some() {
+                // Release the lease only: the interrupted write's intent stays.
+                lease.intent = NO_INTENT;
+            }
             self.release_write(&lease, owner).await?;
             return Ok(WriteStart::Busy);
         }
-        Ok(WriteStart::Leased(lease))
+        if stale.is_none() {
+            return Ok(WriteStart::Leased(lease));
+        }
+        let changes: Option<String> = row.try_get("stale_changes")?;
+        let changes: Vec<RefChange> = serde_json::from_str(changes.as_deref().unwrap_or("[]"))
+            .map_err(|error| StoreError::Failed(sqlx::Error::Decode(Box::new(error))))?;
+        let targets: Option<Vec<String>> = row.try_get("stale_targets")?;
+        let stale = StaleIntent {
+            changes,
+            targets: storage_names(&targets.unwrap_or_default()),
+        };
+        Ok(WriteStart::Recover(lease, stale))
     }
 
     /// Extends a lease that a long write still needs. False when the lease was lost.
