@@ -341,15 +341,24 @@ fn commit_noise(work: &std::path::Path) {
     run_git(work, &["commit", "-q", "-m", "noise"]);
 }
 
-/// Waits until node `index` runs a git process (the push has reached it).
-async fn wait_for_git_on(cluster: &Cluster, index: usize) {
-    for _ in 0..600 {
-        if !git_processes_of(cluster.nodes[index].pid()).is_empty() {
+/// Waits until node `index` receives the pack of a push: a git process of the node's that
+/// reads a pack. (A ref advertisement or a refs checksum runs git too, but no pack reader.)
+async fn wait_for_pack_on(cluster: &Cluster, index: usize) {
+    for _ in 0..1000 {
+        let receiving = git_processes_of(cluster.nodes[index].pid())
+            .into_iter()
+            .any(|pid| {
+                std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+                    let cmdline = String::from_utf8_lossy(&cmdline);
+                    cmdline.contains("unpack-objects") || cmdline.contains("index-pack")
+                })
+            });
+        if receiving {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    panic!("the push never reached node {index}");
+    panic!("the push's pack never reached node {index}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -362,7 +371,7 @@ async fn a_node_that_dies_mid_push_is_left_behind_and_the_push_succeeds() {
         let (dir, url) = (work.path().to_owned(), cluster.url("big.git"));
         std::thread::spawn(move || try_git(&dir, &["push", "-q", &url, "main"]))
     };
-    wait_for_git_on(&cluster, 2).await;
+    wait_for_pack_on(&cluster, 2).await;
     cluster.nodes[2].kill();
     let output = push.join().unwrap();
     assert!(
@@ -403,7 +412,7 @@ async fn a_shutdown_lets_a_push_in_flight_commit() {
         let (dir, url) = (work.path().to_owned(), cluster.url("inflight.git"));
         std::thread::spawn(move || try_git(&dir, &["push", "-q", &url, "main"]))
     };
-    wait_for_git_on(&cluster, 0).await;
+    wait_for_pack_on(&cluster, 0).await;
     cluster.stop_proxy().await.unwrap();
     let output = push.join().unwrap();
     assert!(
