@@ -490,3 +490,95 @@ async fn git_over_the_bridge_clones_and_pushes_through_the_proxy() {
     assert!(!advertised.contains("refs/heads/feature"), "{advertised}");
     assert!(advertised.contains("refs/tags/v1"), "{advertised}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_through_one_proxy_reroutes_the_reads_of_another() {
+    let cluster = Cluster::start(3).await;
+    let (other, other_channel) = cluster.second_proxy().await;
+    cluster.create("shared.git").await;
+    let work = cluster.push_main("shared.git");
+    let main = run_git(work.path(), &["rev-parse", "main"])
+        .trim()
+        .to_owned();
+    let record = cluster.record("shared.git").await;
+    let find = || FindDefaultBranchRequest {
+        repository: header("default", "shared.git"),
+    };
+    let mut other_refs = RefServiceClient::new(other_channel);
+    // The other proxy caches the repository with every replica up to date.
+    other_refs.find_default_branch(find()).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let round_trips = other.state().store.round_trips();
+    other_refs.find_default_branch(find()).await.unwrap();
+    assert_eq!(other.state().store.round_trips(), round_trips, "not cached");
+
+    // Node 3's main is moved behind the proxies' backs, so a write through the first proxy
+    // that deletes main lands on nodes 1 and 2 only: node 3 stays healthy and falls behind,
+    // still holding a main.
+    let parent = run_git(work.path(), &["rev-parse", "main~1"])
+        .trim()
+        .to_owned();
+    RefServiceClient::new(cluster.nodes[2].channel().await)
+        .update_refs(UpdateRefsRequest {
+            repository: header(STORAGES[2], record.replica_path.as_str()),
+            updates: vec![RefUpdate {
+                name: "refs/heads/main".into(),
+                old_target: main.clone(),
+                new_target: parent,
+            }],
+        })
+        .await
+        .unwrap();
+    RefServiceClient::new(cluster.channel().await)
+        .update_refs(UpdateRefsRequest {
+            repository: header("default", "shared.git"),
+            updates: vec![RefUpdate {
+                name: "refs/heads/main".into(),
+                old_target: main.clone(),
+                new_target: "0".repeat(40),
+            }],
+        })
+        .await
+        .unwrap();
+    let record = cluster.record("shared.git").await;
+    assert_eq!(record.generation, 2);
+    let current: Vec<&str> = record
+        .up_to_date()
+        .map(|storage| storage.as_str())
+        .collect();
+    assert_eq!(
+        current,
+        [STORAGES[0], STORAGES[1]],
+        "node 3 refused: main had moved there"
+    );
+
+    // The other proxy heard of it: its next read reloads, and no read reaches node 3.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let round_trips = other.state().store.round_trips();
+    let outdated_reads = other
+        .state()
+        .nodes
+        .get(&Cluster::storage(2))
+        .unwrap()
+        .reads();
+    for _ in 0..30 {
+        let answer = other_refs
+            .find_default_branch(find())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.target, "", "a read reached the outdated replica");
+    }
+    assert_eq!(
+        other.state().store.round_trips() - round_trips,
+        1,
+        "one reload"
+    );
+    let after = other
+        .state()
+        .nodes
+        .get(&Cluster::storage(2))
+        .unwrap()
+        .reads();
+    assert_eq!(after, outdated_reads);
+}

@@ -111,6 +111,33 @@ impl Cluster {
         cluster
     }
 
+    /// Starts another proxy on the same database and nodes, as a second proxy process of
+    /// the same cluster would be; it stops when the cluster is dropped.
+    pub async fn second_proxy(&self) -> (Proxy, AuthedChannel) {
+        let config = ProxyConfig::load(&self.config_path).unwrap();
+        let proxy = Proxy::new(config).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = format!("http://{}", listener.local_addr().unwrap());
+        let ready = CancellationToken::new();
+        tokio::spawn(gitfleet::proxy::serve_announced(
+            listener,
+            proxy.clone(),
+            self.shutdown.clone(),
+            ready.clone(),
+        ));
+        ready.cancelled().await;
+        for _ in 0..200 {
+            if proxy.state().routing.is_listening() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let channel = gitfleet::client::connect(&address, Signer::from_secret(PROXY_TOKEN))
+            .await
+            .unwrap();
+        (proxy, channel)
+    }
+
     pub async fn channel(&self) -> AuthedChannel {
         gitfleet::client::connect(&self.address, Signer::from_secret(PROXY_TOKEN))
             .await
