@@ -47,3 +47,18 @@ pub async fn connect(address: &str, signer: Signer) -> Result<AuthedChannel, Con
             })?;
     Ok(InterceptedService::new(channel, signer))
 }
+
+/// The connections a server accepts, with Nagle's algorithm off: gRPC writes headers, data and
+/// trailers separately, and Nagle would hold the last of them back for a delayed ACK.
+pub fn incoming(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt as _;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|accepted| {
+        accepted.inspect(|stream| {
+            if let Err(error) = stream.set_nodelay(true) {
+                tracing::debug!(%error, "cannot set TCP_NODELAY");
+            }
+        })
+    })
+}

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
@@ -199,7 +198,7 @@ pub async fn serve(
     // shutdown_grace; then their git commands are killed.
     let stop_accepting = CancellationToken::new();
     let served = tokio::spawn(server.serve_with_incoming_shutdown(
-        TcpListenerStream::new(listener),
+        crate::client::incoming(listener),
         stop_accepting.clone().cancelled_owned(),
     ));
     tokio::pin!(served);

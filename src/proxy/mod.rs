@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::metadata::MetadataMap;
@@ -217,7 +216,7 @@ pub async fn serve_announced(
 
     let stop_accepting = CancellationToken::new();
     let served = tokio::spawn(server.serve_with_incoming_shutdown(
-        TcpListenerStream::new(listener),
+        crate::client::incoming(listener),
         stop_accepting.clone().cancelled_owned(),
     ));
     tokio::pin!(served);
