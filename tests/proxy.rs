@@ -79,8 +79,12 @@ fn remote_refs(work: &std::path::Path, url: &str) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn reads_are_spread_over_the_replicas_and_cost_no_database_round_trip() {
     let cluster = Cluster::start(3).await;
+    let notified = cluster.proxy.state().routing.notifications();
     cluster.create("spread.git").await;
     let work = cluster.push_main("spread.git");
+    // The creation is announced twice (the row, then its replicas), the push once. Once they
+    // are in, one read fills the cache.
+    Cluster::wait_for_notifications(&cluster.proxy, notified, 3).await;
     let main = run_git(work.path(), &["rev-parse", "main"])
         .trim()
         .to_owned();
@@ -88,11 +92,13 @@ async fn reads_are_spread_over_the_replicas_and_cost_no_database_round_trip() {
     let find = || FindDefaultBranchRequest {
         repository: header("default", "spread.git"),
     };
-    // The first read after a write fills the cache; give the write's own notification time
-    // to arrive so that it does not empty the cache again mid-count.
+    let round_trips = cluster.round_trips();
     refs.find_default_branch(find()).await.unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    refs.find_default_branch(find()).await.unwrap();
+    assert_eq!(
+        cluster.round_trips() - round_trips,
+        1,
+        "the cache is filled"
+    );
 
     let round_trips = cluster.round_trips();
     let reads: Vec<u64> = (0..3).map(|index| cluster.reads(index)).collect();
@@ -135,24 +141,42 @@ async fn reads_are_spread_over_the_replicas_and_cost_no_database_round_trip() {
     expected[primary] = 10;
     assert_eq!(routed, expected);
 
+    // Every write is two statements, whether the cache holds the repository or not.
+    let notified = cluster.proxy.state().routing.notifications();
+    for branch in ["copy-1", "copy-2", "copy-3"] {
+        let round_trips = cluster.round_trips();
+        refs.update_refs(UpdateRefsRequest {
+            repository: header("default", "spread.git"),
+            updates: vec![RefUpdate {
+                name: format!("refs/heads/{branch}"),
+                old_target: "0".repeat(40),
+                new_target: main.clone(),
+            }],
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            cluster.round_trips() - round_trips,
+            2,
+            "a write is two statements"
+        );
+    }
+    Cluster::wait_for_notifications(&cluster.proxy, notified, 3).await;
+    refs.find_default_branch(find()).await.unwrap();
+    // A push: its ref advertisement is a read from the cache, the push itself two statements.
+    commit_branch(work.path(), "pushed");
     let round_trips = cluster.round_trips();
-    refs.update_refs(UpdateRefsRequest {
-        repository: header("default", "spread.git"),
-        updates: vec![RefUpdate {
-            name: "refs/heads/copy".into(),
-            old_target: "0".repeat(40),
-            new_target: main.clone(),
-        }],
-    })
-    .await
-    .unwrap();
+    run_git(
+        work.path(),
+        &["push", "-q", &cluster.url("spread.git"), "pushed"],
+    );
     assert_eq!(
         cluster.round_trips() - round_trips,
         2,
-        "a write is two statements"
+        "a push is two statements"
     );
     let record = cluster.record("spread.git").await;
-    assert_eq!(record.generation, 2);
+    assert_eq!(record.generation, 5);
     assert_eq!(record.up_to_date().count(), 3);
 }
 
@@ -495,6 +519,7 @@ async fn git_over_the_bridge_clones_and_pushes_through_the_proxy() {
 async fn a_write_through_one_proxy_reroutes_the_reads_of_another() {
     let cluster = Cluster::start(3).await;
     let (other, other_channel) = cluster.second_proxy().await;
+    let notified = other.state().routing.notifications();
     cluster.create("shared.git").await;
     let work = cluster.push_main("shared.git");
     let main = run_git(work.path(), &["rev-parse", "main"])
@@ -506,8 +531,8 @@ async fn a_write_through_one_proxy_reroutes_the_reads_of_another() {
     };
     let mut other_refs = RefServiceClient::new(other_channel);
     // The other proxy caches the repository with every replica up to date.
+    Cluster::wait_for_notifications(&other, notified, 3).await;
     other_refs.find_default_branch(find()).await.unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let round_trips = other.state().store.round_trips();
     other_refs.find_default_branch(find()).await.unwrap();
     assert_eq!(other.state().store.round_trips(), round_trips, "not cached");
@@ -553,7 +578,7 @@ async fn a_write_through_one_proxy_reroutes_the_reads_of_another() {
     );
 
     // The other proxy heard of it: its next read reloads, and no read reaches node 3.
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    Cluster::wait_for_notifications(&other, notified, 4).await;
     let round_trips = other.state().store.round_trips();
     let outdated_reads = other
         .state()

@@ -541,7 +541,8 @@ async fn the_next_write_settles_a_write_whose_proxy_died() {
     };
     let started = store
         .begin_write(
-            record.id,
+            &Cluster::virtual_storage(),
+            &record.relative_path,
             "dead-proxy",
             Duration::from_secs(1),
             "/gitfleet.v1.RefService/UpdateRefs",

@@ -141,7 +141,15 @@ async fn a_write_lease_is_exclusive_and_fenced() {
     }];
     let lease = Duration::from_secs(30);
     let WriteStart::Leased(held) = store
-        .begin_write(id, "proxy-a", lease, "/x/Y", &change, &all)
+        .begin_write(
+            &name("default"),
+            &path("a.git"),
+            "proxy-a",
+            lease,
+            "/x/Y",
+            &change,
+            &all,
+        )
         .await
         .unwrap()
     else {
@@ -153,7 +161,15 @@ async fn a_write_lease_is_exclusive_and_fenced() {
     // A second writer finds the lease taken.
     assert!(matches!(
         store
-            .begin_write(id, "proxy-b", lease, "/x/Y", &change, &all)
+            .begin_write(
+                &name("default"),
+                &path("a.git"),
+                "proxy-b",
+                lease,
+                "/x/Y",
+                &change,
+                &all
+            )
             .await
             .unwrap(),
         WriteStart::Busy
@@ -213,7 +229,15 @@ async fn a_write_lease_is_exclusive_and_fenced() {
     );
     // Now the next writer gets the lease, with the outdated replica left out.
     let WriteStart::Leased(next) = store
-        .begin_write(id, "proxy-b", lease, "/x/Y", &change, &all)
+        .begin_write(
+            &name("default"),
+            &path("a.git"),
+            "proxy-b",
+            lease,
+            "/x/Y",
+            &change,
+            &all,
+        )
         .await
         .unwrap()
     else {
@@ -229,7 +253,15 @@ async fn a_commit_is_refused_when_a_replica_changed_under_the_write() {
     let id = create(&store, "changed.git").await;
     let all = [name("s1"), name("s2"), name("s3")];
     let WriteStart::Leased(lease) = store
-        .begin_write(id, "proxy-a", Duration::from_secs(30), "/x/Y", &[], &all)
+        .begin_write(
+            &name("default"),
+            &path("changed.git"),
+            "proxy-a",
+            Duration::from_secs(30),
+            "/x/Y",
+            &[],
+            &all,
+        )
         .await
         .unwrap()
     else {

@@ -30,12 +30,15 @@ pub use nodes::{NodeHandle, Nodes};
 pub use routing::RoutingCache;
 
 use crate::config::ProxyConfig;
-use crate::model::{RelativePath, RepositoryId, StorageName};
+use crate::model::{RelativePath, StorageName};
 use crate::proto::routing::RpcInfo;
 use crate::store::Store;
 
 /// A request header that sends an accessor to the repository's primary replica.
 pub const ROUTE_HEADER: &str = "gitfleet-route";
+
+/// Writes to one repository through this proxy take turns on this.
+type WriteQueue = tokio::sync::Mutex<()>;
 
 /// What every call shares.
 #[derive(Debug)]
@@ -48,7 +51,7 @@ pub struct ProxyState {
     pub instance_id: String,
     /// Writes to one repository through this proxy queue here before they ask PostgreSQL for
     /// the lease.
-    write_queues: Mutex<HashMap<RepositoryId, Weak<tokio::sync::Mutex<()>>>>,
+    write_queues: Mutex<HashMap<(StorageName, RelativePath), Weak<WriteQueue>>>,
     /// Writes run as tasks of their own, so that a caller who goes away or a shutdown never
     /// cuts one between its fan-out and its second transaction. Shutdown waits for them.
     writes: TaskTracker,
@@ -143,14 +146,19 @@ impl Proxy {
     }
 
     /// The queue for writes to one repository through this proxy.
-    fn write_queue(&self, id: RepositoryId) -> Arc<tokio::sync::Mutex<()>> {
+    fn write_queue(
+        &self,
+        virtual_storage: &StorageName,
+        relative_path: &RelativePath,
+    ) -> Arc<WriteQueue> {
+        let key = (virtual_storage.clone(), relative_path.clone());
         let mut queues = self.state.write_queues.lock().unwrap();
-        if let Some(queue) = queues.get(&id).and_then(Weak::upgrade) {
+        if let Some(queue) = queues.get(&key).and_then(Weak::upgrade) {
             return queue;
         }
         queues.retain(|_, queue| queue.strong_count() > 0);
-        let queue = Arc::new(tokio::sync::Mutex::new(()));
-        queues.insert(id, Arc::downgrade(&queue));
+        let queue = Arc::new(WriteQueue::new(()));
+        queues.insert(key, Arc::downgrade(&queue));
         queue
     }
 }

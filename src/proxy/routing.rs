@@ -30,6 +30,7 @@ pub struct RoutingCache {
     epoch: AtomicU64,
     /// Whether notifications are being received.
     listening: AtomicBool,
+    received: AtomicU64,
 }
 
 impl RoutingCache {
@@ -39,6 +40,7 @@ impl RoutingCache {
             entries: Mutex::default(),
             epoch: AtomicU64::new(0),
             listening: AtomicBool::new(false),
+            received: AtomicU64::new(0),
         }
     }
 
@@ -76,6 +78,25 @@ impl RoutingCache {
             entries.by_path.insert(key, record.clone());
         }
         Ok(Some(record))
+    }
+
+    /// The repository at a path if it is in memory and notifications flow; never reads the
+    /// database.
+    pub fn cached(
+        &self,
+        virtual_storage: &StorageName,
+        relative_path: &RelativePath,
+    ) -> Option<Arc<RepositoryRecord>> {
+        if !self.listening.load(Ordering::Acquire) {
+            return None;
+        }
+        let key = (virtual_storage.clone(), relative_path.clone());
+        self.entries.lock().unwrap().by_path.get(&key).cloned()
+    }
+
+    /// Notifications received since start.
+    pub fn notifications(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
     }
 
     /// Forgets one repository.
@@ -147,10 +168,13 @@ impl RoutingCache {
                     received = listener.try_recv() => received,
                 };
                 match received {
-                    Ok(Some(notification)) => match notification.payload().parse::<i64>() {
-                        Ok(id) => self.invalidate(RepositoryId(id)),
-                        Err(_) => self.clear(),
-                    },
+                    Ok(Some(notification)) => {
+                        match notification.payload().parse::<i64>() {
+                            Ok(id) => self.invalidate(RepositoryId(id)),
+                            Err(_) => self.clear(),
+                        }
+                        self.received.fetch_add(1, Ordering::Relaxed);
+                    }
                     // The connection dropped and was made again: what was said in between is
                     // lost.
                     Ok(None) => self.set_listening(true),

@@ -57,7 +57,7 @@ pub(super) async fn receive_pack(
         out_tx: out_tx.clone(),
     };
     let work = async move {
-        if let Err(error) = session.run(call, record, advertisement).await {
+        if let Err(error) = session.run(call, advertisement).await {
             let _ = out_tx.send(Err(Status::from(error))).await;
         }
     };
@@ -79,7 +79,6 @@ impl Session {
     async fn run(
         self,
         mut call: Call,
-        record: std::sync::Arc<crate::store::RepositoryRecord>,
         mut advertisement: Streaming<Bytes>,
     ) -> Result<(), ProxyError> {
         let node_error = |status| ProxyError::Node {
@@ -146,7 +145,7 @@ impl Session {
         drop(self.advertiser_tx);
         while let Ok(Some(_)) = advertisement.message().await {}
 
-        let write = Write::new(&self.proxy, call, record, head.changes, head.messages);
+        let write = Write::new(&self.proxy, call, head.changes, head.messages);
         let (storage, reply): Answer = write.run().await?;
         let reply = reply.map_err(|status| ProxyError::Node {
             storage: storage.clone(),

@@ -4,7 +4,6 @@
 //! anything. Fewer than a majority in agreement and it is rolled back.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -18,7 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
 use super::error::ProxyError;
-use super::forward::{later_messages, lookup, send};
+use super::forward::{later_messages, send};
 use super::header::Located;
 use super::service::ResponseStream;
 use super::{Call, Proxy, header, majority, push};
@@ -48,7 +47,11 @@ pub(super) async fn mutator(
     if call.info.path == super::ssh_push::SSH_RECEIVE_PACK {
         return super::ssh_push::receive_pack(proxy, call).await;
     }
-    let record = lookup(proxy, &call).await?;
+    // From memory only: a write never reads the catalog before its first transaction.
+    let cached = proxy
+        .state
+        .routing
+        .cached(&call.virtual_storage, &call.relative_path);
     let (changes, prefix) = match call.info.path {
         UPDATE_REFS => (update_refs_changes(&call.first)?, Vec::new()),
         SET_DEFAULT_BRANCH => (default_branch_change(&call.first)?, Vec::new()),
@@ -59,8 +62,10 @@ pub(super) async fn mutator(
         // A mutator whose changes the proxy cannot read is refused: it could not be recorded.
         other => return Err(ProxyError::NotServed(other.to_owned())),
     };
-    check_reachable(proxy, &record, &call.repository())?;
-    let write = Write::new(proxy, call, record, changes, prefix);
+    if let Some(record) = &cached {
+        check_reachable(proxy, record, &call.repository())?;
+    }
+    let write = Write::new(proxy, call, changes, prefix);
     // The write runs to its end even if the caller goes away.
     let task = proxy
         .state
@@ -148,7 +153,8 @@ pub(super) struct Write {
     /// Messages read after the first to find a push's commands.
     prefix: Vec<Bytes>,
     inbound: Option<Streaming<Bytes>>,
-    record: Arc<RepositoryRecord>,
+    virtual_storage: StorageName,
+    relative_path: RelativePath,
     changes: Vec<RefChange>,
     /// Cancelled when the lease can no longer be renewed: the write must stop and undo.
     lease_lost: CancellationToken,
@@ -158,7 +164,6 @@ impl Write {
     pub(super) fn new(
         proxy: &Proxy,
         call: Call,
-        record: Arc<RepositoryRecord>,
         changes: Vec<RefChange>,
         prefix: Vec<Bytes>,
     ) -> Self {
@@ -171,7 +176,8 @@ impl Write {
             located: call.located,
             prefix,
             inbound: Some(call.inbound),
-            record,
+            virtual_storage: call.virtual_storage,
+            relative_path: call.relative_path,
             changes,
             lease_lost: CancellationToken::new(),
         }
@@ -181,7 +187,9 @@ impl Write {
         let state = &self.proxy.state;
         let started = Instant::now();
         let wait = state.config.writes.lease_wait.0;
-        let queue = self.proxy.write_queue(self.record.id);
+        let queue = self
+            .proxy
+            .write_queue(&self.virtual_storage, &self.relative_path);
         let _turn = tokio::time::timeout(wait, queue.lock_owned())
             .await
             .map_err(|_| self.busy(started))?;
@@ -217,7 +225,8 @@ impl Write {
             let start = state
                 .store
                 .begin_write(
-                    self.record.id,
+                    &self.virtual_storage,
+                    &self.relative_path,
                     &state.instance_id,
                     state.config.writes.lease.0,
                     self.path,
@@ -229,6 +238,20 @@ impl Write {
                 WriteStart::Leased(lease) => return Ok(lease),
                 WriteStart::Recover(lease, stale) => self.recover(&lease, &stale).await?,
                 WriteStart::NotFound => return Err(ProxyError::NotFound(self.repository.clone())),
+                WriteStart::Unreachable {
+                    assigned,
+                    reachable,
+                } => {
+                    return Err(ProxyError::NotEnoughReplicas {
+                        repository: self.repository.clone(),
+                        needed: majority(assigned.len()),
+                        assigned: assigned.len(),
+                        missing: assigned
+                            .into_iter()
+                            .filter(|storage| !reachable.contains(storage))
+                            .collect(),
+                    });
+                }
                 WriteStart::Busy if started.elapsed() >= state.config.writes.lease_wait.0 => {
                     return Err(self.busy(started));
                 }
@@ -243,7 +266,7 @@ impl Write {
     /// Sends the write, judges it and records the outcome.
     async fn apply(&mut self, lease: &WriteLease, needed: usize) -> Result<Answer, ProxyError> {
         let state = self.proxy.state.clone();
-        let replica_path = self.record.replica_path.clone();
+        let replica_path = lease.replica_path.clone();
         let owner = state.instance_id.as_str();
 
         // Each replica's refs before: a replica that cannot say is left out, and repaired later.
@@ -474,7 +497,7 @@ impl Write {
     /// left behind it, to be repaired.
     async fn recover(&self, lease: &WriteLease, stale: &StaleIntent) -> Result<(), ProxyError> {
         let state = &self.proxy.state;
-        let replica_path = &self.record.replica_path;
+        let replica_path = &lease.replica_path;
         tracing::warn!(intent = lease.intent, targets = ?stale.targets, "settling an interrupted write");
         for storage in lease.targets.iter().filter(|s| stale.targets.contains(s)) {
             reverse_changes(&self.proxy, storage, replica_path, &stale.changes).await;

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
 
 use super::{JOB_REPLICATE, Store, StoreError, storage_names, texts};
-use crate::model::{RepositoryId, StorageName};
+use crate::model::{RelativePath, RepositoryId, StorageName};
 
 /// One ref update a write will make. `old` and `new` are object ids (all zeros: absent), or
 /// for a symbolic ref such as HEAD, the ref it points to.
@@ -26,6 +26,8 @@ const NO_INTENT: i64 = 0;
 #[derive(Debug, Clone)]
 pub struct WriteLease {
     pub repository: RepositoryId,
+    /// Where the repository's replicas live.
+    pub replica_path: RelativePath,
     pub intent: i64,
     /// The fencing token: every later statement of this write is guarded by it.
     pub token: i64,
@@ -54,6 +56,12 @@ pub enum WriteStart {
     Busy,
     /// The repository is gone.
     NotFound,
+    /// Fewer than a majority of the assigned replicas are up to date on reachable nodes: the
+    /// lease was not taken and nothing was recorded.
+    Unreachable {
+        assigned: Vec<StorageName>,
+        reachable: Vec<StorageName>,
+    },
 }
 
 /// How a write ended, once committed.
@@ -65,12 +73,15 @@ pub struct WriteOutcome {
 }
 
 impl Store {
-    /// Takes the repository's write lease and records the write intent, in one statement.
-    /// `healthy` lists the storages the proxy can reach now; the write targets the assigned,
-    /// up-to-date ones among them.
+    /// Takes the write lease of the repository at a path and records the write intent, in one
+    /// statement. `healthy` lists the storages the proxy can reach now; the write targets the
+    /// assigned, up-to-date ones among them, and the lease is not taken at all when they are
+    /// fewer than a majority of the assigned storages.
+    #[allow(clippy::too_many_arguments)]
     pub async fn begin_write(
         &self,
-        repository: RepositoryId,
+        virtual_storage: &StorageName,
+        relative_path: &RelativePath,
         owner: &str,
         lease: Duration,
         rpc: &str,
@@ -84,77 +95,121 @@ impl Store {
                 "begin_write",
                 sqlx::query(
                     "WITH snapshot AS (
-                         SELECT id, generation FROM repositories WHERE id = $1
+                         SELECT r.id, r.generation, r.replica_path,
+                                (r.lease_owner IS NULL OR r.lease_expires_at < now()) AS free,
+                                (SELECT count(*) FROM assignments a
+                                 WHERE a.repository_id = r.id) AS assigned,
+                                (SELECT count(*) FROM assignments a
+                                 JOIN replicas p ON p.repository_id = a.repository_id
+                                                AND p.storage = a.storage
+                                 WHERE a.repository_id = r.id AND p.generation = r.generation
+                                   AND a.storage = ANY($7)) AS reachable
+                         FROM repositories r
+                         WHERE r.virtual_storage = $1 AND r.relative_path = $2
                      ), lease AS (
-                         UPDATE repositories
-                         SET lease_owner = $2, lease_token = lease_token + 1,
-                             lease_expires_at = now() + make_interval(secs => $3)
-                         WHERE id = $1 AND (lease_owner IS NULL OR lease_expires_at < now())
-                         RETURNING id, lease_token, generation, lease_expires_at
+                         UPDATE repositories r
+                         SET lease_owner = $3, lease_token = r.lease_token + 1,
+                             lease_expires_at = now() + make_interval(secs => $4)
+                         FROM snapshot s
+                         WHERE r.id = s.id
+                           AND (r.lease_owner IS NULL OR r.lease_expires_at < now())
+                           AND s.reachable >= s.assigned / 2 + 1
+                         RETURNING r.id, r.lease_token, r.generation, r.lease_expires_at
                      ), targets AS (
                          SELECT coalesce(array_agg(a.storage ORDER BY a.storage), '{}') AS storages
                          FROM lease
                          JOIN assignments a ON a.repository_id = lease.id
                          JOIN replicas p ON p.repository_id = a.repository_id
                                         AND p.storage = a.storage
-                         WHERE p.generation = lease.generation AND a.storage = ANY($6)
+                         WHERE p.generation = lease.generation AND a.storage = ANY($7)
                      ), stale AS (
-                         SELECT id, ref_updates, target_storages FROM write_intents
-                         WHERE repository_id = $1 ORDER BY id LIMIT 1
+                         SELECT i.id, i.ref_updates, i.target_storages
+                         FROM write_intents i, snapshot s
+                         WHERE i.repository_id = s.id ORDER BY i.id LIMIT 1
                      ), intent AS (
                          INSERT INTO write_intents (repository_id, owner, fencing_token,
                              lease_expires_at, rpc, base_generation, ref_updates, target_storages)
-                         SELECT lease.id, $2, lease.lease_token, lease.lease_expires_at, $4,
-                                lease.generation, $5, targets.storages
+                         SELECT lease.id, $3, lease.lease_token, lease.lease_expires_at, $5,
+                                lease.generation, $6, targets.storages
                          FROM lease, targets
                          WHERE NOT EXISTS (SELECT 1 FROM stale)
                          RETURNING id
                      )
-                     SELECT (SELECT count(*) FROM snapshot) AS found,
-                            (SELECT generation FROM snapshot) AS snapshot_generation,
+                     SELECT snapshot.id AS repository, snapshot.generation AS snapshot_generation,
+                            snapshot.replica_path, snapshot.free,
                             lease.lease_token, lease.generation, intent.id AS intent,
                             targets.storages AS targets,
-                            ARRAY(SELECT storage FROM assignments
-                                  WHERE repository_id = $1 ORDER BY storage) AS assigned,
+                            ARRAY(SELECT a.storage FROM assignments a
+                                  WHERE a.repository_id = snapshot.id ORDER BY a.storage)
+                                AS assigned_storages,
+                            ARRAY(SELECT a.storage FROM assignments a
+                                  JOIN replicas p ON p.repository_id = a.repository_id
+                                                 AND p.storage = a.storage
+                                  WHERE a.repository_id = snapshot.id
+                                    AND p.generation = snapshot.generation
+                                    AND a.storage = ANY($7) ORDER BY a.storage)
+                                AS reachable_storages,
                             stale.id AS stale_intent, stale.ref_updates::text AS stale_changes,
                             stale.target_storages AS stale_targets
-                     FROM (SELECT 1) AS one
+                     FROM snapshot
                      LEFT JOIN lease ON true LEFT JOIN intent ON true LEFT JOIN targets ON true
                      LEFT JOIN stale ON true",
                 )
-                .bind(repository.0)
+                .bind(virtual_storage.as_str())
+                .bind(relative_path.as_str())
                 .bind(owner)
                 .bind(lease.as_secs_f64())
                 .bind(rpc)
                 .bind(changes)
                 .bind(texts(healthy))
-                .fetch_one(&self.pool),
+                .fetch_optional(&self.pool),
             )
             .await?;
-        let found: i64 = row.try_get("found")?;
+        let Some(row) = row else {
+            return Ok(WriteStart::NotFound);
+        };
+        let repository = RepositoryId(row.try_get("repository")?);
+        let assigned = storage_names(&row.try_get::<Vec<String>, _>("assigned_storages")?);
         let token: Option<i64> = row.try_get("lease_token")?;
         let stale: Option<i64> = row.try_get("stale_intent")?;
         let intent = row.try_get::<Option<i64>, _>("intent")?.or(stale);
         let (Some(token), Some(intent)) = (token, intent) else {
-            return Ok(if found == 0 {
-                WriteStart::NotFound
-            } else {
-                WriteStart::Busy
+            let free: bool = row.try_get("free")?;
+            if !free {
+                return Ok(WriteStart::Busy);
+            }
+            // The lease was free and not taken: a majority is out of reach, unless a write
+            // committed while this statement waited (then its snapshot is old: try again).
+            let reachable = storage_names(&row.try_get::<Vec<String>, _>("reachable_storages")?);
+            if reachable.len() > assigned.len() / 2 {
+                return Ok(WriteStart::Busy);
+            }
+            return Ok(WriteStart::Unreachable {
+                assigned,
+                reachable,
             });
         };
         let generation: i64 = row.try_get("generation")?;
+        let replica_path: String = row.try_get("replica_path")?;
+        let replica_path = RelativePath::parse(&replica_path).map_err(|error| {
+            StoreError::Failed(sqlx::Error::ColumnDecode {
+                index: "replica_path".into(),
+                source: Box::new(error),
+            })
+        })?;
         let mut lease = WriteLease {
             repository,
+            replica_path,
             intent,
             token,
             generation,
             targets: storage_names(&row.try_get::<Vec<String>, _>("targets")?),
-            assigned: storage_names(&row.try_get::<Vec<String>, _>("assigned")?),
+            assigned,
         };
         // The lease was free only after a write that finished while this statement waited for
         // the row: the targets were read before that write committed. Start again.
-        let snapshot_generation: Option<i64> = row.try_get("snapshot_generation")?;
-        if snapshot_generation != Some(generation) {
+        let snapshot_generation: i64 = row.try_get("snapshot_generation")?;
+        if snapshot_generation != generation {
             if stale.is_some() {
                 // Release the lease only: the interrupted write's intent stays.
                 lease.intent = NO_INTENT;

@@ -165,6 +165,21 @@ impl Cluster {
         self.nodes[index].repo_path(STORAGES[index], record.replica_path.as_str())
     }
 
+    pub fn virtual_storage() -> StorageName {
+        StorageName::parse("default").unwrap()
+    }
+
+    /// Waits until the proxy has received `count` more routing notifications than `since`.
+    pub async fn wait_for_notifications(proxy: &Proxy, since: u64, count: u64) {
+        for _ in 0..400 {
+            if proxy.state().routing.notifications() >= since + count {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("routing notifications did not arrive");
+    }
+
     pub fn storage(index: usize) -> StorageName {
         StorageName::parse(STORAGES[index]).unwrap()
     }
