@@ -190,14 +190,22 @@ async fn writes_to_one_repository_take_turns_and_other_repositories_do_not_wait(
 
     // Two pushes to one repository at the same moment: both land, one after the other.
     let url_a = cluster.url("a.git");
-    let pushes: Vec<_> = ["x", "y"]
+    let clones: Vec<(tempfile::TempDir, &str)> = ["x", "y"]
         .into_iter()
         .map(|branch| {
             let clone = tempfile::tempdir().unwrap();
             run_git(clone.path(), &["clone", "-q", &url_a, "."]);
             commit_branch(clone.path(), branch);
-            let url = url_a.clone();
+            (clone, branch)
+        })
+        .collect();
+    let start = std::sync::Arc::new(std::sync::Barrier::new(clones.len()));
+    let pushes: Vec<_> = clones
+        .into_iter()
+        .map(|(clone, branch)| {
+            let (url, start) = (url_a.clone(), start.clone());
             std::thread::spawn(move || {
+                start.wait();
                 let output = try_git(clone.path(), &["push", "-q", &url, branch]);
                 (output, clone)
             })

@@ -589,3 +589,75 @@ async fn the_next_write_settles_a_write_whose_proxy_died() {
         .unwrap();
     assert_eq!(intents, 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repository_created_while_a_node_is_down_is_served_and_its_missing_replica_queued() {
+    let mut cluster = Cluster::start(3).await;
+    cluster.nodes[2].kill();
+    cluster.wait_for_health(2, false).await;
+    cluster.create("partial.git").await;
+    let record = cluster.record("partial.git").await;
+    assert_eq!(record.assigned.len(), 3, "every storage is assigned");
+    let current: Vec<&str> = record
+        .up_to_date()
+        .map(|storage| storage.as_str())
+        .collect();
+    assert_eq!(current, [STORAGES[0], STORAGES[1]]);
+    let jobs: Vec<(String, String)> = sqlx::query_as(
+        "SELECT kind, target_storage FROM jobs WHERE repository_id = $1 AND state = 'queued'",
+    )
+    .bind(record.id.0)
+    .fetch_all(cluster.store().pool())
+    .await
+    .unwrap();
+    assert_eq!(jobs, [("replicate".to_owned(), STORAGES[2].to_owned())]);
+
+    // The repository works: a push lands on the two replicas it has.
+    let work = cluster.push_main("partial.git");
+    let record = cluster.record("partial.git").await;
+    assert_eq!(record.generation, 1);
+    assert_eq!(
+        cluster.node_checksum(0, &record).await,
+        cluster.node_checksum(1, &record).await
+    );
+    let advertised = run_git(
+        work.path(),
+        &["ls-remote", "--refs", &cluster.url("partial.git")],
+    );
+    assert!(advertised.contains("refs/heads/main"), "{advertised}");
+
+    // The default branch is a write like any other.
+    RefServiceClient::new(cluster.channel().await)
+        .set_default_branch(SetDefaultBranchRequest {
+            repository: header("default", "partial.git"),
+            branch: "feature".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(cluster.record("partial.git").await.generation, 2);
+    for index in [0, 1] {
+        let head = RefServiceClient::new(cluster.nodes[index].channel().await)
+            .find_default_branch(FindDefaultBranchRequest {
+                repository: header(STORAGES[index], record.replica_path.as_str()),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(head.name, "refs/heads/feature");
+    }
+
+    // Removing it with a node down: the row goes at once, the reachable replicas too.
+    RepositoryServiceClient::new(cluster.channel().await)
+        .remove_repository(RemoveRepositoryRequest {
+            repository: header("default", "partial.git"),
+        })
+        .await
+        .unwrap();
+    assert!(!cluster.replica_dir(0, &record).exists());
+    assert!(!cluster.replica_dir(1, &record).exists());
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM repositories")
+        .fetch_one(cluster.store().pool())
+        .await
+        .unwrap();
+    assert_eq!(rows, 0);
+}

@@ -27,6 +27,16 @@ fn proxy_config(
     path
 }
 
+/// A child process that is killed if the test ends before it does.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn migrate(config: &std::path::Path) -> std::process::Output {
     Command::new(BINARY)
         .args(["migrate", "--config"])
@@ -59,14 +69,17 @@ async fn the_proxy_process_migrates_serves_and_stops_on_sigterm() {
         "gitfleet migrate: 0 applied now, 1 in all\n"
     );
 
-    let mut proxy = Command::new(BINARY)
-        .args(["proxy", "--config"])
-        .arg(&config)
-        .env("GITFLEET_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let mut proxy = KillOnDrop(
+        Command::new(BINARY)
+            .args(["proxy", "--config"])
+            .arg(&config)
+            .env("GITFLEET_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let proxy = &mut proxy.0;
     let mut line = String::new();
     BufReader::new(proxy.stdout.take().unwrap())
         .read_line(&mut line)

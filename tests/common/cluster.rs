@@ -126,12 +126,18 @@ impl Cluster {
             ready.clone(),
         ));
         ready.cancelled().await;
+        let mut listening = false;
         for _ in 0..200 {
-            if proxy.state().routing.is_listening() {
+            listening = proxy.state().routing.is_listening();
+            if listening {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        assert!(
+            listening,
+            "the second proxy never listened for notifications"
+        );
         let channel = gitfleet::client::connect(&address, Signer::from_secret(PROXY_TOKEN))
             .await
             .unwrap();
