@@ -661,3 +661,44 @@ async fn a_repository_created_while_a_node_is_down_is_served_and_its_missing_rep
         .unwrap();
     assert_eq!(rows, 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_that_applies_a_write_but_disagrees_is_left_behind() {
+    let cluster = Cluster::start(3).await;
+    cluster.create("diverged.git").await;
+    let work = cluster.push_main("diverged.git");
+    let main = run_git(work.path(), &["rev-parse", "main"])
+        .trim()
+        .to_owned();
+    let record = cluster.record("diverged.git").await;
+    // Node 2 holds a ref the others do not: it will apply the write, and still differ.
+    RefServiceClient::new(cluster.nodes[1].channel().await)
+        .update_refs(UpdateRefsRequest {
+            repository: header(STORAGES[1], record.replica_path.as_str()),
+            updates: vec![update("refs/heads/stray", &"0".repeat(40), &main)],
+        })
+        .await
+        .unwrap();
+    RefServiceClient::new(cluster.channel().await)
+        .update_refs(UpdateRefsRequest {
+            repository: header("default", "diverged.git"),
+            updates: vec![update("refs/heads/copy", &"0".repeat(40), &main)],
+        })
+        .await
+        .unwrap();
+    let record = cluster.record("diverged.git").await;
+    assert_eq!(record.generation, 2);
+    let current: Vec<&str> = record
+        .up_to_date()
+        .map(|storage| storage.as_str())
+        .collect();
+    assert_eq!(current, [STORAGES[0], STORAGES[2]]);
+    let queued: Vec<String> = sqlx::query_scalar(
+        "SELECT target_storage FROM jobs WHERE repository_id = $1 AND state = 'queued'",
+    )
+    .bind(record.id.0)
+    .fetch_all(cluster.store().pool())
+    .await
+    .unwrap();
+    assert_eq!(queued, [STORAGES[1]]);
+}
