@@ -2,8 +2,6 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::signal::unix::{SignalKind, signal};
-use tokio_util::sync::CancellationToken;
 
 use crate::config::NodeConfig;
 
@@ -30,17 +28,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     println!("gitfleet node: listening on {address}");
     tracing::info!(%address, storages = config.storages.len(), "node started");
 
-    let shutdown = CancellationToken::new();
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let trigger = shutdown.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = terminate.recv() => tracing::info!("SIGTERM received"),
-            _ = interrupt.recv() => tracing::info!("SIGINT received"),
-        }
-        trigger.cancel();
-    });
+    let shutdown = super::shutdown_on_signals()?;
     crate::node::serve(listener, node, config, shutdown).await?;
     tracing::info!("node stopped");
     Ok(())

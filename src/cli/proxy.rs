@@ -2,7 +2,6 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ProxyConfig;
@@ -30,17 +29,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let address = listener.local_addr()?;
-    let shutdown = CancellationToken::new();
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let trigger = shutdown.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = terminate.recv() => tracing::info!("SIGTERM received"),
-            _ = interrupt.recv() => tracing::info!("SIGINT received"),
-        }
-        trigger.cancel();
-    });
+    let shutdown = super::shutdown_on_signals()?;
     let ready = CancellationToken::new();
     let announce = ready.clone();
     tokio::spawn(async move {

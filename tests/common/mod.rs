@@ -65,23 +65,7 @@ impl NodeProcess {
 
     /// Starts a node from a config file, keeping `dir` alive as long as the node.
     pub fn spawn(dir: TempDir, config_path: &Path) -> Self {
-        let mut child = Command::new(BINARY)
-            .args(["node", "--config"])
-            .arg(config_path)
-            .env("GITFLEET_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let Some(address) = line.trim().strip_prefix("gitfleet node: listening on ") else {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("node did not start: {line:?}");
-        };
+        let (child, address) = spawn_node(config_path);
         let port = address.rsplit(':').next().unwrap().parse().unwrap();
         Self {
             child,
@@ -137,24 +121,32 @@ impl NodeProcess {
             &format!("listen = \"127.0.0.1:{}\"", self.port),
         );
         std::fs::write(&config_path, config).unwrap();
-        let mut child = Command::new(BINARY)
-            .args(["node", "--config"])
-            .arg(&config_path)
-            .env("GITFLEET_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(
-            line.starts_with("gitfleet node: listening on"),
-            "node did not restart: {line:?}"
-        );
+        let (child, _) = spawn_node(&config_path);
         self.child = child;
     }
+}
+
+/// Starts `gitfleet node` and waits for the address it listens on.
+fn spawn_node(config_path: &Path) -> (Child, String) {
+    let mut child = Command::new(BINARY)
+        .args(["node", "--config"])
+        .arg(config_path)
+        .env("GITFLEET_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let Some(address) = line.trim().strip_prefix("gitfleet node: listening on ") else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("node did not start: {line:?}");
+    };
+    let address = address.to_owned();
+    (child, address)
 }
 
 impl Drop for NodeProcess {
