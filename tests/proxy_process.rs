@@ -167,3 +167,55 @@ fn a_proxy_that_cannot_reach_its_database_at_start_says_so() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("migration failed"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_proxies_starting_together_on_a_fresh_database_both_serve() {
+    let database_url = common::db::fresh_database().await;
+    let node = NodeProcess::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = proxy_config(dir.path(), &database_url, &node);
+    let mut proxies: Vec<KillOnDrop> = (0..2)
+        .map(|_| {
+            KillOnDrop(
+                Command::new(BINARY)
+                    .args(["proxy", "--config"])
+                    .arg(&config)
+                    .env("GITFLEET_LOG", "warn")
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::inherit())
+                    .spawn()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let mut addresses = Vec::new();
+    for proxy in &mut proxies {
+        let mut line = String::new();
+        BufReader::new(proxy.0.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let address = line
+            .trim()
+            .strip_prefix("gitfleet proxy: listening on ")
+            .unwrap_or_else(|| panic!("a proxy did not start: {line:?}"))
+            .to_owned();
+        addresses.push(address);
+    }
+    for (index, address) in addresses.iter().enumerate() {
+        let created = Command::new(BINARY)
+            .args(["admin", "--config"])
+            .arg(&config)
+            .args(["--address", address, "create-repository"])
+            .arg(format!("default/from-{index}.git"))
+            .output()
+            .unwrap();
+        assert!(
+            created.status.success(),
+            "{}",
+            String::from_utf8_lossy(&created.stderr)
+        );
+    }
+    let store =
+        gitfleet::store::Store::connect_lazy(&database_url, 1, Duration::from_secs(5)).unwrap();
+    assert_eq!(store.applied_migrations().await.unwrap(), 1);
+}
