@@ -441,7 +441,7 @@ async fn without_postgresql_every_call_fails_fast_and_no_node_is_written() {
         .unwrap()
     };
     let mut postgres = start();
-    let cluster = Cluster::start_on(postgres.url("postgres"), 3, 3, "").await;
+    let cluster = Cluster::start_on(postgres.url("postgres"), 3, 3, "", "").await;
     cluster.create("db.git").await;
     let work = cluster.push_main("db.git");
     let main = run_git(work.path(), &["rev-parse", "main"])

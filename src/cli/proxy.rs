@@ -25,19 +25,32 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let config = ProxyConfig::load(&args.config)?;
     let listen = config.listen;
     let proxy = crate::proxy::Proxy::new(config)?;
-    let listener = TcpListener::bind(listen)
+    let grpc = TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
-    let address = listener.local_addr()?;
+    let address = grpc.local_addr()?;
+    let http = match proxy.state().config.http_listen {
+        Some(http_listen) => Some(
+            TcpListener::bind(http_listen)
+                .await
+                .with_context(|| format!("cannot listen on {http_listen} for HTTP"))?,
+        ),
+        None => None,
+    };
+    let http_address = http.as_ref().map(TcpListener::local_addr).transpose()?;
     let shutdown = super::shutdown_on_signals()?;
     let ready = CancellationToken::new();
     let announce = ready.clone();
     tokio::spawn(async move {
         announce.cancelled().await;
         println!("gitfleet proxy: listening on {address}");
+        if let Some(http_address) = http_address {
+            println!("gitfleet proxy: http on {http_address}");
+        }
     });
     tracing::info!(%address, "proxy starting");
-    crate::proxy::serve_announced(listener, proxy, shutdown, ready).await?;
+    let listeners = crate::proxy::Listeners { grpc, http };
+    crate::proxy::serve_announced(listeners, proxy, shutdown, ready).await?;
     tracing::info!("proxy stopped");
     Ok(())
 }

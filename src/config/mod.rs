@@ -16,7 +16,8 @@ use std::path::Path;
 pub use duration::Duration;
 pub use node::{NodeConfig, StorageConfig};
 pub use proxy::{
-    DatabaseConfig, HealthConfig, NodeEntry, ProxyConfig, VirtualStorageConfig, WritesConfig,
+    AccessToken, DatabaseConfig, HealthConfig, NodeEntry, ProxyConfig, TokenScope,
+    VirtualStorageConfig, WritesConfig,
 };
 use serde::de::DeserializeOwned;
 

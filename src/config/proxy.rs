@@ -14,6 +14,13 @@ use crate::model::StorageName;
 pub struct ProxyConfig {
     /// Address of the gRPC server, such as "0.0.0.0:2305". Port 0 picks a free port.
     pub listen: SocketAddr,
+    /// Address of the HTTP server: git's smart HTTP protocol, /metrics, /healthz and /readyz.
+    /// None: no HTTP server.
+    #[serde(default)]
+    pub http_listen: Option<SocketAddr>,
+    /// Who may use git over HTTP: HTTP Basic auth, with the token as the password.
+    #[serde(default)]
+    pub access_tokens: Vec<AccessToken>,
     /// The secret that callers of the proxy sign their tokens with. It is not a node's secret.
     pub auth: AuthConfig,
     pub database: DatabaseConfig,
@@ -42,6 +49,25 @@ pub struct ProxyConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct AccessToken {
+    /// Who the token belongs to: the user name in logs. Any user name is accepted with it.
+    pub name: String,
+    /// The secret, given as the HTTP Basic password. Keep it out of the file with
+    /// GITFLEET__ACCESS_TOKENS__0__TOKEN.
+    pub token: String,
+    /// "read" (clone and fetch) or "read-write" (push too).
+    pub scope: TokenScope,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TokenScope {
+    Read,
+    ReadWrite,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DatabaseConfig {
     /// A PostgreSQL URL, such as "postgres://gitfleet@db.internal/gitfleet". Keep a password
     /// out of the file with GITFLEET__DATABASE__URL.
@@ -64,6 +90,9 @@ pub struct VirtualStorageConfig {
     pub name: String,
     /// How many storages hold each repository. At most the number of nodes.
     pub replication_factor: usize,
+    /// Whether a git push over HTTP to a repository that does not exist creates it.
+    #[serde(default)]
+    pub push_to_create: bool,
     pub nodes: Vec<NodeEntry>,
 }
 
@@ -185,6 +214,14 @@ impl ProxyConfig {
         }
         if !(1024..=(64 << 20)).contains(&self.max_message_bytes) {
             return invalid("max_message_bytes must be between 1 KiB and 64 MiB".into());
+        }
+        for access in &self.access_tokens {
+            if access.token.len() < MIN_TOKEN_LEN {
+                return invalid(format!(
+                    "access token {:?}: token must be at least {MIN_TOKEN_LEN} bytes long",
+                    access.name
+                ));
+            }
         }
         let mut names = HashSet::new();
         let mut storages = HashSet::new();

@@ -6,6 +6,7 @@ mod codec;
 mod error;
 mod forward;
 mod header;
+mod http;
 mod nodes;
 mod push;
 mod routing;
@@ -174,17 +175,24 @@ async fn set_health(reporter: &tonic_health::server::HealthReporter, status: Ser
 /// order: health NOT_SERVING for shutdown_delay, no new calls, calls in flight (writes up to
 /// their second transaction) get shutdown_grace, background work stops, the pool closes.
 pub async fn serve(
-    listener: TcpListener,
+    listeners: Listeners,
     proxy: Proxy,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    serve_announced(listener, proxy, shutdown, CancellationToken::new()).await
+    serve_announced(listeners, proxy, shutdown, CancellationToken::new()).await
+}
+
+/// The proxy's bound listeners: gRPC, and HTTP when it serves git over HTTP.
+#[derive(Debug)]
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub http: Option<TcpListener>,
 }
 
 /// [`serve`], cancelling `ready` once the migrations are applied, the nodes probed and calls
 /// are taken.
 pub async fn serve_announced(
-    listener: TcpListener,
+    listeners: Listeners,
     proxy: Proxy,
     shutdown: CancellationToken,
     ready: CancellationToken,
@@ -210,6 +218,7 @@ pub async fn serve_announced(
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     set_health(&health_reporter, ServingStatus::Serving).await;
     let routes = service::routes(proxy.clone(), health_service)?;
+    let gateway = http::Gateway::new(proxy.clone(), routes.clone());
     let server = Server::builder()
         .layer(crate::auth::CallPathLayer)
         .trace_fn(|request| {
@@ -223,8 +232,11 @@ pub async fn serve_announced(
         .add_routes(routes);
 
     let stop_accepting = CancellationToken::new();
+    let http_served = listeners
+        .http
+        .map(|listener| tokio::spawn(http::serve(listener, gateway, stop_accepting.clone())));
     let served = tokio::spawn(server.serve_with_incoming_shutdown(
-        crate::client::incoming(listener),
+        crate::client::incoming(listeners.grpc),
         stop_accepting.clone().cancelled_owned(),
     ));
     tokio::pin!(served);
@@ -244,6 +256,9 @@ pub async fn serve_announced(
     let drained = async {
         if stopped_early.is_none() {
             let _ = (&mut served).await;
+        }
+        if let Some(http_served) = http_served {
+            let _ = http_served.await;
         }
         state.writes.wait().await;
     };

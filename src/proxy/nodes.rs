@@ -130,6 +130,8 @@ impl NodeHandle {
 pub struct VirtualStorage {
     pub name: StorageName,
     pub replication_factor: usize,
+    /// Whether a push over HTTP creates a missing repository.
+    pub push_to_create: bool,
     pub storages: Vec<StorageName>,
 }
 
@@ -147,6 +149,7 @@ impl Nodes {
         for VirtualStorageConfig {
             name,
             replication_factor,
+            push_to_create,
             nodes: entries,
         } in &config.virtual_storages
         {
@@ -178,6 +181,7 @@ impl Nodes {
                 VirtualStorage {
                     name,
                     replication_factor: *replication_factor,
+                    push_to_create: *push_to_create,
                     storages,
                 },
             );
@@ -196,6 +200,14 @@ impl Nodes {
         StorageName::parse(name)
             .ok()
             .and_then(|name| self.virtual_storages.get(&name))
+    }
+
+    pub fn virtual_storages(&self) -> impl Iterator<Item = &VirtualStorage> {
+        self.virtual_storages.values()
+    }
+
+    pub fn storages(&self) -> impl Iterator<Item = &Arc<NodeHandle>> {
+        self.nodes.values()
     }
 
     pub fn is_healthy(&self, storage: &StorageName) -> bool {

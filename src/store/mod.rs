@@ -96,6 +96,18 @@ impl Store {
         sqlx::migrate!("./migrations").run(&self.pool).await
     }
 
+    /// Asks the database for nothing, to see that it answers.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let one: i32 = self
+            .measure(
+                "ping",
+                sqlx::query_scalar("SELECT 1::int4").fetch_one(&self.pool),
+            )
+            .await?;
+        debug_assert_eq!(one, 1);
+        Ok(())
+    }
+
     /// How many migrations the database has applied.
     pub async fn applied_migrations(&self) -> Result<i64, StoreError> {
         self.measure(

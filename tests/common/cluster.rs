@@ -18,6 +18,9 @@ use super::http_front::{Hidden, start_front_end};
 use super::{NodeOptions, NodeProcess, TOKEN};
 
 pub const PROXY_TOKEN: &str = "proxy-secret-0123456789";
+/// HTTP access tokens of the cluster's proxy.
+pub const WRITE_TOKEN: &str = "writer-token-0123456789";
+pub const READ_TOKEN: &str = "reader-token-0123456789";
 pub const STORAGES: [&str; 5] = [
     "storage-1",
     "storage-2",
@@ -34,6 +37,8 @@ pub struct Cluster {
     pub config_path: PathBuf,
     /// Base URL of the smart HTTP front end: `{http}/default/REPO.git`.
     pub http: String,
+    /// The proxy's own HTTP port, as `http://127.0.0.1:PORT`.
+    pub git_http: String,
     pub hidden: Hidden,
     shutdown: CancellationToken,
     served: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
@@ -48,11 +53,18 @@ impl Cluster {
 
     /// `extra` is added at the top of the proxy's config.
     pub async fn start_with(nodes: usize, factor: usize, extra: &str) -> Self {
-        Self::start_on(super::db::fresh_database().await, nodes, factor, extra).await
+        Self::start_on(super::db::fresh_database().await, nodes, factor, extra, "").await
     }
 
-    /// A cluster on the database at `database_url`.
-    pub async fn start_on(database_url: String, nodes: usize, factor: usize, extra: &str) -> Self {
+    /// A cluster on the database at `database_url`; `virtual_storage_extra` is added to the
+    /// virtual storage's table (`push_to_create = true`, say).
+    pub async fn start_on(
+        database_url: String,
+        nodes: usize,
+        factor: usize,
+        extra: &str,
+        virtual_storage_extra: &str,
+    ) -> Self {
         let nodes: Vec<NodeProcess> = STORAGES[..nodes]
             .iter()
             .map(|storage| {
@@ -68,7 +80,10 @@ impl Cluster {
              [auth]\ntoken = \"{PROXY_TOKEN}\"\n\
              [database]\nurl = \"{database_url}\"\n\
              [health]\ninterval = \"200ms\"\ntimeout = \"1s\"\n\
-             [[virtual_storages]]\nname = \"default\"\nreplication_factor = {factor}\n"
+             [[access_tokens]]\nname = \"writer\"\ntoken = \"{WRITE_TOKEN}\"\nscope = \"read-write\"\n\
+             [[access_tokens]]\nname = \"reader\"\ntoken = \"{READ_TOKEN}\"\nscope = \"read\"\n\
+             [[virtual_storages]]\nname = \"default\"\nreplication_factor = {factor}\n\
+             {virtual_storage_extra}\n"
         );
         for (node, storage) in nodes.iter().zip(STORAGES) {
             config.push_str(&format!(
@@ -84,8 +99,13 @@ impl Cluster {
         let address = format!("http://{}", listener.local_addr().unwrap());
         let shutdown = CancellationToken::new();
         let ready = CancellationToken::new();
+        let http_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http_address = format!("http://{}", http_listener.local_addr().unwrap());
         let served = tokio::spawn(gitfleet::proxy::serve_announced(
-            listener,
+            gitfleet::proxy::Listeners {
+                grpc: listener,
+                http: Some(http_listener),
+            },
             proxy.clone(),
             shutdown.clone(),
             ready.clone(),
@@ -101,6 +121,7 @@ impl Cluster {
             database_url,
             config_path,
             http: String::new(),
+            git_http: http_address,
             hidden: Hidden::default(),
             shutdown,
             served: Some(served),
@@ -120,7 +141,10 @@ impl Cluster {
         let address = format!("http://{}", listener.local_addr().unwrap());
         let ready = CancellationToken::new();
         tokio::spawn(gitfleet::proxy::serve_announced(
-            listener,
+            gitfleet::proxy::Listeners {
+                grpc: listener,
+                http: None,
+            },
             proxy.clone(),
             self.shutdown.clone(),
             ready.clone(),
@@ -214,6 +238,12 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("the proxy never started listening for routing notifications");
+    }
+
+    /// URL of a repository on the proxy's own smart HTTP port, with `token` as the password.
+    pub fn git_url(&self, token: &str, relative_path: &str) -> String {
+        let address = self.git_http.trim_start_matches("http://");
+        format!("http://git:{token}@{address}/default/{relative_path}")
     }
 
     /// URL of a repository on the front end.

@@ -1,0 +1,241 @@
+//! The proxy's HTTP side: git's smart HTTP protocol, and `/metrics`, `/healthz`, `/readyz`.
+
+mod auth;
+mod git;
+
+use std::fmt::Write as _;
+
+use axum::body::Body;
+use axum::response::Response;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::codegen::http::{HeaderMap, Method, StatusCode, Uri};
+use tonic::service::interceptor::InterceptedService;
+use tower::Layer as _;
+
+use super::{Proxy, majority};
+use crate::auth::{CallPathLayer, RecordCallPath, Signer};
+use crate::model::StorageName;
+use crate::proto::repository_service_client::RepositoryServiceClient;
+use crate::proto::smart_http_service_client::SmartHttpServiceClient;
+
+/// The proxy's own gRPC routes, called in process: no network hop, the same checks.
+type Internal = InterceptedService<InProcess, Signer>;
+
+/// The gRPC routes as a service with a boxed future, so that the calls made through it can
+/// be shown to be `Send` (with the routes' own generic future, the compiler cannot).
+#[derive(Clone)]
+struct InProcess(RecordCallPath<tonic::service::Routes>);
+
+impl tower::Service<tonic::codegen::http::Request<tonic::body::Body>> for InProcess {
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = futures_util::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        tower::Service::<tonic::codegen::http::Request<tonic::body::Body>>::poll_ready(
+            &mut self.0,
+            cx,
+        )
+    }
+
+    fn call(&mut self, request: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
+        Box::pin(self.0.call(request))
+    }
+}
+
+#[derive(Clone)]
+pub struct Gateway {
+    proxy: Proxy,
+    internal: Internal,
+}
+
+impl Gateway {
+    pub fn new(proxy: Proxy, routes: tonic::service::Routes) -> Self {
+        let signer = Signer::from_secret(&proxy.state().config.auth.token);
+        let internal = InterceptedService::new(InProcess(CallPathLayer.layer(routes)), signer);
+        Self { proxy, internal }
+    }
+
+    fn smart_http(&self) -> SmartHttpServiceClient<Internal> {
+        let limit = self.proxy.state().config.max_message_bytes;
+        SmartHttpServiceClient::new(self.internal.clone())
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit)
+    }
+
+    fn repositories(&self) -> RepositoryServiceClient<Internal> {
+        RepositoryServiceClient::new(self.internal.clone())
+    }
+
+    fn push_to_create(&self, virtual_storage: &StorageName) -> bool {
+        self.proxy
+            .state()
+            .nodes
+            .virtual_storage(virtual_storage.as_str())
+            .is_some_and(|virtual_storage| virtual_storage.push_to_create)
+    }
+}
+
+/// Serves HTTP on `listener` until `stop` is cancelled; requests already running finish.
+pub async fn serve(listener: TcpListener, gateway: Gateway, stop: CancellationToken) {
+    let router = axum::Router::new().fallback(
+        move |method: Method, uri: Uri, headers: HeaderMap, body: Body| {
+            // Boxed here, where the compiler can see the future is Send for every lifetime.
+            let answer: futures_util::future::BoxFuture<'static, Response> =
+                Box::pin(route(gateway.clone(), method, uri, headers, body));
+            answer
+        },
+    );
+    let served = axum::serve(listener, router)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await;
+    if let Err(error) = served {
+        tracing::error!(%error, "the HTTP server stopped");
+    }
+}
+
+async fn route(
+    gateway: Gateway,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    match (&method, uri.path()) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok"),
+        (&Method::GET, "/readyz") => ready(gateway).await,
+        (&Method::GET, "/metrics") => metrics(&gateway),
+        // As a task of its own: a git request runs to its end even if the client goes away.
+        _ => match tokio::spawn(git::serve(gateway, method, uri, headers, body)).await {
+            Ok(response) => response,
+            Err(error) => text(StatusCode::INTERNAL_SERVER_ERROR, &error.to_string()),
+        },
+    }
+}
+
+/// A plain-text response; git shows such a body to its user.
+fn text(status: StatusCode, message: &str) -> Response {
+    let mut response = Response::new(Body::from(format!("{message}\n")));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        "content-type",
+        "text/plain; charset=utf-8".parse().expect("a valid header"),
+    );
+    response
+}
+
+/// Ready when the database answers and every virtual storage has a majority of its nodes
+/// healthy; otherwise 503 and what is missing.
+async fn ready(gateway: Gateway) -> Response {
+    // Nothing borrowed from the gateway is held across the await.
+    let store = gateway.proxy.state().store.clone();
+    let mut problems = Vec::new();
+    match tokio::spawn(async move { store.ping().await }).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => problems.push(error.to_string()),
+        Err(error) => problems.push(error.to_string()),
+    }
+    let state = gateway.proxy.state();
+    for virtual_storage in state.nodes.virtual_storages() {
+        let healthy = virtual_storage
+            .storages
+            .iter()
+            .filter(|storage| state.nodes.is_healthy(storage))
+            .count();
+        if healthy < majority(virtual_storage.storages.len()) {
+            problems.push(format!(
+                "virtual storage {}: {healthy} of {} nodes healthy",
+                virtual_storage.name,
+                virtual_storage.storages.len()
+            ));
+        }
+    }
+    if problems.is_empty() {
+        text(StatusCode::OK, "ready")
+    } else {
+        text(StatusCode::SERVICE_UNAVAILABLE, &problems.join("\n"))
+    }
+}
+
+/// Prometheus text format.
+fn metrics(gateway: &Gateway) -> Response {
+    let state = gateway.proxy.state();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP gitfleet_proxy_db_statements_total Statements sent to PostgreSQL."
+    );
+    let _ = writeln!(out, "# TYPE gitfleet_proxy_db_statements_total counter");
+    let _ = writeln!(
+        out,
+        "gitfleet_proxy_db_statements_total {}",
+        state.store.round_trips()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP gitfleet_proxy_routing_notifications_total Routing changes announced by PostgreSQL."
+    );
+    let _ = writeln!(
+        out,
+        "# TYPE gitfleet_proxy_routing_notifications_total counter"
+    );
+    let _ = writeln!(
+        out,
+        "gitfleet_proxy_routing_notifications_total {}",
+        state.routing.notifications()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP gitfleet_proxy_routing_cached Repositories in the routing cache."
+    );
+    let _ = writeln!(out, "# TYPE gitfleet_proxy_routing_cached gauge");
+    let _ = writeln!(out, "gitfleet_proxy_routing_cached {}", state.routing.len());
+    let _ = writeln!(
+        out,
+        "# HELP gitfleet_proxy_routing_listening Whether routing notifications flow (1) or not (0)."
+    );
+    let _ = writeln!(out, "# TYPE gitfleet_proxy_routing_listening gauge");
+    let _ = writeln!(
+        out,
+        "gitfleet_proxy_routing_listening {}",
+        u8::from(state.routing.is_listening())
+    );
+    let _ = writeln!(
+        out,
+        "# HELP gitfleet_proxy_node_healthy Whether a storage's node answers its health checks."
+    );
+    let _ = writeln!(out, "# TYPE gitfleet_proxy_node_healthy gauge");
+    let mut nodes: Vec<_> = state.nodes.storages().collect();
+    nodes.sort_by(|a, b| a.storage.cmp(&b.storage));
+    for node in &nodes {
+        let _ = writeln!(
+            out,
+            "gitfleet_proxy_node_healthy{{storage=\"{}\"}} {}",
+            node.storage,
+            u8::from(node.is_healthy())
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP gitfleet_proxy_reads_total Reads routed to each storage."
+    );
+    let _ = writeln!(out, "# TYPE gitfleet_proxy_reads_total counter");
+    for node in &nodes {
+        let _ = writeln!(
+            out,
+            "gitfleet_proxy_reads_total{{storage=\"{}\"}} {}",
+            node.storage,
+            node.reads()
+        );
+    }
+    let mut response = text(StatusCode::OK, out.trim_end());
+    response.headers_mut().insert(
+        "content-type",
+        "text/plain; version=0.0.4".parse().expect("a valid header"),
+    );
+    response
+}
