@@ -2,6 +2,7 @@
 
 mod admin;
 mod bridge;
+mod dev;
 mod migrate;
 mod node;
 mod proxy;
@@ -27,6 +28,8 @@ enum Command {
     Proxy(proxy::ProxyArgs),
     /// Apply the database migrations in migrations/.
     Migrate(migrate::MigrateArgs),
+    /// Start a whole local cluster: a private PostgreSQL, nodes and the proxy.
+    Dev(dev::DevArgs),
     /// Operator commands: create and remove repositories through the proxy.
     Admin(admin::AdminArgs),
     /// Connect git to a gitfleet server through gRPC, as git's ext:: transport or ssh command.
@@ -105,6 +108,10 @@ pub fn main(cli: Cli) -> ExitCode {
                     .map_err(anyhow::Error::from)
                     .and_then(|rt| rt.block_on(proxy::run(args))),
             )
+        }
+        Command::Dev(args) => {
+            init_logging();
+            report(dev::run(args))
         }
         Command::Migrate(args) => {
             init_logging();

@@ -88,6 +88,29 @@ fn private_dir(dir: &Path, user: Option<&nix::unistd::User>) -> anyhow::Result<(
     Ok(())
 }
 
+/// Fails with a clear message when the server's user cannot enter `dir` (a parent directory
+/// private to root, such as /root, is the usual reason).
+fn check_reachable(user: &nix::unistd::User, dir: &Path) -> anyhow::Result<()> {
+    let mut probe = Command::new("/bin/sh");
+    probe
+        .args(["-c", "cd \"$0\""])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    as_server_user(&mut probe, Some(user));
+    let status = probe.status().context("checking the data directory")?;
+    if !status.success() {
+        bail!(
+            "the PostgreSQL server runs as `{}`, which cannot enter {}: choose a directory \
+             every user can reach, such as /var/tmp/gitfleet-dev",
+            user.name,
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 fn as_server_user(command: &mut Command, user: Option<&nix::unistd::User>) {
     if let Some(user) = user {
         command.uid(user.uid.as_raw()).gid(user.gid.as_raw());
@@ -111,6 +134,11 @@ impl PrivatePostgres {
         let user = server_user()?;
         private_dir(data_dir, user.as_ref())?;
         private_dir(socket_dir, user.as_ref())?;
+        if let Some(user) = &user {
+            for dir in [data_dir, socket_dir] {
+                check_reachable(user, dir)?;
+            }
+        }
         if socket_dir
             .join(format!(".s.PGSQL.{PORT}"))
             .as_os_str()

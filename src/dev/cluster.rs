@@ -1,0 +1,277 @@
+//! `gitfleet dev`: a whole cluster in one directory: a private PostgreSQL, N nodes as child
+//! processes, and the proxy in this process. Secrets are made on the first start and kept in
+//! the directory, so a second start serves the same repositories with the same credentials.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+use super::postgres::{Durability, PrivatePostgres};
+
+/// What `gitfleet dev` was asked for.
+#[derive(Debug, Clone)]
+pub struct DevOptions {
+    pub dir: PathBuf,
+    pub nodes: usize,
+    pub grpc_listen: SocketAddr,
+    pub http_listen: SocketAddr,
+}
+
+/// The credentials of a dev cluster, made once and kept in `DIR/secrets.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Secrets {
+    proxy_token: String,
+    node_token: String,
+    access_token: String,
+}
+
+impl Secrets {
+    fn load_or_create(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join("secrets.toml");
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            return toml::from_str(&text).with_context(|| format!("reading {}", path.display()));
+        }
+        let secrets = Self {
+            proxy_token: random_token(),
+            node_token: random_token(),
+            access_token: random_token(),
+        };
+        std::fs::write(&path, toml::to_string(&secrets)?)?;
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        Ok(secrets)
+    }
+}
+
+fn random_token() -> String {
+    hex::encode(rand::random::<[u8; 24]>())
+}
+
+/// The private PostgreSQL and the node processes of a running dev cluster. Dropping it stops
+/// them: nodes first, then the database.
+#[derive(Debug)]
+pub struct DevProcesses {
+    pub nodes: Vec<NodeChild>,
+    pub postgres: PrivatePostgres,
+    pub database_url: String,
+    pub proxy_config: PathBuf,
+    pub grpc_listen: SocketAddr,
+    pub http_listen: SocketAddr,
+    access_token: String,
+    proxy_token: String,
+}
+
+/// One `gitfleet node` child.
+#[derive(Debug)]
+pub struct NodeChild {
+    pub storage: String,
+    pub address: String,
+    child: Child,
+}
+
+impl NodeChild {
+    /// SIGTERM, then up to 15 s for the node to finish its calls and exit.
+    fn stop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Drop for DevProcesses {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.stop();
+        }
+        self.postgres.stop();
+    }
+}
+
+/// Starts PostgreSQL and the nodes, and writes the configs and `DIR/env`. Blocking: call it
+/// from a thread that lives as long as the cluster (the children are tied to it).
+pub fn start_processes(options: &DevOptions) -> anyhow::Result<DevProcesses> {
+    let dir = &options.dir;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("resolving {}", dir.display()))?;
+    let secrets = Secrets::load_or_create(&dir)?;
+
+    eprintln!("gitfleet dev: starting PostgreSQL in {}", dir.join("postgres").display());
+    let postgres = PrivatePostgres::start(
+        &dir.join("postgres"),
+        &socket_dir(&dir),
+        &dir.join("postgres.log"),
+        Durability::Safe,
+    )?;
+    let database_url = postgres.url("gitfleet");
+    create_database(&postgres)?;
+
+    let mut nodes = Vec::new();
+    for index in 1..=options.nodes {
+        let storage = format!("storage-{index}");
+        let storage_dir = dir.join(format!("node-{index}"));
+        std::fs::create_dir_all(&storage_dir)?;
+        let config_path = dir.join(format!("node-{index}.toml"));
+        std::fs::write(
+            &config_path,
+            format!(
+                "# Written by gitfleet dev at every start.\n\
+                 listen = \"127.0.0.1:0\"\n\
+                 [auth]\ntoken = \"{}\"\n\
+                 [[storages]]\nname = \"{storage}\"\npath = \"{}\"\n",
+                secrets.node_token,
+                storage_dir.display()
+            ),
+        )?;
+        eprintln!("gitfleet dev: starting node {index} ({storage})");
+        nodes.push(spawn_node(&config_path, storage)?);
+    }
+
+    let proxy_config = dir.join("proxy.toml");
+    let mut config = format!(
+        "# Written by gitfleet dev at every start.\n\
+         listen = \"{}\"\nhttp_listen = \"{}\"\nshutdown_delay = \"0s\"\n\
+         [auth]\ntoken = \"{}\"\n\
+         [[access_tokens]]\nname = \"dev\"\ntoken = \"{}\"\nscope = \"read-write\"\n\
+         [database]\nurl = \"{database_url}\"\n\
+         [[virtual_storages]]\nname = \"default\"\nreplication_factor = {}\npush_to_create = true\n",
+        options.grpc_listen,
+        options.http_listen,
+        secrets.proxy_token,
+        secrets.access_token,
+        options.nodes.min(3),
+    );
+    for node in &nodes {
+        config.push_str(&format!(
+            "[[virtual_storages.nodes]]\nstorage = \"{}\"\naddress = \"{}\"\ntoken = \"{}\"\n",
+            node.storage, node.address, secrets.node_token
+        ));
+    }
+    std::fs::write(&proxy_config, config)?;
+    Ok(DevProcesses {
+        nodes,
+        postgres,
+        database_url,
+        proxy_config,
+        grpc_listen: options.grpc_listen,
+        http_listen: options.http_listen,
+        access_token: secrets.access_token,
+        proxy_token: secrets.proxy_token,
+    })
+}
+
+impl DevProcesses {
+    /// Writes `DIR/env` for the addresses the proxy actually listens on.
+    pub fn write_env(&self, dir: &Path, grpc: SocketAddr, http: SocketAddr) -> anyhow::Result<()> {
+        let env = format!(
+            "# Source it: . {}\n\
+             export GITFLEET_CONFIG='{}'\n\
+             export GITFLEET_GRPC_ADDR='http://{grpc}'\n\
+             export GITFLEET_HTTP_URL='http://dev:{}@{http}'\n\
+             export GITFLEET_TOKEN='{}'\n\
+             export DATABASE_URL='{}'\n",
+            dir.join("env").display(),
+            self.proxy_config.display(),
+            self.access_token,
+            self.proxy_token,
+            self.database_url,
+        );
+        let path = dir.join("env");
+        std::fs::write(&path, env)?;
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        Ok(())
+    }
+}
+
+/// The socket directory: inside DIR when the path is short enough for a Unix socket.
+fn socket_dir(dir: &Path) -> PathBuf {
+    let inside = dir.join("run");
+    if inside.as_os_str().len() < 80 {
+        return inside;
+    }
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(dir.as_os_str().as_encoded_bytes());
+    std::env::temp_dir().join(format!("gitfleet-dev-{}", hex::encode(&digest[..6])))
+}
+
+/// Creates the `gitfleet` database unless it exists, with psql from the server's binaries.
+fn create_database(postgres: &PrivatePostgres) -> anyhow::Result<()> {
+    let psql = super::postgres::find_bindir()?.join("psql");
+    let run = |sql: &str| {
+        Command::new(&psql)
+            .args(["-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-d"])
+            .arg(postgres.url("postgres"))
+            .args(["-c", sql])
+            .output()
+            .context("running psql")
+    };
+    let exists = run("SELECT 1 FROM pg_database WHERE datname = 'gitfleet'")?;
+    if !exists.status.success() {
+        bail!(
+            "psql failed: {}",
+            String::from_utf8_lossy(&exists.stderr).trim()
+        );
+    }
+    if String::from_utf8_lossy(&exists.stdout).trim() != "1" {
+        let created = run("CREATE DATABASE gitfleet")?;
+        if !created.status.success() {
+            bail!(
+                "cannot create the database: {}",
+                String::from_utf8_lossy(&created.stderr).trim()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Starts `gitfleet node` (this very binary) and waits for its address. The node gets SIGTERM
+/// if this thread ends.
+fn spawn_node(config: &Path, storage: String) -> anyhow::Result<NodeChild> {
+    let exe = std::env::current_exe().context("finding the gitfleet binary")?;
+    let mut command = Command::new(exe);
+    command
+        .args(["node", "--config"])
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let mut child = command.spawn().context("starting a node")?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("piped"))
+        .read_line(&mut line)
+        .context("reading the node's address")?;
+    let Some(address) = line.trim().strip_prefix("gitfleet node: listening on ") else {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("node {storage} did not start");
+    };
+    Ok(NodeChild {
+        storage,
+        address: format!("http://{address}"),
+        child,
+    })
+}
