@@ -10,11 +10,13 @@ use crate::config::ProxyConfig;
 use crate::dev::cluster::{DevOptions, start_processes};
 
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Everything lives in DIR: PostgreSQL's data, each node's storage, the \
+#[command(
+    after_help = "Everything lives in DIR: PostgreSQL's data, each node's storage, the \
 configs (proxy.toml, node-N.toml), secrets.toml and env. Starting again with the same DIR \
 serves the same repositories with the same credentials. Once 'gitfleet dev: ready' is printed:\n\n  \
 . DIR/env\n  git clone \"$GITFLEET_HTTP_URL/default/demo.git\"   (pushing creates it)\n\n\
-Ctrl-C or SIGTERM stops everything.")]
+Ctrl-C or SIGTERM stops everything."
+)]
 pub struct DevArgs {
     /// The cluster's directory; made on the first start and reused after.
     #[arg(long, default_value_os_t = default_dir())]
@@ -54,18 +56,22 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     let served = runtime.block_on(async {
         let config = ProxyConfig::load(&processes.proxy_config)?;
         let proxy = crate::proxy::Proxy::new(config)?;
-        let grpc = TcpListener::bind(processes.grpc_listen).await.with_context(|| {
-            format!(
-                "cannot listen on {} (taken? choose another with --grpc-listen)",
-                processes.grpc_listen
-            )
-        })?;
-        let http = TcpListener::bind(processes.http_listen).await.with_context(|| {
-            format!(
-                "cannot listen on {} (taken? choose another with --http-listen)",
-                processes.http_listen
-            )
-        })?;
+        let grpc = TcpListener::bind(processes.grpc_listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen on {} (taken? choose another with --grpc-listen)",
+                    processes.grpc_listen
+                )
+            })?;
+        let http = TcpListener::bind(processes.http_listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen on {} (taken? choose another with --http-listen)",
+                    processes.http_listen
+                )
+            })?;
         let (grpc_address, http_address) = (grpc.local_addr()?, http.local_addr()?);
         let shutdown = super::shutdown_on_signals()?;
         let ready = CancellationToken::new();
@@ -93,7 +99,10 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         let dir = options.dir.canonicalize()?;
         processes.write_env(&dir, grpc_address, http_address)?;
         eprintln!("gitfleet dev: gRPC on {grpc_address}, git over HTTP on http://{http_address}");
-        eprintln!("gitfleet dev: . {}/env, then git clone \"$GITFLEET_HTTP_URL/default/demo.git\"", dir.display());
+        eprintln!(
+            "gitfleet dev: . {}/env, then git clone \"$GITFLEET_HTTP_URL/default/demo.git\"",
+            dir.display()
+        );
         println!("gitfleet dev: ready");
         shutdown.cancelled().await;
         eprintln!("gitfleet dev: stopping");

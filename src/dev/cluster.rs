@@ -113,7 +113,10 @@ pub fn start_processes(options: &DevOptions) -> anyhow::Result<DevProcesses> {
         .with_context(|| format!("resolving {}", dir.display()))?;
     let secrets = Secrets::load_or_create(&dir)?;
 
-    eprintln!("gitfleet dev: starting PostgreSQL in {}", dir.join("postgres").display());
+    eprintln!(
+        "gitfleet dev: starting PostgreSQL in {}",
+        dir.join("postgres").display()
+    );
     let postgres = PrivatePostgres::start(
         &dir.join("postgres"),
         &socket_dir(&dir),
