@@ -21,6 +21,9 @@ use crate::proto::{
 
 /// The largest piece of a request body sent in one gRPC message.
 const CHUNK: usize = 256 << 10;
+/// The largest fetch negotiation a client may send (the haves and wants of a clone or fetch).
+/// A push's size is bounded by the nodes (`git.max_push_bytes`).
+const MAX_FETCH_REQUEST: usize = 64 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Service {
@@ -188,7 +191,7 @@ async fn post(
     let mut client = gateway.smart_http();
     let response = match service {
         Service::UploadPack => {
-            let messages = pump(body, move |data| PostUploadPackRequest {
+            let messages = pump(body, MAX_FETCH_REQUEST, move |data| PostUploadPackRequest {
                 repository: first.take().flatten(),
                 git_protocol: git_protocol.clone(),
                 data,
@@ -197,7 +200,7 @@ async fn post(
             data_stream(response.into_inner(), |m| m.data)
         }
         Service::ReceivePack => {
-            let messages = pump(body, move |data| PostReceivePackRequest {
+            let messages = pump(body, usize::MAX, move |data| PostReceivePackRequest {
                 repository: first.take().flatten(),
                 git_protocol: git_protocol.clone(),
                 data,
@@ -210,15 +213,22 @@ async fn post(
 }
 
 /// Turns a request body into request messages, in a task of its own, pieces no larger than
-/// [`CHUNK`]. A body that breaks off ends the messages early: the node then sees an
-/// incomplete request and changes nothing.
+/// [`CHUNK`]. A body that breaks off, or grows past `limit` bytes (after gunzipping), ends
+/// the messages early: the node then sees an incomplete request and changes nothing.
 fn pump<M: Send + 'static>(
     mut body: DataStream,
+    limit: usize,
     mut message: impl FnMut(Bytes) -> M + Send + 'static,
 ) -> ReceiverStream<M> {
     let (message_tx, message_rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
+        let mut seen = 0usize;
         while let Some(Ok(chunk)) = body.next().await {
+            seen = seen.saturating_add(chunk.len());
+            if seen > limit {
+                tracing::warn!(limit, "request body too large: cut off");
+                return;
+            }
             for piece in split(chunk) {
                 if message_tx.send(message(piece)).await.is_err() {
                     return;
