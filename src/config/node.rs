@@ -95,7 +95,7 @@ impl NodeConfig {
         Ok(config)
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if self.auth.token.len() < MIN_TOKEN_LEN {
             return Err(ConfigError::Invalid(format!(
                 "auth.token must be at least {MIN_TOKEN_LEN} bytes long"
