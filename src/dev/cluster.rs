@@ -254,7 +254,10 @@ fn spawn_node(config: &Path, storage: String) -> anyhow::Result<NodeChild> {
         .arg(config)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
+        .stderr(Stdio::inherit())
+        // Out of the terminal's process group: Ctrl-C reaches `gitfleet dev`, which stops the
+        // nodes after the proxy has drained.
+        .process_group(0);
     // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
     unsafe {
         command.pre_exec(|| {

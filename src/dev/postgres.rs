@@ -195,6 +195,9 @@ impl PrivatePostgres {
             postgres.args(["-c", "full_page_writes=off"]);
         }
         as_server_user(&mut postgres, user.as_ref());
+        // A Ctrl-C in the terminal goes to the foreground process group: the server is told
+        // to stop by its owner, in order, not by the terminal.
+        postgres.process_group(0);
         // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
         unsafe {
             postgres.pre_exec(|| {
