@@ -98,20 +98,28 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         }
         let dir = options.dir.canonicalize()?;
         processes.write_env(&dir, grpc_address, http_address)?;
-        eprintln!("gitfleet dev: gRPC on {grpc_address}, git over HTTP on http://{http_address}");
-        eprintln!(
-            "gitfleet dev: . {}/env, then git clone \"$GITFLEET_HTTP_URL/default/demo.git\"",
-            dir.display()
+        crate::cli::say(
+            true,
+            format_args!(
+                "gitfleet dev: gRPC on {grpc_address}, git over HTTP on http://{http_address}"
+            ),
         );
-        println!("gitfleet dev: ready");
+        crate::cli::say(
+            true,
+            format_args!(
+                "gitfleet dev: . {}/env, then git clone \"$GITFLEET_HTTP_URL/default/demo.git\"",
+                dir.display()
+            ),
+        );
+        crate::cli::say(false, format_args!("gitfleet dev: ready"));
         shutdown.cancelled().await;
-        eprintln!("gitfleet dev: stopping");
+        crate::cli::say(true, format_args!("gitfleet dev: stopping"));
         // The proxy drains its calls and lets writes in flight commit.
         serving.await?
     });
     // The proxy's tasks end with the runtime; then the nodes, then PostgreSQL.
     runtime.shutdown_timeout(Duration::from_secs(30));
     drop(processes);
-    eprintln!("gitfleet dev: stopped");
+    crate::cli::say(true, format_args!("gitfleet dev: stopped"));
     served
 }

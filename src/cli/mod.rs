@@ -59,6 +59,9 @@ fn init_logging() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // A log line that cannot be written (stderr closed by whoever ran us) is dropped; it
+        // must not panic the task that logged it.
+        .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if std::env::var("GITFLEET_LOG_FORMAT").as_deref() == Ok("json") {
@@ -66,6 +69,16 @@ fn init_logging() {
     } else {
         builder.init();
     }
+}
+
+/// Prints a line for whoever runs us; a closed stdout or stderr is not an error worth dying of.
+pub(crate) fn say(to_stderr: bool, line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let _ = if to_stderr {
+        writeln!(std::io::stderr(), "{line}")
+    } else {
+        writeln!(std::io::stdout(), "{line}")
+    };
 }
 
 /// A token cancelled by the first SIGTERM or SIGINT: how long-running roles learn to stop.

@@ -43,9 +43,15 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let announce = ready.clone();
     tokio::spawn(async move {
         announce.cancelled().await;
-        println!("gitfleet proxy: listening on {address}");
+        crate::cli::say(
+            false,
+            format_args!("gitfleet proxy: listening on {address}"),
+        );
         if let Some(http_address) = http_address {
-            println!("gitfleet proxy: http on {http_address}");
+            crate::cli::say(
+                false,
+                format_args!("gitfleet proxy: http on {http_address}"),
+            );
         }
     });
     tracing::info!(%address, "proxy starting");

@@ -113,9 +113,12 @@ pub fn start_processes(options: &DevOptions) -> anyhow::Result<DevProcesses> {
         .with_context(|| format!("resolving {}", dir.display()))?;
     let secrets = Secrets::load_or_create(&dir)?;
 
-    eprintln!(
-        "gitfleet dev: starting PostgreSQL in {}",
-        dir.join("postgres").display()
+    crate::cli::say(
+        true,
+        format_args!(
+            "gitfleet dev: starting PostgreSQL in {}",
+            dir.join("postgres").display()
+        ),
     );
     let postgres = PrivatePostgres::start(
         &dir.join("postgres"),
@@ -143,7 +146,10 @@ pub fn start_processes(options: &DevOptions) -> anyhow::Result<DevProcesses> {
                 storage_dir.display()
             ),
         )?;
-        eprintln!("gitfleet dev: starting node {index} ({storage})");
+        crate::cli::say(
+            true,
+            format_args!("gitfleet dev: starting node {index} ({storage})"),
+        );
         nodes.push(spawn_node(&config_path, storage)?);
     }
 
