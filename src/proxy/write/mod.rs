@@ -3,42 +3,31 @@
 //! up with, and committed as a new generation (second transaction) before the caller hears
 //! anything. Fewer than a majority in agreement and it is rolled back.
 
+mod fanout;
+mod undo;
+
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prost::Message as _;
-use tokio::sync::mpsc;
-use tokio_stream::StreamExt as _;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataMap;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Response, Status, Streaming};
 use tracing::Instrument as _;
 
 use super::error::ProxyError;
-use super::forward::{later_messages, send};
 use super::header::Located;
 use super::service::ResponseStream;
-use super::{Call, Proxy, header, majority, push};
+use super::{Call, Proxy, majority, push};
 use crate::model::{ObjectId, RefName, RelativePath, StorageName};
-use crate::proto::ref_service_client::RefServiceClient;
-use crate::proto::{
-    RefUpdate, RefsChecksumRequest, RepositoryHeader, SetDefaultBranchRequest, UpdateRefsRequest,
-};
-use crate::store::{RefChange, RepositoryRecord, StaleIntent, WriteLease, WriteStart};
+use crate::proto::{SetDefaultBranchRequest, UpdateRefsRequest};
+use crate::store::{RefChange, RepositoryRecord, WriteLease, WriteStart};
+use fanout::checksums;
 
 const UPDATE_REFS: &str = "/gitfleet.v1.RefService/UpdateRefs";
 const SET_DEFAULT_BRANCH: &str = "/gitfleet.v1.RefService/SetDefaultBranch";
 const POST_RECEIVE_PACK: &str = "/gitfleet.v1.SmartHttpService/PostReceivePack";
-
-/// The most response bytes kept per replica while the write is judged.
-const MAX_RESPONSE_BYTES: usize = 16 << 20;
-/// How long a replica may leave a message of the write unread before it is dropped from the
-/// write (and repaired later), so that it does not hold back the others.
-const REPLICA_STALL_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a replica may take to report its refs' checksum.
-const CHECKSUM_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub(super) async fn mutator(
     proxy: &Proxy,
@@ -397,135 +386,6 @@ impl Write {
         Err(self.failed(&reason))
     }
 
-    /// Sends the same request to every target at once, the client's stream teed to all.
-    async fn fan_out(
-        &mut self,
-        targets: &[StorageName],
-        replica_path: &RelativePath,
-    ) -> Vec<Result<Reply, Status>> {
-        let mut senders = Vec::with_capacity(targets.len());
-        let mut calls = Vec::with_capacity(targets.len());
-        for storage in targets {
-            let (message_tx, message_rx) = mpsc::channel::<Bytes>(16);
-            senders.push(message_tx);
-            let first = header::rewrite(
-                &self.first,
-                &self.located,
-                storage.as_str(),
-                replica_path.as_str(),
-            );
-            let outbound = tokio_stream::once(first)
-                .chain(tokio_stream::iter(self.prefix.clone()))
-                .chain(ReceiverStream::new(message_rx));
-            let mut request = Request::new(outbound);
-            let limit = self.proxy.state.config.writes.timeout.0;
-            request.set_timeout(self.deadline.map_or(limit, |deadline| deadline.min(limit)));
-            let proxy = self.proxy.clone();
-            let path = self.path;
-            calls.push(async move {
-                match send(&proxy, storage, path, request).await {
-                    Ok(response) => collect(response).await,
-                    Err(ProxyError::Node { status, .. }) => Err(status),
-                    Err(error) => Err(Status::internal(error.to_string())),
-                }
-            });
-        }
-        let inbound = self.inbound.take();
-        let tee = async move {
-            let Some(inbound) = inbound else { return };
-            let mut inbound = std::pin::pin!(later_messages(inbound));
-            while let Some(message) = inbound.next().await {
-                let sent = futures_util::future::join_all(senders.iter().map(|sender| {
-                    tokio::time::timeout(REPLICA_STALL_TIMEOUT, sender.send(message.clone()))
-                }))
-                .await;
-                // A replica that stopped reading is dropped; the others go on.
-                let mut results = sent.into_iter();
-                senders.retain(|_| {
-                    results
-                        .next()
-                        .is_some_and(|result| matches!(result, Ok(Ok(()))))
-                });
-                if senders.is_empty() {
-                    break;
-                }
-            }
-        };
-        // The calls decide when the fan-out is over: a client may keep its side of the stream
-        // open until it has the answer (git's full-duplex form does).
-        let calls = futures_util::future::join_all(calls);
-        tokio::pin!(calls, tee);
-        let mut teeing = true;
-        let lease_lost = self.lease_lost.clone();
-        let replies = loop {
-            tokio::select! {
-                replies = &mut calls => break replies,
-                () = &mut tee, if teeing => teeing = false,
-                () = lease_lost.cancelled() => {
-                    // Dropping the calls cancels them on the nodes.
-                    break targets
-                        .iter()
-                        .map(|_| Err(Status::aborted("the write lease was lost")))
-                        .collect();
-                }
-            }
-        };
-        for (storage, reply) in targets.iter().zip(&replies) {
-            if let Err(status) = reply {
-                tracing::warn!(%storage, %status, "replica did not apply the write");
-            }
-        }
-        replies
-    }
-
-    /// Reverses the write's ref updates on one replica; true when its refs are back to
-    /// `before`.
-    async fn roll_back(
-        &self,
-        storage: &StorageName,
-        replica_path: &RelativePath,
-        before: &str,
-    ) -> bool {
-        reverse_changes(&self.proxy, storage, replica_path, &self.changes).await;
-        let after = checksums(&self.proxy, std::slice::from_ref(storage), replica_path).await;
-        after[0].as_deref() == Some(before)
-    }
-
-    /// Settles a write that was recorded and never committed (its proxy died, or lost its
-    /// lease before it could undo the write): its ref updates are reversed wherever they
-    /// landed, the replicas that then agree become the next generation, and the others are
-    /// left behind it, to be repaired.
-    async fn recover(&self, lease: &WriteLease, stale: &StaleIntent) -> Result<(), ProxyError> {
-        let state = &self.proxy.state;
-        let replica_path = &lease.replica_path;
-        tracing::warn!(intent = lease.intent, targets = ?stale.targets, "settling an interrupted write");
-        for storage in lease.targets.iter().filter(|s| stale.targets.contains(s)) {
-            reverse_changes(&self.proxy, storage, replica_path, &stale.changes).await;
-        }
-        let after = checksums(&self.proxy, &lease.targets, replica_path).await;
-        let mut groups: HashMap<&str, Vec<StorageName>> = HashMap::new();
-        for (storage, checksum) in lease.targets.iter().zip(&after) {
-            if let Some(checksum) = checksum {
-                groups.entry(checksum).or_default().push(storage.clone());
-            }
-        }
-        let Some(current) = groups.into_values().max_by_key(Vec::len) else {
-            return Err(self.failed(
-                "an interrupted write cannot be settled: no replica answered; it is retried when the lease runs out",
-            ));
-        };
-        let outcome = state
-            .store
-            .commit_write(lease, &state.instance_id, &current, &current[0])
-            .await?
-            .ok_or_else(|| {
-                self.failed("the lease was lost while an interrupted write was settled")
-            })?;
-        state.routing.invalidate(lease.repository);
-        tracing::info!(generation = outcome.generation, current = ?current, queued = ?outcome.queued, "interrupted write settled");
-        Ok(())
-    }
-
     fn busy(&self, started: Instant) -> ProxyError {
         ProxyError::WriteBusy {
             repository: self.repository.clone(),
@@ -551,33 +411,6 @@ impl Write {
         ProxyError::WriteFailed {
             repository: self.repository.clone(),
             reason: reason.to_owned(),
-        }
-    }
-}
-
-/// Reverses ref updates on one replica, one compare-and-swap per ref: a ref the replica did
-/// not move refuses the swap, which is what is wanted. HEAD is not reversed.
-async fn reverse_changes(
-    proxy: &Proxy,
-    storage: &StorageName,
-    replica_path: &RelativePath,
-    changes: &[RefChange],
-) {
-    let Some(node) = proxy.state.nodes.get(storage) else {
-        return;
-    };
-    let mut client = RefServiceClient::new(node.authed());
-    for change in changes.iter().rev().filter(|change| change.name != "HEAD") {
-        let request = UpdateRefsRequest {
-            repository: Some(replica_header(storage, replica_path)),
-            updates: vec![RefUpdate {
-                name: change.name.clone(),
-                old_target: change.new.clone(),
-                new_target: change.old.clone(),
-            }],
-        };
-        if let Err(status) = client.update_refs(request).await {
-            tracing::debug!(%storage, reference = %change.name, %status, "not reversed");
         }
     }
 }
@@ -617,23 +450,6 @@ async fn renew(proxy: Proxy, lease: WriteLease, stop: CancellationToken, lost: C
     }
 }
 
-/// Reads a whole answer, bounded.
-async fn collect(response: Response<Streaming<Bytes>>) -> Result<Reply, Status> {
-    let (metadata, mut stream, _) = response.into_parts();
-    let mut messages = Vec::new();
-    let mut size = 0;
-    while let Some(message) = stream.message().await? {
-        size += message.len();
-        if size > MAX_RESPONSE_BYTES {
-            return Err(Status::resource_exhausted(format!(
-                "the node's answer is larger than {MAX_RESPONSE_BYTES} bytes"
-            )));
-        }
-        messages.push(message);
-    }
-    Ok(Reply { metadata, messages })
-}
-
 pub(super) fn respond(
     storage: &StorageName,
     reply: Result<Reply, Status>,
@@ -651,40 +467,6 @@ pub(super) fn respond(
             storage: storage.clone(),
             status,
         }),
-    }
-}
-
-/// The refs checksum of each storage's replica; None where the node did not answer.
-async fn checksums(
-    proxy: &Proxy,
-    storages: &[StorageName],
-    replica_path: &RelativePath,
-) -> Vec<Option<String>> {
-    let asks = storages.iter().map(|storage| async move {
-        let node = proxy.state.nodes.get(storage)?;
-        let mut client = RefServiceClient::new(node.authed());
-        let request = RefsChecksumRequest {
-            repository: Some(replica_header(storage, replica_path)),
-        };
-        match tokio::time::timeout(CHECKSUM_TIMEOUT, client.refs_checksum(request)).await {
-            Ok(Ok(response)) => Some(response.into_inner().checksum),
-            Ok(Err(status)) => {
-                tracing::warn!(%storage, %status, "no refs checksum");
-                None
-            }
-            Err(_) => {
-                tracing::warn!(%storage, "refs checksum timed out");
-                None
-            }
-        }
-    });
-    futures_util::future::join_all(asks).await
-}
-
-fn replica_header(storage: &StorageName, replica_path: &RelativePath) -> RepositoryHeader {
-    RepositoryHeader {
-        storage: storage.to_string(),
-        relative_path: replica_path.to_string(),
     }
 }
 

@@ -1,0 +1,162 @@
+//! Sending a write to every target at once, and asking each replica for its refs checksum.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{Reply, Write};
+use crate::model::{RelativePath, StorageName};
+use crate::proto::ref_service_client::RefServiceClient;
+use crate::proto::{RefsChecksumRequest, RepositoryHeader};
+use crate::proxy::error::ProxyError;
+use crate::proxy::forward::{later_messages, send};
+use crate::proxy::{Proxy, header};
+
+/// The most response bytes kept per replica while the write is judged.
+const MAX_RESPONSE_BYTES: usize = 16 << 20;
+/// How long a replica may leave a message of the write unread before it is dropped from the
+/// write (and repaired later), so that it does not hold back the others.
+const REPLICA_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a replica may take to report its refs' checksum.
+const CHECKSUM_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Write {
+    /// Sends the same request to every target at once, the client's stream teed to all.
+    pub(super) async fn fan_out(
+        &mut self,
+        targets: &[StorageName],
+        replica_path: &RelativePath,
+    ) -> Vec<Result<Reply, Status>> {
+        let mut senders = Vec::with_capacity(targets.len());
+        let mut calls = Vec::with_capacity(targets.len());
+        for storage in targets {
+            let (message_tx, message_rx) = mpsc::channel::<Bytes>(16);
+            senders.push(message_tx);
+            let first = header::rewrite(
+                &self.first,
+                &self.located,
+                storage.as_str(),
+                replica_path.as_str(),
+            );
+            let outbound = tokio_stream::once(first)
+                .chain(tokio_stream::iter(self.prefix.clone()))
+                .chain(ReceiverStream::new(message_rx));
+            let mut request = Request::new(outbound);
+            let limit = self.proxy.state.config.writes.timeout.0;
+            request.set_timeout(self.deadline.map_or(limit, |deadline| deadline.min(limit)));
+            let proxy = self.proxy.clone();
+            let path = self.path;
+            calls.push(async move {
+                match send(&proxy, storage, path, request).await {
+                    Ok(response) => collect(response).await,
+                    Err(ProxyError::Node { status, .. }) => Err(status),
+                    Err(error) => Err(Status::internal(error.to_string())),
+                }
+            });
+        }
+        let inbound = self.inbound.take();
+        let tee = async move {
+            let Some(inbound) = inbound else { return };
+            let mut inbound = std::pin::pin!(later_messages(inbound));
+            while let Some(message) = inbound.next().await {
+                let sent = futures_util::future::join_all(senders.iter().map(|sender| {
+                    tokio::time::timeout(REPLICA_STALL_TIMEOUT, sender.send(message.clone()))
+                }))
+                .await;
+                // A replica that stopped reading is dropped; the others go on.
+                let mut results = sent.into_iter();
+                senders.retain(|_| {
+                    results
+                        .next()
+                        .is_some_and(|result| matches!(result, Ok(Ok(()))))
+                });
+                if senders.is_empty() {
+                    break;
+                }
+            }
+        };
+        // The calls decide when the fan-out is over: a client may keep its side of the stream
+        // open until it has the answer (git's full-duplex form does).
+        let calls = futures_util::future::join_all(calls);
+        tokio::pin!(calls, tee);
+        let mut teeing = true;
+        let lease_lost = self.lease_lost.clone();
+        let replies = loop {
+            tokio::select! {
+                replies = &mut calls => break replies,
+                () = &mut tee, if teeing => teeing = false,
+                () = lease_lost.cancelled() => {
+                    // Dropping the calls cancels them on the nodes.
+                    break targets
+                        .iter()
+                        .map(|_| Err(Status::aborted("the write lease was lost")))
+                        .collect();
+                }
+            }
+        };
+        for (storage, reply) in targets.iter().zip(&replies) {
+            if let Err(status) = reply {
+                tracing::warn!(%storage, %status, "replica did not apply the write");
+            }
+        }
+        replies
+    }
+}
+
+/// Reads a whole answer, bounded.
+async fn collect(response: Response<Streaming<Bytes>>) -> Result<Reply, Status> {
+    let (metadata, mut stream, _) = response.into_parts();
+    let mut messages = Vec::new();
+    let mut size = 0;
+    while let Some(message) = stream.message().await? {
+        size += message.len();
+        if size > MAX_RESPONSE_BYTES {
+            return Err(Status::resource_exhausted(format!(
+                "the node's answer is larger than {MAX_RESPONSE_BYTES} bytes"
+            )));
+        }
+        messages.push(message);
+    }
+    Ok(Reply { metadata, messages })
+}
+
+/// The refs checksum of each storage's replica; None where the node did not answer.
+pub(super) async fn checksums(
+    proxy: &Proxy,
+    storages: &[StorageName],
+    replica_path: &RelativePath,
+) -> Vec<Option<String>> {
+    let asks = storages.iter().map(|storage| async move {
+        let node = proxy.state.nodes.get(storage)?;
+        let mut client = RefServiceClient::new(node.authed());
+        let request = RefsChecksumRequest {
+            repository: Some(replica_header(storage, replica_path)),
+        };
+        match tokio::time::timeout(CHECKSUM_TIMEOUT, client.refs_checksum(request)).await {
+            Ok(Ok(response)) => Some(response.into_inner().checksum),
+            Ok(Err(status)) => {
+                tracing::warn!(%storage, %status, "no refs checksum");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(%storage, "refs checksum timed out");
+                None
+            }
+        }
+    });
+    futures_util::future::join_all(asks).await
+}
+
+pub(super) fn replica_header(
+    storage: &StorageName,
+    replica_path: &RelativePath,
+) -> RepositoryHeader {
+    RepositoryHeader {
+        storage: storage.to_string(),
+        relative_path: replica_path.to_string(),
+    }
+}
