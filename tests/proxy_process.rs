@@ -37,6 +37,32 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// Starts `gitfleet proxy` (without waiting for it).
+fn spawn_proxy(config: &std::path::Path) -> KillOnDrop {
+    KillOnDrop(
+        Command::new(BINARY)
+            .args(["proxy", "--config"])
+            .arg(config)
+            .env("GITFLEET_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Waits for a started proxy's gRPC address.
+fn address_of(proxy: &mut KillOnDrop) -> String {
+    let mut line = String::new();
+    BufReader::new(proxy.0.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    line.trim()
+        .strip_prefix("gitfleet proxy: listening on ")
+        .unwrap_or_else(|| panic!("the proxy did not start: {line:?}"))
+        .to_owned()
+}
+
 fn migrate(config: &std::path::Path) -> std::process::Output {
     Command::new(BINARY)
         .args(["migrate", "--config"])
@@ -69,26 +95,9 @@ async fn the_proxy_process_migrates_serves_and_stops_on_sigterm() {
         "gitfleet migrate: 0 applied now, 1 in all\n"
     );
 
-    let mut proxy = KillOnDrop(
-        Command::new(BINARY)
-            .args(["proxy", "--config"])
-            .arg(&config)
-            .env("GITFLEET_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap(),
-    );
+    let mut proxy = spawn_proxy(&config);
+    let address = address_of(&mut proxy);
     let proxy = &mut proxy.0;
-    let mut line = String::new();
-    BufReader::new(proxy.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let address = line
-        .trim()
-        .strip_prefix("gitfleet proxy: listening on ")
-        .unwrap_or_else(|| panic!("the proxy did not start: {line:?}"))
-        .to_owned();
 
     let created = Command::new(BINARY)
         .args(["admin", "--config"])
@@ -174,33 +183,9 @@ async fn two_proxies_starting_together_on_a_fresh_database_both_serve() {
     let node = NodeProcess::start();
     let dir = tempfile::tempdir().unwrap();
     let config = proxy_config(dir.path(), &database_url, &node);
-    let mut proxies: Vec<KillOnDrop> = (0..2)
-        .map(|_| {
-            KillOnDrop(
-                Command::new(BINARY)
-                    .args(["proxy", "--config"])
-                    .arg(&config)
-                    .env("GITFLEET_LOG", "warn")
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::inherit())
-                    .spawn()
-                    .unwrap(),
-            )
-        })
-        .collect();
-    let mut addresses = Vec::new();
-    for proxy in &mut proxies {
-        let mut line = String::new();
-        BufReader::new(proxy.0.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let address = line
-            .trim()
-            .strip_prefix("gitfleet proxy: listening on ")
-            .unwrap_or_else(|| panic!("a proxy did not start: {line:?}"))
-            .to_owned();
-        addresses.push(address);
-    }
+    // Both start before either has migrated.
+    let mut proxies: Vec<KillOnDrop> = (0..2).map(|_| spawn_proxy(&config)).collect();
+    let addresses: Vec<String> = proxies.iter_mut().map(address_of).collect();
     for (index, address) in addresses.iter().enumerate() {
         let created = Command::new(BINARY)
             .args(["admin", "--config"])
