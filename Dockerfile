@@ -9,7 +9,7 @@ FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends git ca-certificates bash \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --home-dir /var/lib/gitfleet gitfleet \
+ && useradd --system --uid 10001 --home-dir /var/lib/gitfleet gitfleet \
  && mkdir -p /var/lib/gitfleet \
  && chown gitfleet:gitfleet /var/lib/gitfleet
 COPY --from=build /usr/local/bin/gitfleet /usr/local/bin/gitfleet

@@ -134,7 +134,9 @@ fn every_service_config_loads_with_its_compose_environment() {
     for (index, node) in nodes.iter().enumerate() {
         assert_eq!(node.address, format!("http://node-{}:9001", index + 1));
     }
-    assert!(compose.contains("\"2305:2305\"") && compose.contains("\"8080:8080\""));
+    assert!(
+        compose.contains("\"127.0.0.1:2305:2305\"") && compose.contains("\"127.0.0.1:8080:8080\"")
+    );
 }
 
 #[test]

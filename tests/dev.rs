@@ -162,6 +162,31 @@ fn dev_starts_serves_from_a_shell_stops_cleanly_and_starts_again_on_its_data() {
         "git ls-remote \"$GITFLEET_HTTP_URL/default/by-admin.git\" && echo reachable",
     );
     assert!(exists.contains("reachable"));
+
+    // PostgreSQL dies hard (power cut, OOM killer): its pid file and socket stay behind, and
+    // the next start must not mistake them for a running server.
+    let pid_file = std::fs::read_to_string(dir.join("postgres/postmaster.pid")).unwrap();
+    let postmaster: i32 = pid_file.lines().next().unwrap().trim().parse().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(postmaster),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    stop(dev);
+    let dev = start_dev(&dir);
+    let advertised = shell(
+        &dir,
+        scratch.path(),
+        "git ls-remote --refs \"$GITFLEET_HTTP_URL/default/demo.git\"",
+    );
+    assert!(advertised.contains("refs/heads/main"), "{advertised}");
     stop(dev);
     assert!(processes_of(&dir).is_empty());
+
+    // The secrets are the owner's alone.
+    use std::os::unix::fs::MetadataExt;
+    for file in ["env", "secrets.toml", "proxy.toml", "node-1.toml"] {
+        let mode = std::fs::metadata(dir.join(file)).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{file}");
+    }
 }

@@ -33,6 +33,36 @@ fn sorted_lines(text: &str) -> Vec<String> {
     lines
 }
 
+/// A plain HTTP/1.1 POST: status and body.
+fn http_post(base: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, Vec<u8>) {
+    let address = base.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    let mut request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    let split = response.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&response[..split]).into_owned();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, response[split + 4..].to_vec())
+}
+
+fn basic(token: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("git:{token}"))
+    )
+}
+
 /// A plain HTTP/1.1 GET: status, headers and body.
 fn http_get(base: &str, path: &str, authorization: Option<&str>) -> (u16, String, String) {
     let address = base.trim_start_matches("http://");
@@ -286,4 +316,69 @@ async fn probes_and_metrics_answer_on_the_http_port() {
         body.contains("gitfleet_proxy_node_healthy{storage=\"storage-3\"} 0"),
         "{body}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn escaped_names_gzip_bodies_and_foreign_posts() {
+    let cluster = Cluster::start(3).await;
+    cluster.create("with space.git").await;
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    make_history(&work);
+    // git escapes the space; the proxy decodes it.
+    ok(&git_http(
+        &work,
+        &[
+            "push",
+            "-q",
+            &cluster.git_url(WRITE_TOKEN, "with%20space.git"),
+            "main",
+        ],
+    ));
+    assert_eq!(cluster.record("with space.git").await.generation, 1);
+    let (status, _, body) = http_get(
+        &cluster.git_http,
+        "/default/a%2F..%2Fwith%20space.git/info/refs?service=git-upload-pack",
+        Some(&basic(READ_TOKEN)),
+    );
+    assert_eq!(status, 400, "{body}");
+
+    // A protocol v2 ls-refs, gzipped as git sends its bigger requests.
+    let mut request = Vec::new();
+    request.extend_from_slice(b"0014command=ls-refs\n0000");
+    let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gzip.write_all(&request).unwrap();
+    let gzipped = gzip.finish().unwrap();
+    let authorization = basic(READ_TOKEN);
+    let path = "/default/with%20space.git/git-upload-pack";
+    let (status, body) = http_post(
+        &cluster.git_http,
+        path,
+        &[
+            ("Authorization", &authorization),
+            ("Git-Protocol", "version=2"),
+            ("Content-Type", "application/x-git-upload-pack-request"),
+            ("Content-Encoding", "gzip"),
+        ],
+        &gzipped,
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let main = run_git(&work, &["rev-parse", "main"]);
+    let listed = String::from_utf8_lossy(&body);
+    assert!(
+        listed.contains(&format!("{} refs/heads/main", main.trim())),
+        "{listed}"
+    );
+
+    // A POST that is not git's is turned away.
+    let (status, _) = http_post(
+        &cluster.git_http,
+        path,
+        &[
+            ("Authorization", &authorization),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ],
+        &request,
+    );
+    assert_eq!(status, 415);
 }

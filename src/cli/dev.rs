@@ -90,11 +90,19 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
             result = &mut serving => return result?,
         }
         // Ready when every node answers its health checks.
+        let mut healthy = 0;
         for _ in 0..300 {
-            if proxy.state().nodes.healthy().len() == options.nodes {
+            healthy = proxy.state().nodes.healthy().len();
+            if healthy == options.nodes {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if healthy < options.nodes {
+            anyhow::bail!(
+                "only {healthy} of {} nodes answer their health checks after 30 s",
+                options.nodes
+            );
         }
         let dir = options.dir.canonicalize()?;
         processes.write_env(&dir, grpc_address, http_address)?;

@@ -43,8 +43,7 @@ impl Secrets {
             node_token: random_token(),
             access_token: random_token(),
         };
-        std::fs::write(&path, toml::to_string(&secrets)?)?;
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        write_private(&path, &toml::to_string(&secrets)?)?;
         Ok(secrets)
     }
 }
@@ -75,30 +74,32 @@ pub struct NodeChild {
     child: Child,
 }
 
-impl NodeChild {
-    /// SIGTERM, then up to 15 s for the node to finish its calls and exit.
-    fn stop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+/// Stops the nodes together: SIGTERM to all, then up to 15 s for them to finish their calls,
+/// then SIGKILL for any left.
+fn stop_nodes(nodes: &mut [NodeChild]) {
+    for node in nodes.iter() {
+        let pid = nix::unistd::Pid::from_raw(node.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline
+        && nodes
+            .iter_mut()
+            .any(|node| matches!(node.child.try_wait(), Ok(None)))
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for node in nodes {
+        if let Ok(None) = node.child.try_wait() {
+            let _ = node.child.kill();
+            let _ = node.child.wait();
         }
     }
 }
 
 impl Drop for DevProcesses {
     fn drop(&mut self) {
-        for node in &mut self.nodes {
-            node.stop();
-        }
+        stop_nodes(&mut self.nodes);
         self.postgres.stop();
     }
 }
@@ -107,10 +108,7 @@ impl Drop for DevProcesses {
 /// from a thread that lives as long as the cluster (the children are tied to it).
 pub fn start_processes(options: &DevOptions) -> anyhow::Result<DevProcesses> {
     let dir = &options.dir;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let dir = dir
-        .canonicalize()
-        .with_context(|| format!("resolving {}", dir.display()))?;
+    let dir = own_directory(dir)?;
     let secrets = Secrets::load_or_create(&dir)?;
 
     crate::cli::say(
@@ -135,9 +133,9 @@ pub fn start_processes(options: &DevOptions) -> anyhow::Result<DevProcesses> {
         let storage_dir = dir.join(format!("node-{index}"));
         std::fs::create_dir_all(&storage_dir)?;
         let config_path = dir.join(format!("node-{index}.toml"));
-        std::fs::write(
+        write_private(
             &config_path,
-            format!(
+            &format!(
                 "# Written by gitfleet dev at every start.\n\
                  listen = \"127.0.0.1:0\"\n\
                  [auth]\ntoken = \"{}\"\n\
@@ -173,7 +171,7 @@ pub fn start_processes(options: &DevOptions) -> anyhow::Result<DevProcesses> {
             node.storage, node.address, secrets.node_token
         ));
     }
-    std::fs::write(&proxy_config, config)?;
+    write_private(&proxy_config, &config)?;
     Ok(DevProcesses {
         nodes,
         postgres,
@@ -202,11 +200,47 @@ impl DevProcesses {
             self.proxy_token,
             self.database_url,
         );
-        let path = dir.join("env");
-        std::fs::write(&path, env)?;
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-        Ok(())
+        write_private(&dir.join("env"), &env)
     }
+}
+
+/// Makes (or checks) the cluster's directory: ours, not a symlink, and closed to others but
+/// for passing through (PostgreSQL, running as another user, must reach its data inside).
+fn own_directory(dir: &Path) -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    match std::fs::symlink_metadata(dir) {
+        Ok(meta) if meta.file_type().is_symlink() => {
+            bail!("{} is a symlink: give the real directory", dir.display())
+        }
+        Ok(meta) if meta.uid() != nix::unistd::geteuid().as_raw() => bail!(
+            "{} belongs to another user: choose another --dir",
+            dir.display()
+        ),
+        Ok(_) => {}
+        Err(_) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?
+        }
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711))?;
+    dir.canonicalize()
+        .with_context(|| format!("resolving {}", dir.display()))
+}
+
+/// Writes a file only its owner can read, refusing to follow a symlink planted in its place.
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    file.write_all(contents.as_bytes())?;
+    Ok(())
 }
 
 /// The socket directory: inside DIR when the path is short enough for a Unix socket.

@@ -229,8 +229,14 @@ impl PrivatePostgres {
                     tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                 );
             }
+            // A server that crashed leaves its pid file (saying "ready") and its socket
+            // behind: only this child's own pid file counts.
+            let ours = self.child.id().to_string();
             let ready = fs::read_to_string(&pid_file)
-                .map(|pid| pid.lines().any(|line| line.trim() == "ready"))
+                .map(|text| {
+                    text.lines().next().map(str::trim) == Some(ours.as_str())
+                        && text.lines().any(|line| line.trim() == "ready")
+                })
                 .unwrap_or(false);
             if ready && self.socket_dir.join(format!(".s.PGSQL.{PORT}")).exists() {
                 return Ok(());
@@ -251,11 +257,27 @@ impl PrivatePostgres {
     }
 
     /// Stops the server, disconnecting its clients, and waits for it to exit.
+    /// Escalates when the server does not go: SIGINT (fast shutdown), then after 20 s SIGQUIT
+    /// (immediate), then after 5 s more SIGKILL.
     pub fn stop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
-            let _ = self.child.wait();
+        use nix::sys::signal::Signal;
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        for (signal, patience) in [
+            (Signal::SIGINT, Duration::from_secs(20)),
+            (Signal::SIGQUIT, Duration::from_secs(5)),
+            (Signal::SIGKILL, Duration::from_secs(5)),
+        ] {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            let _ = nix::sys::signal::kill(pid, signal);
+            let deadline = Instant::now() + patience;
+            while Instant::now() < deadline {
+                if !matches!(self.child.try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
     }
 

@@ -56,6 +56,8 @@ pub struct ProxyState {
     /// Writes run as tasks of their own, so that a caller who goes away or a shutdown never
     /// cuts one between its fan-out and its second transaction. Shutdown waits for them.
     writes: TaskTracker,
+    /// Set when shutdown begins: /readyz turns away new traffic while calls drain.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Clone)]
@@ -138,12 +140,20 @@ impl Proxy {
                 instance_id,
                 write_queues: Mutex::default(),
                 writes: TaskTracker::new(),
+                draining: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
 
     pub fn state(&self) -> &ProxyState {
         &self.state
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_draining(&self) -> bool {
+        self.state
+            .draining
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The queue for writes to one repository through this proxy.
@@ -246,6 +256,9 @@ pub async fn serve_announced(
         _ = shutdown.cancelled() => None,
     };
     if stopped_early.is_none() {
+        state
+            .draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         set_health(&health_reporter, ServingStatus::NotServing).await;
         tracing::info!(delay = ?config.shutdown_delay.0, "shutting down: health is NOT_SERVING");
         tokio::time::sleep(config.shutdown_delay.0).await;

@@ -54,7 +54,11 @@ pub async fn serve(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let path = uri.path().trim_start_matches('/');
+    let decoded = match percent_decode(uri.path()) {
+        Ok(decoded) => decoded,
+        Err(reason) => return text(StatusCode::BAD_REQUEST, reason),
+    };
+    let path = decoded.trim_start_matches('/');
     let (repository, endpoint) = match (&method, path) {
         (&Method::GET, _) if path.ends_with("/info/refs") => {
             let service = match uri.query() {
@@ -98,6 +102,20 @@ pub async fn serve(
     let service = match endpoint {
         Endpoint::Advertise(service) | Endpoint::Post(service) => service,
     };
+    if let Endpoint::Post(service) = endpoint {
+        // As git's own http-backend does: a POST that is not git's is not taken (nor is a
+        // form a web page might send with the user's stored credentials).
+        let expected = format!("application/x-{}-request", service.name());
+        let content_type = headers
+            .get("content-type")
+            .and_then(|value| value.to_str().ok());
+        if content_type != Some(expected.as_str()) {
+            return text(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                &format!("expected Content-Type: {expected}"),
+            );
+        }
+    }
     if service == Service::ReceivePack && caller.scope != TokenScope::ReadWrite {
         return text(
             StatusCode::FORBIDDEN,
@@ -239,6 +257,32 @@ fn pump<M: Send + 'static>(
     ReceiverStream::new(message_rx)
 }
 
+/// Decodes %XX escapes in a URL path. An escaped `/` or NUL, a broken escape, or a result
+/// that is not UTF-8 is refused.
+fn percent_decode(path: &str) -> Result<String, &'static str> {
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        if bytes[index] != b'%' {
+            out.push(bytes[index]);
+            index += 1;
+            continue;
+        }
+        let hex = bytes
+            .get(index + 1..index + 3)
+            .and_then(|hex| std::str::from_utf8(hex).ok())
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+            .ok_or("the path has a broken %-escape")?;
+        if hex == b'/' || hex == 0 {
+            return Err("the path has an escaped '/' or NUL");
+        }
+        out.push(hex);
+        index += 3;
+    }
+    String::from_utf8(out).map_err(|_| "the path is not UTF-8")
+}
+
 /// Splits a body chunk into pieces that fit a gRPC message.
 fn split(chunk: Bytes) -> Vec<Bytes> {
     let mut pieces = Vec::with_capacity(chunk.len() / CHUNK + 1);
@@ -313,6 +357,20 @@ fn status_response(status: &tonic::Status) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_are_percent_decoded_and_escaped_slashes_refused() {
+        assert_eq!(
+            percent_decode("/default/a%20b.git").unwrap(),
+            "/default/a b.git"
+        );
+        assert_eq!(percent_decode("/plain/x.git").unwrap(), "/plain/x.git");
+        assert!(percent_decode("/default/a%2Fb.git").is_err());
+        assert!(percent_decode("/default/a%2f..%2fb").is_err());
+        assert!(percent_decode("/default/%00").is_err());
+        assert!(percent_decode("/default/%zz").is_err());
+        assert!(percent_decode("/default/%e9.git").is_err());
+    }
 
     #[test]
     fn large_chunks_are_split_to_fit_a_message() {

@@ -131,6 +131,9 @@ fn text(status: StatusCode, message: &str) -> Response {
 /// Ready when the database answers and every virtual storage has a majority of its nodes
 /// healthy; otherwise 503 and what is missing.
 async fn ready(gateway: Gateway) -> Response {
+    if gateway.proxy.is_draining() {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    }
     // Nothing borrowed from the gateway is held across the await.
     let store = gateway.proxy.state().store.clone();
     let mut problems = Vec::new();
