@@ -108,6 +108,7 @@ pub async fn fresh_database() -> String {
     let mut connection = sqlx::PgConnection::connect(admin)
         .await
         .unwrap_or_else(|error| panic!("cannot reach the test PostgreSQL at {admin}: {error}"));
+    drop_stale_databases(&mut connection).await;
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "DROP DATABASE IF EXISTS {name}"
     )))
@@ -120,4 +121,34 @@ pub async fn fresh_database() -> String {
         .unwrap();
     connection.close().await.unwrap();
     with_database(admin, &name)
+}
+
+/// Drops, once per test process, the databases of earlier test processes that are gone, so a
+/// long-lived server behind DATABASE_URL does not fill up with them.
+async fn drop_stale_databases(connection: &mut sqlx::PgConnection) {
+    static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if DONE.swap(true, Ordering::Relaxed) {
+        return;
+    }
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT datname::text FROM pg_database WHERE datname LIKE 'gitfleet\\_test\\_%'",
+    )
+    .fetch_all(&mut *connection)
+    .await
+    .unwrap_or_default();
+    for name in names {
+        let pid = name
+            .strip_prefix("gitfleet_test_")
+            .and_then(|rest| rest.split('_').next())
+            .and_then(|pid| pid.parse::<u32>().ok());
+        let Some(pid) = pid else { continue };
+        if PathBuf::from(format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        )))
+        .execute(&mut *connection)
+        .await;
+    }
 }
