@@ -10,12 +10,12 @@ use tonic::{Request, Response};
 use super::error::ProxyError;
 use super::forward::{lookup, send};
 use super::service::{ResponseStream, single};
-use super::{Call, Proxy, header, majority};
+use super::{Call, Proxy, header, majority, replica_header};
 use crate::model::{RelativePath, StorageName};
 use crate::proto::repository_service_client::RepositoryServiceClient;
 use crate::proto::{
     RemoveRepositoryRequest, RemoveRepositoryResponse, RenameRepositoryRequest,
-    RenameRepositoryResponse, RepositoryExistsResponse, RepositoryHeader,
+    RenameRepositoryResponse, RepositoryExistsResponse,
 };
 use crate::store::{NewRepository, Renamed};
 
@@ -65,15 +65,11 @@ pub(super) async fn create(
         .cloned()
         .collect();
     if reachable.len() < majority(factor) {
-        return Err(ProxyError::NotEnoughReplicas {
-            repository: call.repository(),
-            needed: majority(factor),
-            assigned: factor,
-            missing: assigned
-                .into_iter()
-                .filter(|s| !reachable.contains(s))
-                .collect(),
-        });
+        return Err(ProxyError::not_enough(
+            call.repository(),
+            &assigned,
+            &reachable,
+        ));
     }
 
     let id = state.store.next_repository_id().await?;
@@ -172,10 +168,7 @@ async fn remove_replicas(proxy: &Proxy, replica_path: &RelativePath, storages: &
         };
         let mut client = RepositoryServiceClient::new(node.authed());
         let request = RemoveRepositoryRequest {
-            repository: Some(RepositoryHeader {
-                storage: storage.to_string(),
-                relative_path: replica_path.to_string(),
-            }),
+            repository: Some(replica_header(storage, replica_path)),
         };
         match tokio::time::timeout(REMOVE_TIMEOUT, client.remove_repository(request)).await {
             Ok(Ok(_)) => {}

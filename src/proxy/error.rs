@@ -60,7 +60,29 @@ pub enum ProxyError {
     Task(String),
 }
 
-fn list(storages: &[StorageName]) -> String {
+impl ProxyError {
+    /// A write (or creation) that cannot reach a majority of `assigned`: only `reachable` are
+    /// up to date on healthy nodes.
+    pub fn not_enough(
+        repository: impl Into<String>,
+        assigned: &[StorageName],
+        reachable: &[StorageName],
+    ) -> Self {
+        ProxyError::NotEnoughReplicas {
+            repository: repository.into(),
+            needed: super::majority(assigned.len()),
+            assigned: assigned.len(),
+            missing: assigned
+                .iter()
+                .filter(|storage| !reachable.contains(storage))
+                .cloned()
+                .collect(),
+        }
+    }
+}
+
+/// "s1, s2", for messages.
+pub(super) fn list(storages: &[StorageName]) -> String {
     storages
         .iter()
         .map(StorageName::as_str)

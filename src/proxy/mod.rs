@@ -106,6 +106,17 @@ fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
+/// Names a replica on its node, for the calls the proxy makes itself.
+pub(crate) fn replica_header(
+    storage: &StorageName,
+    replica_path: &RelativePath,
+) -> crate::proto::RepositoryHeader {
+    crate::proto::RepositoryHeader {
+        storage: storage.to_string(),
+        relative_path: replica_path.to_string(),
+    }
+}
+
 /// How many of `assigned` replicas make a majority.
 pub fn majority(assigned: usize) -> usize {
     assigned / 2 + 1

@@ -35,10 +35,7 @@ pub(super) async fn receive_pack(
         .map_err(|_| ProxyError::Undecodable("SshRequest"))?;
     let first = Bytes::from(
         SshRequest {
-            repository: Some(crate::proto::RepositoryHeader {
-                storage: advertiser.to_string(),
-                relative_path: record.replica_path.to_string(),
-            }),
+            repository: Some(super::replica_header(&advertiser, &record.replica_path)),
             git_protocol: opening.git_protocol,
             ..Default::default()
         }

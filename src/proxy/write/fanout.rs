@@ -10,10 +10,11 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{Reply, Write};
 use crate::model::{RelativePath, StorageName};
+use crate::proto::RefsChecksumRequest;
 use crate::proto::ref_service_client::RefServiceClient;
-use crate::proto::{RefsChecksumRequest, RepositoryHeader};
 use crate::proxy::error::ProxyError;
 use crate::proxy::forward::{later_messages, send};
+use crate::proxy::replica_header;
 use crate::proxy::{Proxy, header};
 
 /// The most response bytes kept per replica while the write is judged.
@@ -149,14 +150,4 @@ pub(super) async fn checksums(
         }
     });
     futures_util::future::join_all(asks).await
-}
-
-pub(super) fn replica_header(
-    storage: &StorageName,
-    replica_path: &RelativePath,
-) -> RepositoryHeader {
-    RepositoryHeader {
-        storage: storage.to_string(),
-        relative_path: replica_path.to_string(),
-    }
 }

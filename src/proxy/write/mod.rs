@@ -16,7 +16,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Response, Status, Streaming};
 use tracing::Instrument as _;
 
-use super::error::ProxyError;
+use super::error::{ProxyError, list};
 use super::header::Located;
 use super::service::ResponseStream;
 use super::{Call, Proxy, majority, push};
@@ -74,26 +74,16 @@ pub(super) fn check_reachable(
     repository: &str,
 ) -> Result<(), ProxyError> {
     let nodes = &proxy.state.nodes;
-    let ready: Vec<&StorageName> = record
+    let ready: Vec<StorageName> = record
         .assigned
         .iter()
         .filter(|storage| record.is_up_to_date(storage) && nodes.is_healthy(storage))
+        .cloned()
         .collect();
-    let needed = majority(record.assigned.len());
-    if ready.len() >= needed {
+    if ready.len() >= majority(record.assigned.len()) {
         return Ok(());
     }
-    Err(ProxyError::NotEnoughReplicas {
-        repository: repository.to_owned(),
-        needed,
-        assigned: record.assigned.len(),
-        missing: record
-            .assigned
-            .iter()
-            .filter(|storage| !ready.contains(storage))
-            .cloned()
-            .collect(),
-    })
+    Err(ProxyError::not_enough(repository, &record.assigned, &ready))
 }
 
 fn update_refs_changes(message: &Bytes) -> Result<Vec<RefChange>, ProxyError> {
@@ -231,15 +221,11 @@ impl Write {
                     assigned,
                     reachable,
                 } => {
-                    return Err(ProxyError::NotEnoughReplicas {
-                        repository: self.repository.clone(),
-                        needed: majority(assigned.len()),
-                        assigned: assigned.len(),
-                        missing: assigned
-                            .into_iter()
-                            .filter(|storage| !reachable.contains(storage))
-                            .collect(),
-                    });
+                    return Err(ProxyError::not_enough(
+                        self.repository.clone(),
+                        &assigned,
+                        &reachable,
+                    ));
                 }
                 WriteStart::Busy if started.elapsed() >= state.config.writes.lease_wait.0 => {
                     return Err(self.busy(started));
@@ -394,17 +380,7 @@ impl Write {
     }
 
     fn not_enough(&self, lease: &WriteLease, reachable: &[StorageName]) -> ProxyError {
-        ProxyError::NotEnoughReplicas {
-            repository: self.repository.clone(),
-            needed: majority(lease.assigned.len()),
-            assigned: lease.assigned.len(),
-            missing: lease
-                .assigned
-                .iter()
-                .filter(|storage| !reachable.contains(storage))
-                .cloned()
-                .collect(),
-        }
+        ProxyError::not_enough(self.repository.clone(), &lease.assigned, reachable)
     }
 
     fn failed(&self, reason: &str) -> ProxyError {
@@ -468,12 +444,4 @@ pub(super) fn respond(
             status,
         }),
     }
-}
-
-fn list(storages: &[StorageName]) -> String {
-    storages
-        .iter()
-        .map(StorageName::as_str)
-        .collect::<Vec<_>>()
-        .join(", ")
 }

@@ -4,12 +4,13 @@
 use std::collections::HashMap;
 
 use super::Write;
-use super::fanout::{checksums, replica_header};
+use super::fanout::checksums;
 use crate::model::{RelativePath, StorageName};
 use crate::proto::ref_service_client::RefServiceClient;
 use crate::proto::{RefUpdate, UpdateRefsRequest};
 use crate::proxy::Proxy;
 use crate::proxy::error::ProxyError;
+use crate::proxy::replica_header;
 use crate::store::{RefChange, StaleIntent, WriteLease};
 
 impl Write {
