@@ -51,12 +51,10 @@ impl RoutingCache {
         virtual_storage: &StorageName,
         relative_path: &RelativePath,
     ) -> Result<Option<Arc<RepositoryRecord>>, StoreError> {
-        let key = (virtual_storage.clone(), relative_path.clone());
-        if self.listening.load(Ordering::Acquire)
-            && let Some(record) = self.entries.lock().unwrap().by_path.get(&key)
-        {
-            return Ok(Some(record.clone()));
+        if let Some(record) = self.cached(virtual_storage, relative_path) {
+            return Ok(Some(record));
         }
+        let key = (virtual_storage.clone(), relative_path.clone());
         let epoch = self.epoch.load(Ordering::Acquire);
         let Some(record) = self
             .store

@@ -122,6 +122,11 @@ impl Store {
         &self.pool
     }
 
+    /// Time spent waiting for statements since start.
+    pub fn wait_time(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(self.metrics.wait_micros.load(Ordering::Relaxed))
+    }
+
     /// Statements run since start.
     pub fn round_trips(&self) -> u64 {
         self.metrics.statements.load(Ordering::Relaxed)

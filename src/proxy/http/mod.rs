@@ -213,77 +213,77 @@ async fn ready(gateway: Gateway) -> Response {
     }
 }
 
+/// One metric in Prometheus text format: its help, its type and its samples.
+fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, String)]) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "{name}{labels} {value}");
+    }
+}
+
 /// Prometheus text format.
 fn metrics(gateway: &Gateway) -> Response {
     let state = gateway.proxy.state();
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# HELP gitfleet_proxy_db_statements_total Statements sent to PostgreSQL."
-    );
-    let _ = writeln!(out, "# TYPE gitfleet_proxy_db_statements_total counter");
-    let _ = writeln!(
-        out,
-        "gitfleet_proxy_db_statements_total {}",
-        state.store.round_trips()
-    );
-    let _ = writeln!(
-        out,
-        "# HELP gitfleet_proxy_routing_notifications_total Routing changes announced by PostgreSQL."
-    );
-    let _ = writeln!(
-        out,
-        "# TYPE gitfleet_proxy_routing_notifications_total counter"
-    );
-    let _ = writeln!(
-        out,
-        "gitfleet_proxy_routing_notifications_total {}",
-        state.routing.notifications()
-    );
-    let _ = writeln!(
-        out,
-        "# HELP gitfleet_proxy_routing_cached Repositories in the routing cache."
-    );
-    let _ = writeln!(out, "# TYPE gitfleet_proxy_routing_cached gauge");
-    let _ = writeln!(out, "gitfleet_proxy_routing_cached {}", state.routing.len());
-    let _ = writeln!(
-        out,
-        "# HELP gitfleet_proxy_routing_listening Whether routing notifications flow (1) or not (0)."
-    );
-    let _ = writeln!(out, "# TYPE gitfleet_proxy_routing_listening gauge");
-    let _ = writeln!(
-        out,
-        "gitfleet_proxy_routing_listening {}",
-        u8::from(state.routing.is_listening())
-    );
-    let _ = writeln!(
-        out,
-        "# HELP gitfleet_proxy_node_healthy Whether a storage's node answers its health checks."
-    );
-    let _ = writeln!(out, "# TYPE gitfleet_proxy_node_healthy gauge");
+    let one = |value: String| vec![(String::new(), value)];
     let mut nodes: Vec<_> = state.nodes.storages().collect();
     nodes.sort_by(|a, b| a.storage.cmp(&b.storage));
-    for node in &nodes {
-        let _ = writeln!(
-            out,
-            "gitfleet_proxy_node_healthy{{storage=\"{}\"}} {}",
-            node.storage,
-            u8::from(node.is_healthy())
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP gitfleet_proxy_reads_total Reads routed to each storage."
+    let per_node = |value: &dyn Fn(&super::NodeHandle) -> String| -> Vec<(String, String)> {
+        nodes
+            .iter()
+            .map(|node| (format!("{{storage=\"{}\"}}", node.storage), value(node)))
+            .collect()
+    };
+    let mut out = String::new();
+    metric(
+        &mut out,
+        "gitfleet_proxy_db_statements_total",
+        "counter",
+        "Statements sent to PostgreSQL.",
+        &one(state.store.round_trips().to_string()),
     );
-    let _ = writeln!(out, "# TYPE gitfleet_proxy_reads_total counter");
-    for node in &nodes {
-        let _ = writeln!(
-            out,
-            "gitfleet_proxy_reads_total{{storage=\"{}\"}} {}",
-            node.storage,
-            node.reads()
-        );
-    }
+    metric(
+        &mut out,
+        "gitfleet_proxy_db_wait_seconds_total",
+        "counter",
+        "Time spent waiting for PostgreSQL.",
+        &one(format!("{:.6}", state.store.wait_time().as_secs_f64())),
+    );
+    metric(
+        &mut out,
+        "gitfleet_proxy_routing_notifications_total",
+        "counter",
+        "Routing changes announced by PostgreSQL.",
+        &one(state.routing.notifications().to_string()),
+    );
+    metric(
+        &mut out,
+        "gitfleet_proxy_routing_cached",
+        "gauge",
+        "Repositories in the routing cache.",
+        &one(state.routing.len().to_string()),
+    );
+    metric(
+        &mut out,
+        "gitfleet_proxy_routing_listening",
+        "gauge",
+        "Whether routing notifications flow (1) or not (0).",
+        &one(u8::from(state.routing.is_listening()).to_string()),
+    );
+    metric(
+        &mut out,
+        "gitfleet_proxy_node_healthy",
+        "gauge",
+        "Whether a storage's node answers its health checks.",
+        &per_node(&|node| u8::from(node.is_healthy()).to_string()),
+    );
+    metric(
+        &mut out,
+        "gitfleet_proxy_reads_total",
+        "counter",
+        "Reads routed to each storage.",
+        &per_node(&|node| node.reads().to_string()),
+    );
     let mut response = text(StatusCode::OK, out.trim_end());
     response.headers_mut().insert(
         "content-type",
