@@ -33,6 +33,20 @@ fn sorted_lines(text: &str) -> Vec<String> {
     lines
 }
 
+/// Makes the [`make_history`] work tree in a new scratch directory and pushes its main over
+/// HTTP to `relative_path` (written as in a URL). Returns the scratch directory and the tree.
+fn push_main_over_http(
+    cluster: &Cluster,
+    relative_path: &str,
+) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    make_history(&work);
+    let url = cluster.git_url(WRITE_TOKEN, relative_path);
+    ok(&git_http(&work, &["push", "-q", &url, "main"]));
+    (dir, work)
+}
+
 /// A plain HTTP/1.1 POST: status and body.
 fn http_post(base: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, Vec<u8>) {
     let address = base.trim_start_matches("http://");
@@ -161,18 +175,7 @@ async fn clone_push_fetch_and_delete_over_http_with_protocol_v0_and_v2() {
 async fn tokens_decide_who_reads_and_who_pushes() {
     let cluster = Cluster::start(3).await;
     cluster.create("guarded.git").await;
-    let dir = tempfile::tempdir().unwrap();
-    let work = dir.path().join("work");
-    make_history(&work);
-    ok(&git_http(
-        &work,
-        &[
-            "push",
-            "-q",
-            &cluster.git_url(WRITE_TOKEN, "guarded.git"),
-            "main",
-        ],
-    ));
+    let (dir, _work) = push_main_over_http(&cluster, "guarded.git");
 
     // No token, and a wrong one: 401 with a challenge, so git would ask for a password.
     let (status, head, _) = http_get(
@@ -322,19 +325,8 @@ async fn probes_and_metrics_answer_on_the_http_port() {
 async fn escaped_names_gzip_bodies_and_foreign_posts() {
     let cluster = Cluster::start(3).await;
     cluster.create("with space.git").await;
-    let dir = tempfile::tempdir().unwrap();
-    let work = dir.path().join("work");
-    make_history(&work);
     // git escapes the space; the proxy decodes it.
-    ok(&git_http(
-        &work,
-        &[
-            "push",
-            "-q",
-            &cluster.git_url(WRITE_TOKEN, "with%20space.git"),
-            "main",
-        ],
-    ));
+    let (_dir, work) = push_main_over_http(&cluster, "with%20space.git");
     assert_eq!(cluster.record("with space.git").await.generation, 1);
     let (status, _, body) = http_get(
         &cluster.git_http,

@@ -63,6 +63,21 @@ fn address_of(proxy: &mut KillOnDrop) -> String {
         .to_owned()
 }
 
+/// Creates a repository with `gitfleet admin` through the proxy at `address`.
+fn admin_create(config: &std::path::Path, address: &str, repository: &str) {
+    let created = Command::new(BINARY)
+        .args(["admin", "--config"])
+        .arg(config)
+        .args(["--address", address, "create-repository", repository])
+        .output()
+        .unwrap();
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+}
+
 fn migrate(config: &std::path::Path) -> std::process::Output {
     Command::new(BINARY)
         .args(["migrate", "--config"])
@@ -99,22 +114,7 @@ async fn the_proxy_process_migrates_serves_and_stops_on_sigterm() {
     let address = address_of(&mut proxy);
     let proxy = &mut proxy.0;
 
-    let created = Command::new(BINARY)
-        .args(["admin", "--config"])
-        .arg(&config)
-        .args([
-            "--address",
-            &address,
-            "create-repository",
-            "default/process.git",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        created.status.success(),
-        "{}",
-        String::from_utf8_lossy(&created.stderr)
-    );
+    admin_create(&config, &address, "default/process.git");
     let work = tempfile::tempdir().unwrap();
     make_history(work.path());
     let pushed = git(work.path())
@@ -187,18 +187,7 @@ async fn two_proxies_starting_together_on_a_fresh_database_both_serve() {
     let mut proxies: Vec<KillOnDrop> = (0..2).map(|_| spawn_proxy(&config)).collect();
     let addresses: Vec<String> = proxies.iter_mut().map(address_of).collect();
     for (index, address) in addresses.iter().enumerate() {
-        let created = Command::new(BINARY)
-            .args(["admin", "--config"])
-            .arg(&config)
-            .args(["--address", address, "create-repository"])
-            .arg(format!("default/from-{index}.git"))
-            .output()
-            .unwrap();
-        assert!(
-            created.status.success(),
-            "{}",
-            String::from_utf8_lossy(&created.stderr)
-        );
+        admin_create(&config, address, &format!("default/from-{index}.git"));
     }
     let store =
         gitfleet::store::Store::connect_lazy(&database_url, 1, Duration::from_secs(5)).unwrap();
