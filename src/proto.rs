@@ -31,6 +31,19 @@ pub mod routing {
 
     include!(concat!(env!("OUT_DIR"), "/rpc_table.rs"));
 
+    /// The gRPC services whose RPCs `keep` accepts, such as `gitfleet.v1.RefService`, each once.
+    pub fn services(keep: impl Fn(&RpcInfo) -> bool) -> Vec<&'static str> {
+        let mut services: Vec<&'static str> = RPC_TABLE
+            .iter()
+            .filter(|rpc| keep(rpc))
+            .filter_map(|rpc| rpc.path.trim_start_matches('/').split_once('/'))
+            .map(|(service, _)| service)
+            .collect();
+        services.sort_unstable();
+        services.dedup();
+        services
+    }
+
     /// Looks up an RPC by its gRPC path.
     pub fn rpc_info(path: &str) -> Option<&'static RpcInfo> {
         RPC_TABLE.iter().find(|info| info.path == path)

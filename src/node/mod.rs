@@ -124,16 +124,7 @@ impl Node {
 /// Sets the health of the whole server ("") and of every gitfleet service.
 async fn set_health(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {
     reporter.set_service_status("", status).await;
-    let mut services: Vec<&str> = crate::proto::routing::RPC_TABLE
-        .iter()
-        .filter_map(|rpc| {
-            rpc.path
-                .trim_start_matches('/')
-                .split_once('/')
-                .map(|(service, _)| service)
-        })
-        .collect();
-    services.dedup();
+    let services = crate::proto::routing::services(|_| true);
     for service in services {
         reporter.set_service_status(service, status).await;
     }

@@ -19,21 +19,13 @@ use super::error::ProxyError;
 use super::{Call, Proxy, catalog, forward, header, write};
 use crate::auth::Verifier;
 use crate::model::RelativePath;
-use crate::proto::routing::{HeaderScope, RPC_TABLE, RpcInfo, RpcKind, rpc_info};
+use crate::proto::routing::{HeaderScope, RpcInfo, RpcKind, rpc_info};
 
 pub type ResponseStream = Pin<Box<dyn Stream<Item = Result<Bytes, Status>> + Send>>;
 
 /// The gRPC services the proxy serves: every service with an RPC that is not node-internal.
 pub fn public_services() -> Vec<&'static str> {
-    let mut services: Vec<&'static str> = RPC_TABLE
-        .iter()
-        .filter(|rpc| rpc.kind != RpcKind::Internal)
-        .filter_map(|rpc| rpc.path.trim_start_matches('/').split_once('/'))
-        .map(|(service, _)| service)
-        .collect();
-    services.sort_unstable();
-    services.dedup();
-    services
+    crate::proto::routing::services(|rpc| rpc.kind != RpcKind::Internal)
 }
 
 /// The routes: health (open), reflection and the public services (both behind the token).
