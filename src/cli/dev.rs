@@ -14,7 +14,8 @@ use crate::dev::cluster::{DevOptions, start_processes};
     after_help = "Everything lives in DIR: PostgreSQL's data, each node's storage, the \
 configs (proxy.toml, node-N.toml), secrets.toml and env. Starting again with the same DIR \
 serves the same repositories with the same credentials. Once 'gitfleet dev: ready' is printed:\n\n  \
-. DIR/env\n  git clone \"$GITFLEET_HTTP_URL/default/demo.git\"   (pushing creates it)\n\n\
+. DIR/env\n  git clone \"$GITFLEET_HTTP_URL/default/demo.git\"   (pushing creates it)\n  \
+git clone \"$GITFLEET_READ_HTTP_URL/default/demo.git\"   (read-only: may not push)\n\n\
 Ctrl-C or SIGTERM stops everything."
 )]
 pub struct DevArgs {
@@ -30,6 +31,10 @@ pub struct DevArgs {
     /// The proxy's HTTP address: git over HTTP, /metrics, /healthz, /readyz.
     #[arg(long, default_value = "127.0.0.1:8080")]
     http_listen: SocketAddr,
+    /// Refuse pushes to repositories that do not exist, as a production virtual storage does
+    /// unless configured otherwise (by default a push creates its repository).
+    #[arg(long)]
+    no_push_to_create: bool,
 }
 
 /// `/var/tmp/gitfleet-dev-USER`: outlives a reboot, and the PostgreSQL server can reach it
@@ -50,6 +55,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         nodes: usize::from(args.nodes),
         grpc_listen: args.grpc_listen,
         http_listen: args.http_listen,
+        push_to_create: !args.no_push_to_create,
     };
     let processes = start_processes(&options)?;
     let runtime = super::runtime()?;

@@ -21,6 +21,8 @@ pub struct DevOptions {
     pub nodes: usize,
     pub grpc_listen: SocketAddr,
     pub http_listen: SocketAddr,
+    /// Whether a push to a missing repository creates it.
+    pub push_to_create: bool,
 }
 
 /// The credentials of a dev cluster, made once and kept in `DIR/secrets.toml`.
@@ -30,21 +32,33 @@ struct Secrets {
     proxy_token: String,
     node_token: String,
     access_token: String,
+    /// Made on the first start after it was introduced, for a directory older than it.
+    #[serde(default)]
+    read_token: Option<String>,
 }
 
 impl Secrets {
     fn load_or_create(dir: &Path) -> anyhow::Result<Self> {
         let path = dir.join("secrets.toml");
-        if let Ok(text) = std::fs::read_to_string(&path) {
-            return toml::from_str(&text).with_context(|| format!("reading {}", path.display()));
-        }
-        let secrets = Self {
-            proxy_token: random_token(),
-            node_token: random_token(),
-            access_token: random_token(),
+        let mut secrets = match std::fs::read_to_string(&path) {
+            Ok(text) => toml::from_str::<Secrets>(&text)
+                .with_context(|| format!("reading {}", path.display()))?,
+            Err(_) => Self {
+                proxy_token: random_token(),
+                node_token: random_token(),
+                access_token: random_token(),
+                read_token: None,
+            },
         };
-        write_private(&path, &toml::to_string(&secrets)?)?;
+        if secrets.read_token.is_none() || !path.exists() {
+            secrets.read_token.get_or_insert_with(random_token);
+            write_private(&path, &toml::to_string(&secrets)?)?;
+        }
         Ok(secrets)
+    }
+
+    fn read_token(&self) -> &str {
+        self.read_token.as_deref().unwrap_or_default()
     }
 }
 
@@ -63,6 +77,7 @@ pub struct DevProcesses {
     pub grpc_listen: SocketAddr,
     pub http_listen: SocketAddr,
     access_token: String,
+    read_token: String,
     proxy_token: String,
 }
 
@@ -157,13 +172,16 @@ pub fn start_processes(options: &DevOptions) -> anyhow::Result<DevProcesses> {
          listen = \"{}\"\nhttp_listen = \"{}\"\nshutdown_delay = \"0s\"\n\
          [auth]\ntoken = \"{}\"\n\
          [[access_tokens]]\nname = \"dev\"\ntoken = \"{}\"\nscope = \"read-write\"\n\
+         [[access_tokens]]\nname = \"dev-read\"\ntoken = \"{}\"\nscope = \"read\"\n\
          [database]\nurl = \"{database_url}\"\n\
-         [[virtual_storages]]\nname = \"default\"\nreplication_factor = {}\npush_to_create = true\n",
+         [[virtual_storages]]\nname = \"default\"\nreplication_factor = {}\npush_to_create = {}\n",
         options.grpc_listen,
         options.http_listen,
         secrets.proxy_token,
         secrets.access_token,
+        secrets.read_token(),
         options.nodes.min(3),
+        options.push_to_create,
     );
     for node in &nodes {
         config.push_str(&format!(
@@ -179,6 +197,7 @@ pub fn start_processes(options: &DevOptions) -> anyhow::Result<DevProcesses> {
         proxy_config,
         grpc_listen: options.grpc_listen,
         http_listen: options.http_listen,
+        read_token: secrets.read_token().to_owned(),
         access_token: secrets.access_token,
         proxy_token: secrets.proxy_token,
     })
@@ -192,11 +211,13 @@ impl DevProcesses {
              export GITFLEET_CONFIG='{}'\n\
              export GITFLEET_GRPC_ADDR='http://{grpc}'\n\
              export GITFLEET_HTTP_URL='http://dev:{}@{http}'\n\
+             export GITFLEET_READ_HTTP_URL='http://dev-read:{}@{http}'\n\
              export GITFLEET_TOKEN='{}'\n\
              export DATABASE_URL='{}'\n",
             dir.join("env").display(),
             self.proxy_config.display(),
             self.access_token,
+            self.read_token,
             self.proxy_token,
             self.database_url,
         );

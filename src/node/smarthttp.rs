@@ -249,7 +249,9 @@ impl Node {
         service: Service,
     ) -> Result<ReceiverStream<Result<InfoRefsResponse, Status>>, NodeError> {
         // Protocol v0 and v1 answers start with the service announcement; v2 answers do not.
-        let prefix = (!is_v2(&request.git_protocol)).then(|| {
+        // receive-pack has no v2 and answers a v2 request in v0.
+        let v2 = service == Service::UploadPack && is_v2(&request.git_protocol);
+        let prefix = (!v2).then(|| {
             let mut data =
                 pktline::encode(format!("# service=git-{}\n", service.command()).as_bytes());
             data.extend_from_slice(b"0000");

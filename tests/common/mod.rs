@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod db;
+pub mod http;
 pub mod http_front;
 
 use std::io::{BufRead, BufReader};

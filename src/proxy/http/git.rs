@@ -2,6 +2,8 @@
 //! clone or a push over HTTP takes exactly the routes, write intents and fan-out of gRPC.
 
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::response::Response;
@@ -13,10 +15,11 @@ use tonic::codegen::http::{HeaderMap, Method, StatusCode, Uri};
 use super::auth::{Caller, authenticate};
 use super::{Gateway, text};
 use crate::config::TokenScope;
+use crate::git::pktline;
 use crate::model::RepositoryName;
 use crate::proto::{
     CreateRepositoryRequest, InfoRefsRequest, PostReceivePackRequest, PostUploadPackRequest,
-    RepositoryHeader,
+    RepositoryExistsRequest, RepositoryHeader,
 };
 
 /// The largest piece of a request body sent in one gRPC message.
@@ -24,6 +27,8 @@ const CHUNK: usize = 256 << 10;
 /// The largest fetch negotiation a client may send (the haves and wants of a clone or fetch).
 /// A push's size is bounded by the nodes (`git.max_push_bytes`).
 const MAX_FETCH_REQUEST: usize = 64 << 20;
+/// How long a request body may send nothing before it is given up.
+const BODY_IDLE: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Service {
@@ -141,12 +146,17 @@ pub async fn serve(
                 Ok(body) => body,
                 Err(response) => return *response,
             };
+            if service == Service::ReceivePack
+                && let Err(status) = create_for_push(&gateway, &caller, &name, &header).await
+            {
+                return status_response(&status);
+            }
             post(gateway, service, header, git_protocol, body).await
         }
     };
     let (content_type, stream) = match result {
         Ok(answer) => answer,
-        Err(status) => return status_response(&status),
+        Err(response) => return *response,
     };
     let mut response = Response::new(Body::from_stream(stream));
     let headers = response.headers_mut();
@@ -167,34 +177,86 @@ async fn advertise(
     service: Service,
     header: Option<RepositoryHeader>,
     git_protocol: String,
-) -> Result<(String, DataStream), tonic::Status> {
+) -> Result<(String, DataStream), Box<Response>> {
     let request = InfoRefsRequest {
         repository: header.clone(),
         git_protocol,
     };
-    let may_create = gateway.push_to_create(&name.storage);
+    let content_type = format!("application/x-{}-advertisement", service.name());
     let mut client = gateway.smart_http();
     let response = match service {
-        Service::UploadPack => client.info_refs_upload_pack(request.clone()).await,
-        Service::ReceivePack => {
-            let first = client.info_refs_receive_pack(request.clone()).await;
-            match first {
-                Err(status) if status.code() == tonic::Code::NotFound && may_create => {
-                    let mut repositories = gateway.repositories();
-                    let create = CreateRepositoryRequest {
-                        repository: header,
-                        default_branch: String::new(),
-                    };
-                    repositories.create_repository(create).await?;
-                    tracing::info!(repository = %name, caller = %caller.name, "created by push");
-                    client.info_refs_receive_pack(request).await
-                }
-                other => other,
+        Service::UploadPack => client.info_refs_upload_pack(request).await,
+        Service::ReceivePack => match client.info_refs_receive_pack(request).await {
+            // Where a push creates its repository, the push is answered as if by an empty
+            // one, and the repository is made only when the commands arrive: a dry run, or
+            // a push that is refused on the client's side, leaves nothing behind.
+            Err(status)
+                if status.code() == tonic::Code::NotFound
+                    && gateway.push_to_create(&name.storage) =>
+            {
+                tracing::debug!(repository = %name, caller = %caller.name, "advertising a repository a push will create");
+                let advertisement = Bytes::from(empty_receive_pack_advertisement());
+                return Ok((
+                    content_type,
+                    Box::pin(tokio_stream::once(Ok(advertisement))),
+                ));
             }
+            other => other,
+        },
+    };
+    let stream = answer(response, |m| m.data, None).await?;
+    Ok((content_type, stream))
+}
+
+/// What `git receive-pack --advertise-refs` says for an empty repository (protocol v0, which
+/// every client accepts for a push), with the capabilities the nodes' receive-pack honours.
+fn empty_receive_pack_advertisement() -> Vec<u8> {
+    const CAPABILITIES: &str = "report-status report-status-v2 delete-refs side-band-64k quiet \
+atomic ofs-delta object-format=sha1 agent=gitfleet";
+    let mut data = pktline::encode(b"# service=git-receive-pack\n");
+    data.extend_from_slice(b"0000");
+    let zero = "0".repeat(40);
+    data.extend(pktline::encode(
+        format!("{zero} capabilities^{{}}\0{CAPABILITIES}\n").as_bytes(),
+    ));
+    data.extend_from_slice(b"0000");
+    data
+}
+
+/// Creates the repository a push names, when its virtual storage lets a push create and it
+/// does not exist yet. Two pushes racing to create it both go on.
+async fn create_for_push(
+    gateway: &Gateway,
+    caller: &Caller,
+    name: &RepositoryName,
+    header: &Option<RepositoryHeader>,
+) -> Result<(), tonic::Status> {
+    if !gateway.push_to_create(&name.storage) {
+        return Ok(());
+    }
+    let mut repositories = gateway.repositories();
+    let exists = repositories
+        .repository_exists(RepositoryExistsRequest {
+            repository: header.clone(),
+        })
+        .await?
+        .into_inner()
+        .exists;
+    if exists {
+        return Ok(());
+    }
+    let create = CreateRepositoryRequest {
+        repository: header.clone(),
+        default_branch: String::new(),
+    };
+    match repositories.create_repository(create).await {
+        Ok(_) => {
+            tracing::info!(repository = %name, caller = %caller.name, "created by push");
+            Ok(())
         }
-    }?;
-    let content_type = format!("application/x-{}-advertisement", service.name());
-    Ok((content_type, data_stream(response.into_inner(), |m| m.data)))
+        Err(status) if status.code() == tonic::Code::AlreadyExists => Ok(()),
+        Err(status) => Err(status),
+    }
 }
 
 async fn post(
@@ -203,48 +265,100 @@ async fn post(
     header: Option<RepositoryHeader>,
     git_protocol: String,
     body: DataStream,
-) -> Result<(String, DataStream), tonic::Status> {
+) -> Result<(String, DataStream), Box<Response>> {
     let content_type = format!("application/x-{}-result", service.name());
     let mut first = Some(header);
     let mut client = gateway.smart_http();
-    let response = match service {
+    let stream = match service {
         Service::UploadPack => {
-            let messages = pump(body, MAX_FETCH_REQUEST, move |data| PostUploadPackRequest {
-                repository: first.take().flatten(),
-                git_protocol: git_protocol.clone(),
-                data,
-            });
-            let response = client.post_upload_pack(messages).await?;
-            data_stream(response.into_inner(), |m| m.data)
+            let (messages, fault) =
+                pump(body, MAX_FETCH_REQUEST, move |data| PostUploadPackRequest {
+                    repository: first.take().flatten(),
+                    git_protocol: git_protocol.clone(),
+                    data,
+                });
+            let response = client.post_upload_pack(messages).await;
+            answer(response, |m| m.data, Some(&fault)).await?
         }
         Service::ReceivePack => {
-            let messages = pump(body, usize::MAX, move |data| PostReceivePackRequest {
+            let (messages, fault) = pump(body, usize::MAX, move |data| PostReceivePackRequest {
                 repository: first.take().flatten(),
                 git_protocol: git_protocol.clone(),
                 data,
             });
-            let response = client.post_receive_pack(messages).await?;
-            data_stream(response.into_inner(), |m| m.data)
+            let response = client.post_receive_pack(messages).await;
+            answer(response, |m| m.data, Some(&fault)).await?
         }
     };
-    Ok((content_type, response))
+    Ok((content_type, stream))
 }
 
+/// Why a request body ended before it was complete.
+#[derive(Debug, Clone, Copy)]
+enum BodyFault {
+    TooLarge(usize),
+    BrokeOff,
+    Stalled,
+}
+
+impl BodyFault {
+    fn response(self) -> Response {
+        match self {
+            BodyFault::TooLarge(limit) => text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("the request is larger than {} MiB", limit >> 20),
+            ),
+            BodyFault::BrokeOff => text(
+                StatusCode::BAD_REQUEST,
+                "the request body broke off, or its gzip is damaged",
+            ),
+            BodyFault::Stalled => text(
+                StatusCode::REQUEST_TIMEOUT,
+                &format!(
+                    "the request body sent nothing for {} s",
+                    BODY_IDLE.as_secs()
+                ),
+            ),
+        }
+    }
+}
+
+/// Set by [`pump`] when the body ended early, before the request stream ends.
+type FaultCell = Arc<OnceLock<BodyFault>>;
+
 /// Turns a request body into request messages, in a task of its own, pieces no larger than
-/// [`CHUNK`]. A body that breaks off, or grows past `limit` bytes (after gunzipping), ends
-/// the messages early: the node then sees an incomplete request and changes nothing.
+/// [`CHUNK`]. A body that breaks off, stalls for [`BODY_IDLE`], or grows past `limit` bytes
+/// (after gunzipping) ends the messages early, and the fault is recorded first: the node
+/// then sees an incomplete request and changes nothing, and the client is told why.
 fn pump<M: Send + 'static>(
     mut body: DataStream,
     limit: usize,
     mut message: impl FnMut(Bytes) -> M + Send + 'static,
-) -> ReceiverStream<M> {
+) -> (ReceiverStream<M>, FaultCell) {
     let (message_tx, message_rx) = tokio::sync::mpsc::channel(4);
+    let fault = FaultCell::default();
+    let recorded = fault.clone();
     tokio::spawn(async move {
         let mut seen = 0usize;
-        while let Some(Ok(chunk)) = body.next().await {
+        loop {
+            let chunk = match tokio::time::timeout(BODY_IDLE, body.next()).await {
+                Ok(None) => return,
+                Ok(Some(Ok(chunk))) => chunk,
+                Ok(Some(Err(error))) => {
+                    tracing::debug!(%error, "request body broke off");
+                    let _ = recorded.set(BodyFault::BrokeOff);
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!("request body stalled");
+                    let _ = recorded.set(BodyFault::Stalled);
+                    return;
+                }
+            };
             seen = seen.saturating_add(chunk.len());
             if seen > limit {
                 tracing::warn!(limit, "request body too large: cut off");
+                let _ = recorded.set(BodyFault::TooLarge(limit));
                 return;
             }
             for piece in split(chunk) {
@@ -254,7 +368,40 @@ fn pump<M: Send + 'static>(
             }
         }
     });
-    ReceiverStream::new(message_rx)
+    (ReceiverStream::new(message_rx), fault)
+}
+
+/// Waits for the first message of an answer before any HTTP status goes out, so that an
+/// error the call meets before it has answered anything (a missing repository, an
+/// unreachable majority, a request body cut off) reaches git as a status and a message.
+async fn answer<M: Send + 'static>(
+    response: Result<tonic::Response<tonic::Streaming<M>>, tonic::Status>,
+    data: fn(M) -> Bytes,
+    fault: Option<&FaultCell>,
+) -> Result<DataStream, Box<Response>> {
+    let fault_response = || {
+        fault
+            .and_then(|fault| fault.get())
+            .map(|f| Box::new(f.response()))
+    };
+    let mut stream = match response {
+        Ok(response) => response.into_inner(),
+        Err(status) => {
+            return Err(fault_response().unwrap_or_else(|| Box::new(status_response(&status))));
+        }
+    };
+    let first = stream.message().await;
+    if let Some(response) = fault_response() {
+        return Err(response);
+    }
+    match first {
+        Err(status) => Err(Box::new(status_response(&status))),
+        Ok(None) => Ok(Box::pin(tokio_stream::empty())),
+        Ok(Some(message)) => {
+            let first = tokio_stream::once(Ok(data(message)));
+            Ok(Box::pin(first.chain(data_stream(stream, data))))
+        }
+    }
 }
 
 /// Decodes %XX escapes in a URL path. An escaped `/` or NUL, a broken escape, or a result
