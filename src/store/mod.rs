@@ -2,6 +2,7 @@
 //! submodule per table family. Each state change is one statement that states its guard in its
 //! `WHERE`, and callers check what it returned.
 
+mod jobs;
 mod repositories;
 mod writes;
 
@@ -11,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
+pub use jobs::{
+    ClaimedJob, Closed, JOB_STATES, JobId, JobRow, NewJob, QueueDepth, ReplicationPlan,
+};
 pub use repositories::{NewRepository, RemovedRepository, Renamed, RepositoryRecord};
 pub use writes::{RefChange, StaleIntent, WriteLease, WriteOutcome, WriteStart};
 
@@ -21,6 +25,8 @@ pub const ROUTING_CHANNEL: &str = "gitfleet_routing";
 
 /// Job kinds queued by the proxy.
 pub const JOB_REPLICATE: &str = "replicate";
+/// A job that does nothing: for measuring and testing the queue itself.
+pub const JOB_NOOP: &str = "noop";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

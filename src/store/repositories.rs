@@ -5,6 +5,30 @@ use sqlx::Row as _;
 use super::{JOB_REPLICATE, Store, StoreError, storage_names, texts};
 use crate::model::{RelativePath, RepositoryId, StorageName};
 
+/// What a deleted repository row returns: where its replicas were.
+macro_rules! removed_columns {
+    () => {
+        "r.id, r.replica_path,
+    ARRAY(SELECT p.storage FROM replicas p WHERE p.repository_id = r.id
+          UNION
+          SELECT a.storage FROM assignments a WHERE a.repository_id = r.id) AS storages"
+    };
+}
+
+/// Cancels the active jobs of the repository deleted in `gone`, in the same statement: their
+/// lease tokens move on, so a worker still running one can neither renew nor complete it.
+macro_rules! cancel_jobs {
+    () => {
+        "cancelled AS (
+    UPDATE jobs j
+    SET state = 'cancelled', lease_token = j.lease_token + 1, lease_owner = NULL,
+        lease_expires_at = NULL, last_error = 'the repository was removed',
+        finished_at = now(), updated_at = now()
+    FROM gone WHERE j.repository_id = gone.id AND j.state IN ('queued', 'running')
+)"
+    };
+}
+
 /// A repository as the router needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RepositoryRecord {
@@ -197,7 +221,9 @@ impl Store {
                      FROM repositories r, unnest($4::text[]) AS storage
                      WHERE r.id = $1
                      ON CONFLICT (kind, repository_id, target_storage)
-                         WHERE state IN ('queued', 'running') DO NOTHING
+                         WHERE state IN ('queued', 'running')
+                     DO UPDATE SET rerun = jobs.rerun OR jobs.state = 'running',
+                                   updated_at = now()
                      RETURNING id
                  )
                  SELECT (SELECT count(*) FROM created), (SELECT count(*) FROM queued)",
@@ -224,13 +250,16 @@ impl Store {
             .measure(
                 "delete_repository",
                 sqlx::query(
-                    "DELETE FROM repositories r
-                     WHERE r.virtual_storage = $1 AND r.relative_path = $2
-                     RETURNING r.id, r.replica_path,
-                         ARRAY(SELECT p.storage FROM replicas p WHERE p.repository_id = r.id
-                               UNION
-                               SELECT a.storage FROM assignments a WHERE a.repository_id = r.id)
-                         AS storages",
+                    concat!(
+                        "WITH gone AS (
+                             DELETE FROM repositories r
+                             WHERE r.virtual_storage = $1 AND r.relative_path = $2
+                             RETURNING ",
+                        removed_columns!(),
+                        "), ",
+                        cancel_jobs!(),
+                        " SELECT * FROM gone"
+                    ),
                 )
                 .bind(virtual_storage.as_str())
                 .bind(relative_path.as_str())
@@ -249,12 +278,15 @@ impl Store {
             .measure(
                 "delete_repository_by_id",
                 sqlx::query(
-                    "DELETE FROM repositories r WHERE r.id = $1
-                     RETURNING r.id, r.replica_path,
-                         ARRAY(SELECT p.storage FROM replicas p WHERE p.repository_id = r.id
-                               UNION
-                               SELECT a.storage FROM assignments a WHERE a.repository_id = r.id)
-                         AS storages",
+                    concat!(
+                        "WITH gone AS (
+                             DELETE FROM repositories r WHERE r.id = $1
+                             RETURNING ",
+                        removed_columns!(),
+                        "), ",
+                        cancel_jobs!(),
+                        " SELECT * FROM gone"
+                    ),
                 )
                 .bind(id.0)
                 .fetch_optional(&self.pool),

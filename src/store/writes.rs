@@ -303,7 +303,9 @@ impl Store {
                          FROM repo JOIN assignments a ON a.repository_id = repo.id
                          WHERE NOT (a.storage = ANY($4))
                          ON CONFLICT (kind, repository_id, target_storage)
-                             WHERE state IN ('queued', 'running') DO NOTHING
+                             WHERE state IN ('queued', 'running')
+                         DO UPDATE SET rerun = jobs.rerun OR jobs.state = 'running',
+                                       updated_at = now()
                          RETURNING target_storage
                      ), closed AS (
                          DELETE FROM write_intents i USING repo

@@ -1,0 +1,666 @@
+//! The job queue. A worker claims ready jobs with `FOR UPDATE SKIP LOCKED`, which gives each a
+//! new lease token (the fencing token) and an expiry. Every later statement about the job, be
+//! it a heartbeat, a completion, a failure or a release, is a compare-and-set on (id, lease
+//! token) of a running job: a worker whose lease was taken over or cancelled changes nothing.
+
+use std::time::Duration;
+
+use sqlx::Row as _;
+
+use super::{Store, StoreError};
+use crate::model::{RelativePath, RepositoryId, StorageName};
+
+/// A job's state. `dead` jobs ran out of attempts and stay for operators to see.
+pub const JOB_STATES: [&str; 5] = ["queued", "running", "done", "dead", "cancelled"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobId(pub i64);
+
+impl std::fmt::Display for JobId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Work to put on the queue.
+#[derive(Debug, Clone)]
+pub struct NewJob<'a> {
+    pub kind: &'a str,
+    pub repository: RepositoryId,
+    pub source: Option<&'a StorageName>,
+    pub target: &'a StorageName,
+}
+
+/// A job this worker holds the lease of.
+#[derive(Debug, Clone)]
+pub struct ClaimedJob {
+    pub id: JobId,
+    pub kind: String,
+    pub repository: RepositoryId,
+    pub source: Option<StorageName>,
+    pub target: StorageName,
+    /// This run included.
+    pub attempts: i32,
+    pub postponed: i32,
+    pub lease_token: i64,
+    /// Seconds since the job was created.
+    pub age: f64,
+}
+
+/// How a job closed, as the statement that closed it saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    Done,
+    /// Queued again: more work arrived while it ran.
+    Requeued,
+    /// Queued again after a failure, to run after the backoff.
+    Retrying,
+    /// Out of attempts.
+    Dead,
+    /// Waiting for a node, with no attempt spent.
+    Postponed,
+    /// Handed back at once, with no attempt spent.
+    Released,
+    /// The lease was no longer this worker's: taken over, or the job was cancelled. Nothing
+    /// was changed.
+    Lost,
+}
+
+/// One row of the operators' listing.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct JobRow {
+    pub id: i64,
+    pub kind: String,
+    pub repository_id: i64,
+    pub source: Option<String>,
+    pub target: String,
+    pub state: String,
+    pub attempts: i32,
+    pub postponed: i32,
+    pub lease_owner: Option<String>,
+    pub last_error: Option<String>,
+    pub progress: Option<String>,
+    /// Seconds since creation.
+    pub age_seconds: f64,
+    /// Seconds until it may run; negative when ready.
+    pub runs_in_seconds: f64,
+}
+
+/// Queue depth of one kind in one state, and for ready jobs the age of the oldest.
+#[derive(Debug, Clone)]
+pub struct QueueDepth {
+    pub kind: String,
+    pub state: String,
+    pub count: i64,
+    /// Seconds the oldest ready job has been ready (queued jobs only).
+    pub oldest_ready: f64,
+}
+
+/// What the replicator reads before it copies.
+#[derive(Debug, Clone)]
+pub struct ReplicationPlan {
+    pub replica_path: RelativePath,
+    /// The repository's generation: what the copy will bring the target to.
+    pub generation: i64,
+    /// The repository's write-lease token: it counts the writes begun so far.
+    pub lease_token: i64,
+    /// A write is in flight.
+    pub writing: bool,
+    /// The target's recorded generation; None when it has no replica.
+    pub target_generation: Option<i64>,
+    pub target_assigned: bool,
+    /// Up-to-date replicas to copy from, the job's own source first.
+    pub sources: Vec<StorageName>,
+}
+
+
+impl Store {
+    /// Queues a job, or merges it into the active job for the same (kind, repository,
+    /// target): a queued one already covers it, and a running one runs once more when done.
+    /// Returns the job's id and whether it was new.
+    pub async fn enqueue(&self, job: &NewJob<'_>) -> Result<(JobId, bool), StoreError> {
+        let row = self
+            .measure(
+                "enqueue",
+                sqlx::query(
+                    "INSERT INTO jobs (kind, repository_id, source_storage, target_storage)
+                     VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (kind, repository_id, target_storage)
+                         WHERE state IN ('queued', 'running')
+                     DO UPDATE SET rerun = jobs.rerun OR jobs.state = 'running',
+                                   updated_at = now()
+                     RETURNING id, xmax = 0 AS inserted",
+                )
+                .bind(job.kind)
+                .bind(job.repository.0)
+                .bind(job.source.map(StorageName::as_str))
+                .bind(job.target.as_str())
+                .fetch_one(&self.pool),
+            )
+            .await?;
+        Ok((JobId(row.try_get("id")?), row.try_get("inserted")?))
+    }
+
+    /// Leases up to `limit` ready jobs of `kinds`: queued ones whose time has come, and
+    /// running ones whose worker stopped renewing. Each gets a new lease token.
+    pub async fn claim_jobs(
+        &self,
+        kinds: &[String],
+        owner: &str,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Vec<ClaimedJob>, StoreError> {
+        let rows = self
+            .measure(
+                "claim_jobs",
+                sqlx::query(
+                    "WITH ready AS (
+                         SELECT id FROM jobs
+                         WHERE kind = ANY($1)
+                           AND ((state = 'queued' AND run_after <= now())
+                                OR (state = 'running' AND lease_expires_at < now()))
+                         ORDER BY run_after, id
+                         LIMIT $4
+                         FOR UPDATE SKIP LOCKED
+                     )
+                     UPDATE jobs j
+                     SET state = 'running', lease_owner = $2, lease_token = j.lease_token + 1,
+                         lease_expires_at = now() + $3 * interval '1 millisecond',
+                         attempts = j.attempts + 1, progress = NULL,
+                         started_at = now(), updated_at = now()
+                     FROM ready WHERE j.id = ready.id
+                     RETURNING j.id, j.kind, j.repository_id, j.source_storage,
+                               j.target_storage, j.attempts, j.postponed, j.lease_token,
+                               extract(epoch FROM now() - j.created_at)::float8 AS age",
+                )
+                .bind(kinds)
+                .bind(owner)
+                .bind(millis(lease))
+                .bind(limit as i64)
+                .fetch_all(&self.pool),
+            )
+            .await?;
+        rows.iter().map(claimed).collect()
+    }
+
+    /// Renews a lease, and records what the job is doing. False: the lease is lost, and the
+    /// worker must stop.
+    pub async fn renew_job(
+        &self,
+        id: JobId,
+        token: i64,
+        lease: Duration,
+        progress: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let result = self
+            .measure(
+                "renew_job",
+                sqlx::query(
+                    "UPDATE jobs
+                     SET lease_expires_at = now() + $3 * interval '1 millisecond',
+                         progress = COALESCE($4, progress), updated_at = now()
+                     WHERE id = $1 AND lease_token = $2 AND state = 'running'",
+                )
+                .bind(id.0)
+                .bind(token)
+                .bind(millis(lease))
+                .bind(progress)
+                .execute(&self.pool),
+            )
+            .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// Marks a job done, or queues it again at once when the same work was merged into it
+    /// while it ran.
+    pub async fn complete_job(&self, id: JobId, token: i64) -> Result<Closed, StoreError> {
+        let state: Option<String> = self
+            .measure(
+                "complete_job",
+                sqlx::query_scalar(
+                    "UPDATE jobs
+                     SET state = CASE WHEN rerun THEN 'queued' ELSE 'done' END,
+                         attempts = CASE WHEN rerun THEN 0 ELSE attempts END,
+                         run_after = now(), rerun = false, postponed = 0,
+                         lease_owner = NULL, lease_expires_at = NULL, last_error = NULL,
+                         finished_at = CASE WHEN rerun THEN NULL ELSE now() END,
+                         updated_at = now()
+                     WHERE id = $1 AND lease_token = $2 AND state = 'running'
+                     RETURNING state",
+                )
+                .bind(id.0)
+                .bind(token)
+                .fetch_optional(&self.pool),
+            )
+            .await?;
+        Ok(match state.as_deref() {
+            Some("done") => Closed::Done,
+            Some(_) => Closed::Requeued,
+            None => Closed::Lost,
+        })
+    }
+
+    /// Records a failure: the job runs again after `backoff`, unless this was its last
+    /// attempt, when it is dead.
+    pub async fn fail_job(
+        &self,
+        id: JobId,
+        token: i64,
+        error: &str,
+        max_attempts: i32,
+        backoff: Duration,
+    ) -> Result<Closed, StoreError> {
+        let state: Option<String> = self
+            .measure(
+                "fail_job",
+                sqlx::query_scalar(
+                    "UPDATE jobs
+                     SET state = CASE WHEN attempts >= $4 THEN 'dead' ELSE 'queued' END,
+                         run_after = now() + $5 * interval '1 millisecond',
+                         last_error = $3, lease_owner = NULL, lease_expires_at = NULL,
+                         finished_at = CASE WHEN attempts >= $4 THEN now() END,
+                         updated_at = now()
+                     WHERE id = $1 AND lease_token = $2 AND state = 'running'
+                     RETURNING state",
+                )
+                .bind(id.0)
+                .bind(token)
+                .bind(truncate(error))
+                .bind(max_attempts)
+                .bind(millis(backoff))
+                .fetch_optional(&self.pool),
+            )
+            .await?;
+        Ok(match state.as_deref() {
+            Some("dead") => Closed::Dead,
+            Some(_) => Closed::Retrying,
+            None => Closed::Lost,
+        })
+    }
+
+    /// Puts a job back to wait for a node that is down: the attempt is given back, and the
+    /// wait counted in `postponed`, which its backoff grows with.
+    pub async fn postpone_job(
+        &self,
+        id: JobId,
+        token: i64,
+        reason: &str,
+        delay: Duration,
+    ) -> Result<Closed, StoreError> {
+        self.hand_back("postpone_job", id, token, Some(reason), delay)
+            .await
+            .map(|handed| if handed { Closed::Postponed } else { Closed::Lost })
+    }
+
+    /// Hands a lease back at once (a worker shutting down): the job is ready for another
+    /// worker, with no attempt spent.
+    pub async fn release_job(&self, id: JobId, token: i64) -> Result<Closed, StoreError> {
+        self.hand_back("release_job", id, token, None, Duration::ZERO)
+            .await
+            .map(|handed| if handed { Closed::Released } else { Closed::Lost })
+    }
+
+    async fn hand_back(
+        &self,
+        operation: &'static str,
+        id: JobId,
+        token: i64,
+        reason: Option<&str>,
+        delay: Duration,
+    ) -> Result<bool, StoreError> {
+        let result = self
+            .measure(
+                operation,
+                sqlx::query(
+                    "UPDATE jobs
+                     SET state = 'queued', attempts = greatest(attempts - 1, 0),
+                         postponed = postponed + CASE WHEN $3::text IS NULL THEN 0 ELSE 1 END,
+                         last_error = COALESCE($3, last_error),
+                         run_after = now() + $4 * interval '1 millisecond',
+                         lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+                     WHERE id = $1 AND lease_token = $2 AND state = 'running'",
+                )
+                .bind(id.0)
+                .bind(token)
+                .bind(reason.map(truncate))
+                .bind(millis(delay))
+                .execute(&self.pool),
+            )
+            .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// Hands back every lease `owner` holds on jobs of `kinds`: after a job type's runner
+    /// stopped, its jobs are ready again at once rather than when their leases expire.
+    pub async fn release_jobs_of(&self, owner: &str, kinds: &[String]) -> Result<u64, StoreError> {
+        let result = self
+            .measure(
+                "release_jobs_of",
+                sqlx::query(
+                    "UPDATE jobs
+                     SET state = 'queued', attempts = greatest(attempts - 1, 0),
+                         lease_token = lease_token + 1, run_after = now(),
+                         lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+                     WHERE lease_owner = $1 AND kind = ANY($2) AND state = 'running'",
+                )
+                .bind(owner)
+                .bind(kinds)
+                .execute(&self.pool),
+            )
+            .await?;
+        Ok(result.rows_affected())
+    }
+
+    /// Cancels a queued or running job. A running one's lease token moves on, so its worker
+    /// can neither renew nor complete it. False: the job is not active.
+    pub async fn cancel_job(&self, id: JobId, reason: &str) -> Result<bool, StoreError> {
+        let result = self
+            .measure(
+                "cancel_job",
+                sqlx::query(
+                    "UPDATE jobs
+                     SET state = 'cancelled', lease_token = lease_token + 1,
+                         lease_owner = NULL, lease_expires_at = NULL, last_error = $2,
+                         finished_at = now(), updated_at = now()
+                     WHERE id = $1 AND state IN ('queued', 'running')",
+                )
+                .bind(id.0)
+                .bind(reason)
+                .execute(&self.pool),
+            )
+            .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    /// Queues a dead, cancelled or done job again with fresh attempts. Err(Some(other)):
+    /// another active job already covers the same work. Err(None): no such job, or it is
+    /// still active.
+    pub async fn retry_job(&self, id: JobId) -> Result<Result<(), Option<JobId>>, StoreError> {
+        let row = self
+            .measure(
+                "retry_job",
+                sqlx::query(
+                    "WITH old AS (SELECT * FROM jobs WHERE id = $1),
+                     covering AS (
+                         SELECT j.id FROM jobs j, old
+                         WHERE j.kind = old.kind AND j.repository_id = old.repository_id
+                           AND j.target_storage = old.target_storage
+                           AND j.state IN ('queued', 'running') AND j.id <> old.id
+                     ),
+                     retried AS (
+                         UPDATE jobs j
+                         SET state = 'queued', attempts = 0, postponed = 0, run_after = now(),
+                             finished_at = NULL, updated_at = now()
+                         FROM old
+                         WHERE j.id = old.id AND old.state IN ('dead', 'cancelled', 'done')
+                           AND NOT EXISTS (SELECT 1 FROM covering)
+                         RETURNING j.id
+                     )
+                     SELECT (SELECT id FROM retried) AS retried, (SELECT id FROM covering) AS covering",
+                )
+                .bind(id.0)
+                .fetch_one(&self.pool),
+            )
+            .await?;
+        let retried: Option<i64> = row.try_get("retried")?;
+        let covering: Option<i64> = row.try_get("covering")?;
+        Ok(match (retried, covering) {
+            (Some(_), _) => Ok(()),
+            (None, other) => Err(other.map(JobId)),
+        })
+    }
+
+    /// Jobs for operators, newest first, optionally of one state.
+    pub async fn list_jobs(
+        &self,
+        state: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<JobRow>, StoreError> {
+        let rows = self
+            .measure(
+                "list_jobs",
+                sqlx::query(
+                    "SELECT id, kind, repository_id, source_storage, target_storage, state,
+                            attempts, postponed, lease_owner, last_error, progress,
+                            extract(epoch FROM now() - created_at)::float8 AS age,
+                            extract(epoch FROM run_after - now())::float8 AS runs_in
+                     FROM jobs WHERE $1::text IS NULL OR state = $1
+                     ORDER BY id DESC LIMIT $2",
+                )
+                .bind(state)
+                .bind(limit)
+                .fetch_all(&self.pool),
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(JobRow {
+                    id: row.try_get("id")?,
+                    kind: row.try_get("kind")?,
+                    repository_id: row.try_get("repository_id")?,
+                    source: row.try_get("source_storage")?,
+                    target: row.try_get("target_storage")?,
+                    state: row.try_get("state")?,
+                    attempts: row.try_get("attempts")?,
+                    postponed: row.try_get("postponed")?,
+                    lease_owner: row.try_get("lease_owner")?,
+                    last_error: row.try_get("last_error")?,
+                    progress: row.try_get("progress")?,
+                    age_seconds: row.try_get("age")?,
+                    runs_in_seconds: row.try_get("runs_in")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Jobs by kind and state, with the age of the oldest ready one.
+    pub async fn queue_depth(&self) -> Result<Vec<QueueDepth>, StoreError> {
+        let rows = self
+            .measure(
+                "queue_depth",
+                sqlx::query(
+                    "SELECT kind, state, count(*) AS count,
+                            COALESCE(extract(epoch FROM now() - min(run_after)
+                                FILTER (WHERE state = 'queued' AND run_after <= now())), 0)::float8
+                                AS oldest_ready
+                     FROM jobs GROUP BY kind, state ORDER BY kind, state",
+                )
+                .fetch_all(&self.pool),
+            )
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(QueueDepth {
+                    kind: row.try_get("kind")?,
+                    state: row.try_get("state")?,
+                    count: row.try_get("count")?,
+                    oldest_ready: row.try_get("oldest_ready")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Deletes jobs that finished (done or cancelled) longer ago than `age`. Dead jobs stay
+    /// until an operator retries or cancels them.
+    pub async fn forget_finished_jobs(&self, age: Duration) -> Result<u64, StoreError> {
+        let result = self
+            .measure(
+                "forget_finished_jobs",
+                sqlx::query(
+                    "DELETE FROM jobs
+                     WHERE state IN ('done', 'cancelled')
+                       AND finished_at < now() - $1 * interval '1 millisecond'",
+                )
+                .bind(millis(age))
+                .execute(&self.pool),
+            )
+            .await?;
+        Ok(result.rows_affected())
+    }
+
+    /// What a replication of `repository` to `target` starts from. None: the repository is
+    /// gone.
+    pub async fn plan_replication(
+        &self,
+        repository: RepositoryId,
+        source: Option<&StorageName>,
+        target: &StorageName,
+    ) -> Result<Option<ReplicationPlan>, StoreError> {
+        let row = self
+            .measure(
+                "plan_replication",
+                sqlx::query(
+                    "SELECT r.replica_path, r.generation, r.lease_token,
+                            EXISTS (SELECT 1 FROM write_intents i WHERE i.repository_id = r.id)
+                                AS writing,
+                            (SELECT p.generation FROM replicas p
+                             WHERE p.repository_id = r.id AND p.storage = $2) AS target_generation,
+                            EXISTS (SELECT 1 FROM assignments a
+                                    WHERE a.repository_id = r.id AND a.storage = $2) AS assigned,
+                            ARRAY(SELECT p.storage FROM replicas p
+                                  WHERE p.repository_id = r.id AND p.generation = r.generation
+                                    AND p.storage <> $2
+                                  ORDER BY p.storage IS NOT DISTINCT FROM $3 DESC, random())
+                                AS sources
+                     FROM repositories r WHERE r.id = $1",
+                )
+                .bind(repository.0)
+                .bind(target.as_str())
+                .bind(source.map(StorageName::as_str))
+                .fetch_optional(&self.pool),
+            )
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let replica_path: String = row.try_get("replica_path")?;
+        let sources: Vec<String> = row.try_get("sources")?;
+        Ok(Some(ReplicationPlan {
+            replica_path: RelativePath::parse(&replica_path).map_err(|error| {
+                StoreError::Failed(sqlx::Error::ColumnDecode {
+                    index: "replica_path".into(),
+                    source: Box::new(error),
+                })
+            })?,
+            generation: row.try_get("generation")?,
+            lease_token: row.try_get("lease_token")?,
+            writing: row.try_get("writing")?,
+            target_generation: row.try_get("target_generation")?,
+            target_assigned: row.try_get("assigned")?,
+            sources: super::storage_names(&sources),
+        }))
+    }
+
+    /// Closes a replication that copied the repository as it was at `plan`, in one statement
+    /// fenced by the job's lease:
+    /// - the target is recorded at the plan's generation, never lower than it was, and only
+    ///   if every write begun since the plan has committed and none is in flight (the copy
+    ///   then holds no change that could still be rolled back);
+    /// - the job is done, or queued again when the repository has moved on (or the same work
+    ///   was merged into it), so the target catches up with the newer writes too.
+    ///
+    /// Returns how the job closed and the target's recorded generation after.
+    pub async fn close_replication(
+        &self,
+        job: &ClaimedJob,
+        plan: &ReplicationPlan,
+    ) -> Result<(Closed, Option<i64>), StoreError> {
+        let row = self
+            .measure(
+                "close_replication",
+                sqlx::query(
+                    "WITH repo AS (
+                         SELECT r.id, r.generation, r.lease_token,
+                                EXISTS (SELECT 1 FROM write_intents i
+                                        WHERE i.repository_id = r.id) AS writing
+                         FROM repositories r WHERE r.id = $3
+                     ), clean AS (
+                         SELECT repo.id FROM repo
+                         WHERE NOT repo.writing
+                           AND repo.lease_token - $6 = repo.generation - $5
+                     ), decision AS (
+                         SELECT CASE
+                             WHEN NOT EXISTS (SELECT 1 FROM repo) THEN 'cancelled'
+                             WHEN NOT EXISTS (SELECT 1 FROM clean)
+                                  OR (SELECT generation FROM repo) <> $5 THEN 'queued'
+                             ELSE 'done' END AS state
+                     ), job AS (
+                         UPDATE jobs j
+                         SET state = CASE WHEN j.rerun AND d.state = 'done' THEN 'queued'
+                                          ELSE d.state END,
+                             finished_at = CASE WHEN j.rerun OR d.state = 'queued' THEN NULL
+                                                ELSE now() END,
+                             attempts = 0, postponed = 0, rerun = false, run_after = now(),
+                             lease_owner = NULL, lease_expires_at = NULL, last_error = NULL,
+                             updated_at = now()
+                         FROM decision d
+                         WHERE j.id = $1 AND j.lease_token = $2 AND j.state = 'running'
+                         RETURNING j.state
+                     ), recorded AS (
+                         INSERT INTO replicas AS p (repository_id, storage, generation)
+                         SELECT clean.id, $4, $5 FROM clean, job
+                         ON CONFLICT (repository_id, storage) DO UPDATE
+                             SET generation = EXCLUDED.generation
+                             WHERE p.generation < EXCLUDED.generation
+                         RETURNING p.generation
+                     )
+                     SELECT (SELECT state FROM job) AS state,
+                            COALESCE((SELECT generation FROM recorded),
+                                     (SELECT p.generation FROM replicas p
+                                      WHERE p.repository_id = $3 AND p.storage = $4))
+                                AS target_generation",
+                )
+                .bind(job.id.0)
+                .bind(job.lease_token)
+                .bind(job.repository.0)
+                .bind(job.target.as_str())
+                .bind(plan.generation)
+                .bind(plan.lease_token)
+                .fetch_one(&self.pool),
+            )
+            .await?;
+        let state: Option<String> = row.try_get("state")?;
+        let closed = match state.as_deref() {
+            Some("done") | Some("cancelled") => Closed::Done,
+            Some(_) => Closed::Requeued,
+            None => Closed::Lost,
+        };
+        Ok((closed, row.try_get("target_generation")?))
+    }
+}
+
+fn claimed(row: &sqlx::postgres::PgRow) -> Result<ClaimedJob, StoreError> {
+    let source: Option<String> = row.try_get("source_storage")?;
+    let target: String = row.try_get("target_storage")?;
+    let decode = |column: &str, error: crate::model::InvalidInput| {
+        StoreError::Failed(sqlx::Error::ColumnDecode {
+            index: column.into(),
+            source: Box::new(error),
+        })
+    };
+    Ok(ClaimedJob {
+        id: JobId(row.try_get("id")?),
+        kind: row.try_get("kind")?,
+        repository: RepositoryId(row.try_get("repository_id")?),
+        source: source
+            .map(|source| StorageName::parse(&source))
+            .transpose()
+            .map_err(|error| decode("source_storage", error))?,
+        target: StorageName::parse(&target).map_err(|error| decode("target_storage", error))?,
+        attempts: row.try_get("attempts")?,
+        postponed: row.try_get("postponed")?,
+        lease_token: row.try_get("lease_token")?,
+        age: row.try_get("age")?,
+    })
+}
+
+fn millis(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+/// Errors are stored up to 2 KiB.
+fn truncate(error: &str) -> &str {
+    let mut end = error.len().min(2048);
+    while !error.is_char_boundary(end) {
+        end -= 1;
+    }
+    &error[..end]
+}
