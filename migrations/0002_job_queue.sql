@@ -22,3 +22,18 @@ ALTER TABLE jobs
 CREATE INDEX jobs_leased ON jobs (lease_expires_at) WHERE state = 'running';
 -- The operator's listing and the metrics, by state.
 CREATE INDEX jobs_by_state ON jobs (state, kind);
+
+-- Workers wait on this channel instead of polling hard: the payload is the kind of a job that
+-- became ready (new, retried, released). A job whose run_after is in the future is found by
+-- the workers' slower poll.
+CREATE FUNCTION notify_jobs() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.state = 'queued' AND NEW.run_after <= now() THEN
+        PERFORM pg_notify('gitfleet_jobs', NEW.kind);
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER jobs_notify AFTER INSERT OR UPDATE OF state, run_after ON jobs
+    FOR EACH ROW EXECUTE FUNCTION notify_jobs();

@@ -1,4 +1,4 @@
-//! Operator commands that go through the proxy.
+//! Operator commands: some go through the proxy, others read and change the database.
 
 use std::path::PathBuf;
 
@@ -9,6 +9,7 @@ use crate::config::ProxyConfig;
 use crate::model::RepositoryName;
 use crate::proto::RepositoryHeader;
 use crate::proto::repository_service_client::RepositoryServiceClient;
+use crate::store::{JobId, JobRow};
 
 #[derive(Debug, clap::Args)]
 pub struct AdminArgs {
@@ -38,6 +39,35 @@ enum AdminCommand {
         /// VIRTUAL_STORAGE/RELATIVE_PATH.
         repository: String,
     },
+    /// List the background jobs, newest first; or retry or cancel one.
+    Jobs(JobsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "States: queued (waiting, maybe for a backoff), running, done, dead (out of \
+attempts: kept until retried or cancelled), cancelled."
+)]
+struct JobsArgs {
+    #[command(subcommand)]
+    action: Option<JobsAction>,
+    /// Only jobs in this state.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(crate::store::JOB_STATES))]
+    state: Option<String>,
+    /// At most this many jobs.
+    #[arg(long, default_value_t = 100)]
+    limit: i64,
+    /// One JSON array instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum JobsAction {
+    /// Queue a dead, cancelled or done job again, with fresh attempts.
+    Retry { id: i64 },
+    /// Cancel a queued or running job: a worker running it stops and records nothing.
+    Cancel { id: i64 },
 }
 
 pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
@@ -45,6 +75,9 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         .config
         .context("give --config FILE or set GITFLEET_CONFIG")?;
     let config = ProxyConfig::load(&config_path)?;
+    if let AdminCommand::Jobs(jobs) = args.command {
+        return run_jobs(&config, jobs).await;
+    }
     let address = match args.address {
         Some(address) if address.starts_with("http://") => address,
         Some(address) => format!("http://{address}"),
@@ -73,6 +106,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 .map_err(|status| anyhow::anyhow!("{}: {}", code(&status), status.message()))?;
             println!("created {name}");
         }
+        AdminCommand::Jobs(_) => unreachable!("answered from the database above"),
         AdminCommand::RemoveRepository { repository } => {
             let name = RepositoryName::parse(&repository)?;
             client
@@ -96,4 +130,100 @@ fn header(name: &RepositoryName) -> RepositoryHeader {
 
 fn code(status: &tonic::Status) -> String {
     format!("{:?}", status.code()).to_lowercase()
+}
+
+/// `admin jobs`: straight from the database.
+async fn run_jobs(config: &ProxyConfig, args: JobsArgs) -> anyhow::Result<()> {
+    let store = crate::store::Store::connect_lazy(
+        &config.database.url,
+        1,
+        config.database.acquire_timeout.0,
+    )?;
+    match args.action {
+        Some(JobsAction::Retry { id }) => match store.retry_job(JobId(id)).await? {
+            Ok(()) => println!("job {id} queued again"),
+            Err(Some(other)) => anyhow::bail!(
+                "job {id} is not retried: job {other} is already queued or running for the same work"
+            ),
+            Err(None) => anyhow::bail!(
+                "job {id} is not retried: there is no such job, or it is still queued or running"
+            ),
+        },
+        Some(JobsAction::Cancel { id }) => {
+            if !store
+                .cancel_job(JobId(id), "cancelled by an operator")
+                .await?
+            {
+                anyhow::bail!(
+                    "job {id} is not cancelled: there is no such job, or it is not queued or running"
+                );
+            }
+            println!("job {id} cancelled");
+        }
+        None => {
+            let jobs = store.list_jobs(args.state.as_deref(), args.limit).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&jobs)?);
+            } else {
+                print!("{}", jobs_table(&jobs));
+            }
+        }
+    }
+    store.close().await;
+    Ok(())
+}
+
+fn jobs_table(jobs: &[JobRow]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:>8}  {:<10} {:>10}  {:<12} {:<10} {:>8}  {:>8}  NOTE",
+        "ID", "KIND", "REPOSITORY", "TARGET", "STATE", "ATTEMPTS", "AGE"
+    );
+    for job in jobs {
+        let note = match job.state.as_str() {
+            "queued" if job.runs_in_seconds > 0.0 => format!(
+                "runs in {}{}",
+                seconds(job.runs_in_seconds),
+                job.last_error
+                    .as_deref()
+                    .map(|error| format!(": {error}"))
+                    .unwrap_or_default()
+            ),
+            "running" => format!(
+                "{} {}",
+                job.lease_owner.as_deref().unwrap_or_default(),
+                job.progress.as_deref().unwrap_or_default()
+            ),
+            _ => job.last_error.clone().unwrap_or_default(),
+        };
+        let _ = writeln!(
+            out,
+            "{:>8}  {:<10} {:>10}  {:<12} {:<10} {:>8}  {:>8}  {}",
+            job.id,
+            job.kind,
+            job.repository_id,
+            job.target,
+            job.state,
+            job.attempts,
+            seconds(job.age_seconds),
+            note.trim().replace('\n', " ")
+        );
+    }
+    if jobs.is_empty() {
+        let _ = writeln!(out, "(no jobs)");
+    }
+    out
+}
+
+/// A rounded, readable duration: "42s", "5m", "3h", "2d".
+fn seconds(value: f64) -> String {
+    let value = value.max(0.0);
+    match value {
+        v if v < 120.0 => format!("{v:.0}s"),
+        v if v < 7200.0 => format!("{:.0}m", v / 60.0),
+        v if v < 172_800.0 => format!("{:.0}h", v / 3600.0),
+        v => format!("{:.0}d", v / 86_400.0),
+    }
 }

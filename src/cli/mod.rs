@@ -6,6 +6,7 @@ mod dev;
 mod migrate;
 mod node;
 mod proxy;
+mod worker;
 
 use std::process::ExitCode;
 
@@ -26,11 +27,13 @@ enum Command {
     Node(node::NodeArgs),
     /// Run the routing proxy: one gRPC API for every repository, replicated on several nodes.
     Proxy(proxy::ProxyArgs),
+    /// Run background jobs (replication, ...): all of them, or those named with --job.
+    Worker(worker::WorkerArgs),
     /// Apply the database migrations in migrations/.
     Migrate(migrate::MigrateArgs),
     /// Start a whole local cluster: a private PostgreSQL, nodes and the proxy.
     Dev(dev::DevArgs),
-    /// Operator commands: create and remove repositories through the proxy.
+    /// Operator commands: create and remove repositories, list and act on background jobs.
     Admin(admin::AdminArgs),
     /// Connect git to a gitfleet server through gRPC, as git's ext:: transport or ssh command.
     Bridge(bridge::BridgeArgs),
@@ -120,6 +123,14 @@ pub fn main(cli: Cli) -> ExitCode {
                 runtime()
                     .map_err(anyhow::Error::from)
                     .and_then(|rt| rt.block_on(proxy::run(args))),
+            )
+        }
+        Command::Worker(args) => {
+            init_logging();
+            report(
+                runtime()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|rt| rt.block_on(worker::run(args))),
             )
         }
         Command::Dev(args) => {

@@ -30,6 +30,9 @@ pub struct ProxyConfig {
     pub health: HealthConfig,
     #[serde(default)]
     pub writes: WritesConfig,
+    /// `gitfleet worker`, which reads this same file.
+    #[serde(default)]
+    pub worker: WorkerConfig,
     /// Connections the proxy keeps to each node; calls take them in turn, and each carries
     /// many calls at once.
     #[serde(default = "default_node_connections")]
@@ -152,6 +155,94 @@ impl Default for WritesConfig {
     }
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Address of the worker's HTTP server: /metrics and /healthz. None: no HTTP server.
+    #[serde(default)]
+    pub http_listen: Option<SocketAddr>,
+    /// How long a job's lease lasts. A running job renews it every third of this; a worker
+    /// that dies holds its jobs for at most this long before another worker takes them.
+    #[serde(default = "default_job_lease")]
+    pub lease: Duration,
+    /// How often an idle job type looks for ready jobs.
+    #[serde(default = "default_poll_interval")]
+    pub poll_interval: Duration,
+    /// How many jobs of one type a worker runs at once.
+    #[serde(default = "default_job_concurrency")]
+    pub concurrency: usize,
+    /// Runs a job may fail before it is dead (kept for operators, never deleted).
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: i32,
+    /// The first retry's delay; each further one doubles it, with jitter, up to max_backoff.
+    /// Waiting for a node that is down grows the same way.
+    #[serde(default = "default_retry_backoff")]
+    pub retry_backoff: Duration,
+    #[serde(default = "default_max_backoff")]
+    pub max_backoff: Duration,
+    /// The first delay before a crashed job type is restarted; doubles up to a minute.
+    #[serde(default = "default_restart_backoff")]
+    pub restart_backoff: Duration,
+    /// On SIGTERM, how long running jobs may go on before their leases are handed back.
+    #[serde(default = "default_worker_shutdown_grace")]
+    pub shutdown_grace: Duration,
+    /// Done and cancelled jobs are deleted this long after they finished.
+    #[serde(default = "default_keep_finished")]
+    pub keep_finished: Duration,
+    /// The longest one replication may take.
+    #[serde(default = "default_replication_timeout")]
+    pub replication_timeout: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            http_listen: None,
+            lease: default_job_lease(),
+            poll_interval: default_poll_interval(),
+            concurrency: default_job_concurrency(),
+            max_attempts: default_max_attempts(),
+            retry_backoff: default_retry_backoff(),
+            max_backoff: default_max_backoff(),
+            restart_backoff: default_restart_backoff(),
+            shutdown_grace: default_worker_shutdown_grace(),
+            keep_finished: default_keep_finished(),
+            replication_timeout: default_replication_timeout(),
+        }
+    }
+}
+
+fn default_job_lease() -> Duration {
+    secs(30)
+}
+fn default_poll_interval() -> Duration {
+    secs(1)
+}
+fn default_job_concurrency() -> usize {
+    4
+}
+fn default_max_attempts() -> i32 {
+    8
+}
+fn default_retry_backoff() -> Duration {
+    secs(5)
+}
+fn default_max_backoff() -> Duration {
+    secs(600)
+}
+fn default_restart_backoff() -> Duration {
+    secs(1)
+}
+fn default_worker_shutdown_grace() -> Duration {
+    secs(30)
+}
+fn default_keep_finished() -> Duration {
+    secs(7 * 24 * 3600)
+}
+fn default_replication_timeout() -> Duration {
+    secs(3600)
+}
+
 fn secs(seconds: u64) -> Duration {
     Duration(std::time::Duration::from_secs(seconds))
 }
@@ -214,6 +305,19 @@ impl ProxyConfig {
         }
         if !(1024..=(64 << 20)).contains(&self.max_message_bytes) {
             return invalid("max_message_bytes must be between 1 KiB and 64 MiB".into());
+        }
+        let worker = &self.worker;
+        if !(1..=256).contains(&worker.concurrency) {
+            return invalid("worker.concurrency must be between 1 and 256".into());
+        }
+        if !(1..=1000).contains(&worker.max_attempts) {
+            return invalid("worker.max_attempts must be between 1 and 1000".into());
+        }
+        if worker.lease.0 < std::time::Duration::from_secs(1) {
+            return invalid("worker.lease must be at least 1s".into());
+        }
+        if worker.poll_interval.0.is_zero() || worker.retry_backoff.0.is_zero() {
+            return invalid("worker.poll_interval and worker.retry_backoff must not be 0".into());
         }
         for access in &self.access_tokens {
             if access.token.len() < MIN_TOKEN_LEN {

@@ -113,7 +113,6 @@ pub struct ReplicationPlan {
     pub sources: Vec<StorageName>,
 }
 
-
 impl Store {
     /// Queues a job, or merges it into the active job for the same (kind, repository,
     /// target): a queued one already covers it, and a running one runs once more when done.
@@ -289,7 +288,13 @@ impl Store {
     ) -> Result<Closed, StoreError> {
         self.hand_back("postpone_job", id, token, Some(reason), delay)
             .await
-            .map(|handed| if handed { Closed::Postponed } else { Closed::Lost })
+            .map(|handed| {
+                if handed {
+                    Closed::Postponed
+                } else {
+                    Closed::Lost
+                }
+            })
     }
 
     /// Hands a lease back at once (a worker shutting down): the job is ready for another
@@ -297,7 +302,13 @@ impl Store {
     pub async fn release_job(&self, id: JobId, token: i64) -> Result<Closed, StoreError> {
         self.hand_back("release_job", id, token, None, Duration::ZERO)
             .await
-            .map(|handed| if handed { Closed::Released } else { Closed::Lost })
+            .map(|handed| {
+                if handed {
+                    Closed::Released
+                } else {
+                    Closed::Lost
+                }
+            })
     }
 
     async fn hand_back(

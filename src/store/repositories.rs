@@ -249,18 +249,16 @@ impl Store {
         let row = self
             .measure(
                 "delete_repository",
-                sqlx::query(
-                    concat!(
-                        "WITH gone AS (
+                sqlx::query(concat!(
+                    "WITH gone AS (
                              DELETE FROM repositories r
                              WHERE r.virtual_storage = $1 AND r.relative_path = $2
                              RETURNING ",
-                        removed_columns!(),
-                        "), ",
-                        cancel_jobs!(),
-                        " SELECT * FROM gone"
-                    ),
-                )
+                    removed_columns!(),
+                    "), ",
+                    cancel_jobs!(),
+                    " SELECT * FROM gone"
+                ))
                 .bind(virtual_storage.as_str())
                 .bind(relative_path.as_str())
                 .fetch_optional(&self.pool),
@@ -277,17 +275,15 @@ impl Store {
         let row = self
             .measure(
                 "delete_repository_by_id",
-                sqlx::query(
-                    concat!(
-                        "WITH gone AS (
+                sqlx::query(concat!(
+                    "WITH gone AS (
                              DELETE FROM repositories r WHERE r.id = $1
                              RETURNING ",
-                        removed_columns!(),
-                        "), ",
-                        cancel_jobs!(),
-                        " SELECT * FROM gone"
-                    ),
-                )
+                    removed_columns!(),
+                    "), ",
+                    cancel_jobs!(),
+                    " SELECT * FROM gone"
+                ))
                 .bind(id.0)
                 .fetch_optional(&self.pool),
             )

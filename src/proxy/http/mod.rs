@@ -3,22 +3,17 @@
 mod auth;
 mod git;
 
-use std::fmt::Write as _;
-use std::sync::Arc;
-use std::time::Duration;
-
 use axum::body::Body;
 use axum::response::Response;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tonic::codegen::http::{HeaderMap, Method, StatusCode, Uri};
 use tonic::service::interceptor::InterceptedService;
 use tower::Layer as _;
 
 use super::{Proxy, majority};
 use crate::auth::{CallPathLayer, RecordCallPath, Signer};
+use crate::http::{metric, text};
 use crate::model::StorageName;
 use crate::proto::repository_service_client::RepositoryServiceClient;
 use crate::proto::smart_http_service_client::SmartHttpServiceClient;
@@ -84,11 +79,6 @@ impl Gateway {
     }
 }
 
-/// The most HTTP connections served at once; more are closed as they arrive.
-const MAX_CONNECTIONS: usize = 1024;
-/// How long a client may take to send a request's headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// Serves HTTP on `listener` until `stop` is cancelled; requests already running finish.
 pub async fn serve(listener: TcpListener, gateway: Gateway, stop: CancellationToken) {
     let router = axum::Router::new().fallback(
@@ -99,52 +89,7 @@ pub async fn serve(listener: TcpListener, gateway: Gateway, stop: CancellationTo
             answer
         },
     );
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let connections = TaskTracker::new();
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
-            Err(error) => {
-                tracing::warn!(%error, "cannot accept an HTTP connection");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(
-                limit = MAX_CONNECTIONS,
-                "too many HTTP connections: one refused"
-            );
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
-        let stop = stop.clone();
-        connections.spawn(async move {
-            let _slot = slot;
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT);
-            let connection =
-                builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            tokio::select! {
-                _ = &mut connection => {}
-                _ = stop.cancelled() => {
-                    // Requests under way finish; the connection then closes.
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
-                }
-            }
-        });
-    }
-    connections.close();
-    connections.wait().await;
+    crate::http::serve(listener, router, stop).await;
 }
 
 async fn route(
@@ -164,17 +109,6 @@ async fn route(
             Err(error) => text(StatusCode::INTERNAL_SERVER_ERROR, &error.to_string()),
         },
     }
-}
-
-/// A plain-text response; git shows such a body to its user.
-fn text(status: StatusCode, message: &str) -> Response {
-    let mut response = Response::new(Body::from(format!("{message}\n")));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        "content-type",
-        "text/plain; charset=utf-8".parse().expect("a valid header"),
-    );
-    response
 }
 
 /// Ready when the database answers and every virtual storage has a majority of its nodes
@@ -210,15 +144,6 @@ async fn ready(gateway: Gateway) -> Response {
         text(StatusCode::OK, "ready")
     } else {
         text(StatusCode::SERVICE_UNAVAILABLE, &problems.join("\n"))
-    }
-}
-
-/// One metric in Prometheus text format: its help, its type and its samples.
-fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, String)]) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-    for (labels, value) in samples {
-        let _ = writeln!(out, "{name}{labels} {value}");
     }
 }
 

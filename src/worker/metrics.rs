@@ -1,0 +1,231 @@
+//! The worker's metrics, per job type, and its small HTTP server: `/metrics` and `/healthz`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::response::Response;
+use tonic::codegen::http::StatusCode;
+
+use super::{Inner, JobType};
+use crate::http::{metric, text};
+
+#[derive(Debug, Default)]
+struct Counters {
+    runs: AtomicU64,
+    failures: AtomicU64,
+    panics: AtomicU64,
+    restarts: AtomicU64,
+    lost: AtomicU64,
+    in_flight: AtomicU64,
+}
+
+/// Counters per job type, since start.
+#[derive(Debug)]
+pub struct Metrics {
+    types: BTreeMap<&'static str, Counters>,
+}
+
+/// Counts a job as in flight while it lives.
+pub(super) struct InFlight<'a>(&'a AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Metrics {
+    pub(super) fn new(jobs: &[JobType]) -> Self {
+        Self {
+            types: jobs
+                .iter()
+                .map(|job| (job.name(), Counters::default()))
+                .collect(),
+        }
+    }
+
+    fn of(&self, job: JobType) -> &Counters {
+        self.types
+            .get(job.name())
+            .expect("counters exist for every job type the worker runs")
+    }
+
+    pub(super) fn count_run(&self, job: JobType, succeeded: bool) {
+        let counters = self.of(job);
+        counters.runs.fetch_add(1, Ordering::Relaxed);
+        if !succeeded {
+            counters.failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(super) fn count_panic(&self, job: JobType) {
+        self.of(job).panics.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn count_restart(&self, job: JobType) {
+        self.of(job).restarts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn count_lost(&self, job: JobType) {
+        self.of(job).lost.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn in_flight(&self, job: JobType) -> InFlight<'_> {
+        let counter = &self.of(job).in_flight;
+        counter.fetch_add(1, Ordering::Relaxed);
+        InFlight(counter)
+    }
+
+    /// Jobs of the type run to a close, failed ones included.
+    pub fn runs(&self, job: JobType) -> u64 {
+        self.of(job).runs.load(Ordering::Relaxed)
+    }
+
+    pub fn failures(&self, job: JobType) -> u64 {
+        self.of(job).failures.load(Ordering::Relaxed)
+    }
+
+    pub fn panics(&self, job: JobType) -> u64 {
+        self.of(job).panics.load(Ordering::Relaxed)
+    }
+
+    /// Times the type's loop was restarted by its supervisor.
+    pub fn restarts(&self, job: JobType) -> u64 {
+        self.of(job).restarts.load(Ordering::Relaxed)
+    }
+
+    pub fn in_flight_now(&self, job: JobType) -> u64 {
+        self.of(job).in_flight.load(Ordering::Relaxed)
+    }
+
+    /// One sample per job type.
+    fn samples(&self, value: impl Fn(&Counters) -> u64) -> Vec<(String, String)> {
+        self.types
+            .iter()
+            .map(|(name, counters)| (format!("{{job=\"{name}\"}}"), value(counters).to_string()))
+            .collect()
+    }
+}
+
+pub(super) fn router(inner: Arc<Inner>) -> axum::Router {
+    axum::Router::new()
+        .route(
+            "/healthz",
+            axum::routing::get(|| async { text(StatusCode::OK, "ok") }),
+        )
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let inner = inner.clone();
+                let answer: futures_util::future::BoxFuture<'static, Response> =
+                    Box::pin(async move { render(&inner).await });
+                answer
+            }),
+        )
+}
+
+/// Prometheus text: the counters of this worker, and the queue as the database sees it.
+async fn render(inner: &Inner) -> Response {
+    let metrics = &inner.metrics;
+    let mut out = String::new();
+    let counters: [(&str, &str, &str, fn(&Counters) -> &AtomicU64); 6] = [
+        (
+            "runs_total",
+            "counter",
+            "Jobs run to a close, failed ones included.",
+            |c| &c.runs,
+        ),
+        (
+            "failures_total",
+            "counter",
+            "Jobs that failed (to be retried, or dead).",
+            |c| &c.failures,
+        ),
+        ("panics_total", "counter", "Jobs that panicked.", |c| {
+            &c.panics
+        }),
+        (
+            "restarts_total",
+            "counter",
+            "Restarts of the job type's loop after a panic or an error.",
+            |c| &c.restarts,
+        ),
+        (
+            "lost_total",
+            "counter",
+            "Jobs abandoned because their lease was taken over or cancelled.",
+            |c| &c.lost,
+        ),
+        ("in_flight", "gauge", "Jobs running now.", |c| &c.in_flight),
+    ];
+    for (name, kind, help, field) in counters {
+        metric(
+            &mut out,
+            &format!("gitfleet_worker_jobs_{name}"),
+            kind,
+            help,
+            &metrics.samples(|c| field(c).load(Ordering::Relaxed)),
+        );
+    }
+    match inner.store.queue_depth().await {
+        Ok(depths) => {
+            let by_state: Vec<(String, String)> = depths
+                .iter()
+                .map(|depth| {
+                    (
+                        format!("{{kind=\"{}\",state=\"{}\"}}", depth.kind, depth.state),
+                        depth.count.to_string(),
+                    )
+                })
+                .collect();
+            metric(
+                &mut out,
+                "gitfleet_jobs",
+                "gauge",
+                "Jobs in the queue, by kind and state.",
+                &by_state,
+            );
+            let oldest: Vec<(String, String)> = depths
+                .iter()
+                .filter(|depth| depth.state == "queued")
+                .map(|depth| {
+                    (
+                        format!("{{kind=\"{}\"}}", depth.kind),
+                        format!("{:.3}", depth.oldest_ready),
+                    )
+                })
+                .collect();
+            metric(
+                &mut out,
+                "gitfleet_jobs_oldest_ready_seconds",
+                "gauge",
+                "How long the oldest ready job of the kind has waited.",
+                &oldest,
+            );
+            metric(
+                &mut out,
+                "gitfleet_worker_database_up",
+                "gauge",
+                "Whether the queue could be read.",
+                &[(String::new(), "1".into())],
+            );
+        }
+        Err(error) => {
+            tracing::debug!(%error, "cannot read the queue for /metrics");
+            metric(
+                &mut out,
+                "gitfleet_worker_database_up",
+                "gauge",
+                "Whether the queue could be read.",
+                &[(String::new(), "0".into())],
+            );
+        }
+    }
+    let mut response = text(StatusCode::OK, out.trim_end());
+    response.headers_mut().insert(
+        "content-type",
+        "text/plain; version=0.0.4".parse().expect("a valid header"),
+    );
+    response
+}
