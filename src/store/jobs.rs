@@ -599,7 +599,9 @@ impl Store {
                                           ELSE d.state END,
                              finished_at = CASE WHEN j.rerun OR d.state = 'queued' THEN NULL
                                                 ELSE now() END,
-                             attempts = 0, postponed = 0, rerun = false, run_after = now(),
+                             attempts = CASE WHEN j.rerun OR d.state = 'queued' THEN 0
+                                             ELSE j.attempts END,
+                             postponed = 0, rerun = false, run_after = now(),
                              lease_owner = NULL, lease_expires_at = NULL, last_error = NULL,
                              updated_at = now()
                          FROM decision d

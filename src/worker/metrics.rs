@@ -125,11 +125,19 @@ pub(super) fn router(inner: Arc<Inner>) -> axum::Router {
         )
 }
 
+/// A counter's name, type and help, and where it is kept.
+type Counter = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&Counters) -> &AtomicU64,
+);
+
 /// Prometheus text: the counters of this worker, and the queue as the database sees it.
 async fn render(inner: &Inner) -> Response {
     let metrics = &inner.metrics;
     let mut out = String::new();
-    let counters: [(&str, &str, &str, fn(&Counters) -> &AtomicU64); 6] = [
+    let counters: [Counter; 6] = [
         (
             "runs_total",
             "counter",

@@ -90,14 +90,17 @@ pub enum Pause {
     Closed(ClaimedJob, Closed),
 }
 
+pub type StartHook = Arc<dyn Fn(&ClaimedJob) + Send + Sync>;
+pub type PauseHook = Arc<dyn Fn(Pause) -> BoxFuture<'static, ()> + Send + Sync>;
+
 /// Test points in a job's run. Tests use them to force an interleaving (a pause between a copy
 /// and its record) or to inject a panic; production leaves them empty.
 #[derive(Clone, Default)]
 pub struct Hooks {
     /// Called as a job starts.
-    pub on_start: Option<Arc<dyn Fn(&ClaimedJob) + Send + Sync>>,
+    pub on_start: Option<StartHook>,
     /// Awaited at the points of [`Pause`].
-    pub pause: Option<Arc<dyn Fn(Pause) -> BoxFuture<'static, ()> + Send + Sync>>,
+    pub pause: Option<PauseHook>,
 }
 
 impl std::fmt::Debug for Hooks {
