@@ -89,10 +89,21 @@ fn every_service_config_loads_with_its_compose_environment() {
     let compose = std::fs::read_to_string(root.join("docker-compose.yml")).unwrap();
     let blocks = services(&compose);
     let names: Vec<&str> = blocks.iter().map(|block| block.name.as_str()).collect();
-    assert_eq!(names, ["postgres", "node-1", "node-2", "node-3", "proxy"]);
+    assert_eq!(
+        names,
+        [
+            "postgres",
+            "node-1",
+            "node-2",
+            "node-3",
+            "proxy",
+            "worker-replication"
+        ]
+    );
 
     let mut storages = Vec::new();
     let mut proxy = None;
+    let mut worker_nodes = Vec::new();
     for block in &blocks {
         let Some(role) = block.role() else { continue };
         let file = block
@@ -118,6 +129,29 @@ fn every_service_config_loads_with_its_compose_environment() {
                 assert_eq!(config.http_listen.map(|a| a.port()), Some(8080));
                 proxy = Some(config);
             }
+            "worker" => {
+                let config: ProxyConfig = gitfleet::config::load(&path, env).unwrap();
+                config.validate().unwrap();
+                assert!(config.database.url.contains("@postgres/"));
+                assert_eq!(
+                    config.worker.http_listen.map(|a| a.port()),
+                    Some(9300),
+                    "the health check probes 9300"
+                );
+                let command = block
+                    .lines
+                    .iter()
+                    .find(|line| line.trim().starts_with("command:"))
+                    .unwrap();
+                let job = command.split("\"--job\", \"").nth(1).unwrap();
+                let job = job.split('"').next().unwrap();
+                assert!(
+                    gitfleet::worker::JobType::parse(job).is_some(),
+                    "{}: no job type {job}",
+                    block.name
+                );
+                worker_nodes.push(config.virtual_storages[0].nodes.clone());
+            }
             other => panic!("{}: unknown role {other}", block.name),
         }
     }
@@ -131,6 +165,20 @@ fn every_service_config_loads_with_its_compose_environment() {
             .collect::<Vec<_>>(),
         storages
     );
+    // Workers reach the same nodes with the same secrets.
+    assert!(!worker_nodes.is_empty());
+    for worker in &worker_nodes {
+        assert_eq!(
+            worker
+                .iter()
+                .map(|n| (&n.address, &n.token))
+                .collect::<Vec<_>>(),
+            nodes
+                .iter()
+                .map(|n| (&n.address, &n.token))
+                .collect::<Vec<_>>()
+        );
+    }
     for (index, node) in nodes.iter().enumerate() {
         assert_eq!(node.address, format!("http://node-{}:9001", index + 1));
     }

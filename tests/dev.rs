@@ -380,5 +380,9 @@ fn git_clients_clone_push_fetch_and_are_checked_on_the_dev_cluster() {
     assert!(cloned == noise, "the clone's file differs");
     assert_eq!(generation(&env["DATABASE_URL"], "big.git"), (1, 3));
 
+    // The operator's view of the background work, from the same env file.
+    let jobs = shell(&dir, scratch.path(), &format!("'{BINARY}' admin jobs"));
+    assert!(jobs.starts_with("      ID  KIND"), "{jobs}");
+
     stop(dev);
 }

@@ -61,6 +61,7 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     let runtime = super::runtime()?;
     let served = runtime.block_on(async {
         let config = ProxyConfig::load(&processes.proxy_config)?;
+        let worker = crate::worker::Worker::new(config.clone(), &[])?;
         let proxy = crate::proxy::Proxy::new(config)?;
         let grpc = TcpListener::bind(processes.grpc_listen)
             .await
@@ -110,6 +111,8 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
                 options.nodes
             );
         }
+        // The worker starts once the proxy has applied the migrations.
+        let working = tokio::spawn(worker.run(None, shutdown.clone()));
         let dir = options.dir.canonicalize()?;
         processes.write_env(&dir, grpc_address, http_address)?;
         crate::cli::say(
@@ -128,8 +131,11 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         crate::cli::say(false, format_args!("gitfleet dev: ready"));
         shutdown.cancelled().await;
         crate::cli::say(true, format_args!("gitfleet dev: stopping"));
-        // The proxy drains its calls and lets writes in flight commit.
-        serving.await?
+        // The proxy drains its calls and lets writes in flight commit; the worker finishes or
+        // hands back its jobs.
+        let served = serving.await?;
+        working.await??;
+        served
     });
     // The proxy's tasks end with the runtime; then the nodes, then PostgreSQL.
     runtime.shutdown_timeout(Duration::from_secs(30));

@@ -31,7 +31,7 @@ enum Command {
     Worker(worker::WorkerArgs),
     /// Apply the database migrations in migrations/.
     Migrate(migrate::MigrateArgs),
-    /// Start a whole local cluster: a private PostgreSQL, nodes and the proxy.
+    /// Start a whole local cluster: a private PostgreSQL, nodes, the proxy and the worker.
     Dev(dev::DevArgs),
     /// Operator commands: create and remove repositories, list and act on background jobs.
     Admin(admin::AdminArgs),

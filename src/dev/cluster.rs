@@ -174,6 +174,7 @@ pub fn start_processes(options: &DevOptions) -> anyhow::Result<DevProcesses> {
          [[access_tokens]]\nname = \"dev\"\ntoken = \"{}\"\nscope = \"read-write\"\n\
          [[access_tokens]]\nname = \"dev-read\"\ntoken = \"{}\"\nscope = \"read\"\n\
          [database]\nurl = \"{database_url}\"\n\
+         [worker]\nlease = \"10s\"\nshutdown_grace = \"5s\"\n\
          [[virtual_storages]]\nname = \"default\"\nreplication_factor = {}\npush_to_create = {}\n",
         options.grpc_listen,
         options.http_listen,
