@@ -116,6 +116,24 @@ where
     }
 }
 
+/// Waits up to `seconds` for a job to reach `state`.
+async fn wait_for_state(store: &Store, job: JobId, state: &str, seconds: u64) {
+    wait_for(seconds, &format!("job {job} to be {state}"), || async {
+        job_state(store, job).await.state == state
+    })
+    .await;
+}
+
+/// Runs `gitfleet admin` with the cluster's config.
+fn admin(cluster: &Cluster, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(BINARY)
+        .args(["admin", "--config"])
+        .arg(&cluster.config_path)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
 /// The generation the database records for the replica on storage `index`.
 async fn replica_generation(cluster: &Cluster, relative_path: &str, index: usize) -> Option<i64> {
     let storage = Cluster::storage(index);
@@ -179,10 +197,7 @@ async fn a_replica_left_behind_is_brought_up_to_date_and_the_job_is_done() {
     let (record, _work, job) = left_behind(&mut cluster, "behind.git", true).await;
     let worker = start_worker(worker_config(&cluster), &[], Hooks::default());
     let store = cluster.store();
-    wait_for(30, "the replication", || async {
-        job_state(&store, job).await.state == "done"
-    })
-    .await;
+    wait_for_state(&store, job, "done", 30).await;
     assert_eq!(replica_generation(&cluster, "behind.git", 2).await, Some(2));
     assert_replicas_agree(&cluster, "behind.git").await;
     let state = job_state(&store, job).await;
@@ -294,10 +309,7 @@ async fn a_job_that_keeps_failing_is_dead_after_its_attempts_and_operators_see_i
         &[JobType::Replicator],
         Hooks::default(),
     );
-    wait_for(30, "the job to die", || async {
-        job_state(&store, job).await.state == "dead"
-    })
-    .await;
+    wait_for_state(&store, job, "dead", 30).await;
     let state = job_state(&store, job).await;
     assert_eq!(state.attempts, 3);
     let error = state.last_error.unwrap();
@@ -308,12 +320,7 @@ async fn a_job_that_keeps_failing_is_dead_after_its_attempts_and_operators_see_i
     worker.stop().await;
 
     // Operators find it, and can queue it again.
-    let listed = std::process::Command::new(BINARY)
-        .args(["admin", "--config"])
-        .arg(&cluster.config_path)
-        .args(["jobs", "--state", "dead"])
-        .output()
-        .unwrap();
+    let listed = admin(&cluster, &["jobs", "--state", "dead"]);
     assert!(listed.status.success());
     let listed = String::from_utf8_lossy(&listed.stdout);
     assert!(
@@ -321,29 +328,14 @@ async fn a_job_that_keeps_failing_is_dead_after_its_attempts_and_operators_see_i
         "{listed}"
     );
     assert!(listed.contains("dead"), "{listed}");
-    let retried = std::process::Command::new(BINARY)
-        .args(["admin", "--config"])
-        .arg(&cluster.config_path)
-        .args(["jobs", "retry", &job.0.to_string()])
-        .output()
-        .unwrap();
+    let retried = admin(&cluster, &["jobs", "retry", &job.0.to_string()]);
     assert!(retried.status.success(), "{retried:?}");
     let state = job_state(&store, job).await;
     assert_eq!((state.state.as_str(), state.attempts), ("queued", 0));
-    let cancelled = std::process::Command::new(BINARY)
-        .args(["admin", "--config"])
-        .arg(&cluster.config_path)
-        .args(["jobs", "cancel", &job.0.to_string()])
-        .output()
-        .unwrap();
+    let cancelled = admin(&cluster, &["jobs", "cancel", &job.0.to_string()]);
     assert!(cancelled.status.success(), "{cancelled:?}");
     assert_eq!(job_state(&store, job).await.state, "cancelled");
-    let again = std::process::Command::new(BINARY)
-        .args(["admin", "--config"])
-        .arg(&cluster.config_path)
-        .args(["jobs", "cancel", &job.0.to_string()])
-        .output()
-        .unwrap();
+    let again = admin(&cluster, &["jobs", "cancel", &job.0.to_string()]);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("not queued or running"));
 }
@@ -371,10 +363,7 @@ async fn replication_to_a_node_that_is_down_waits_without_spending_attempts() {
     );
 
     cluster.nodes[2].restart();
-    wait_for(30, "the replication", || async {
-        job_state(&store, job).await.state == "done"
-    })
-    .await;
+    wait_for_state(&store, job, "done", 30).await;
     assert_replicas_agree(&cluster, "waiting.git").await;
     worker.stop().await;
 }
@@ -420,10 +409,7 @@ async fn a_panicking_job_type_restarts_alone_while_another_keeps_working() {
         worker.metrics.runs(JobType::Noop) == 20
     })
     .await;
-    wait_for(30, "the replication", || async {
-        job_state(&store, job).await.state == "done"
-    })
-    .await;
+    wait_for_state(&store, job, "done", 30).await;
     assert_eq!(worker.metrics.panics(JobType::Replicator), 2);
     assert_eq!(worker.metrics.restarts(JobType::Replicator), 2);
     assert_eq!(worker.metrics.restarts(JobType::Noop), 0);
@@ -508,10 +494,7 @@ async fn a_cancelled_run_that_finishes_after_a_newer_one_changes_nothing() {
         &[JobType::Replicator],
         Hooks::default(),
     );
-    wait_for(30, "the newer job", || async {
-        job_state(&store, new_job).await.state == "done"
-    })
-    .await;
+    wait_for_state(&store, new_job, "done", 30).await;
     assert_eq!(replica_generation(&cluster, "raced.git", 2).await, Some(2));
 
     // The old run finishes last: its close is refused by its stale lease token.
@@ -552,10 +535,7 @@ async fn a_write_during_the_copy_leaves_the_target_behind_and_requeued() {
 
     // The next run brings it to generation 3.
     go.add_permits(3);
-    wait_for(30, "the second run", || async {
-        job_state(&store, job).await.state == "done"
-    })
-    .await;
+    wait_for_state(&store, job, "done", 30).await;
     assert_eq!(replica_generation(&cluster, "moving.git", 2).await, Some(3));
     assert_replicas_agree(&cluster, "moving.git").await;
     worker.stop().await;
@@ -617,10 +597,7 @@ async fn a_worker_killed_mid_replication_is_taken_over_after_its_lease() {
         .execute(store.pool())
         .await
         .unwrap();
-    wait_for(30, "the first worker's claim", || async {
-        job_state(&store, job).await.state == "running"
-    })
-    .await;
+    wait_for_state(&store, job, "running", 30).await;
     first.kill().unwrap();
     first.wait().unwrap();
     signal(target_pid, nix::sys::signal::Signal::SIGCONT);
@@ -631,10 +608,7 @@ async fn a_worker_killed_mid_replication_is_taken_over_after_its_lease() {
         let stderr = second.stderr.take().unwrap();
         move || std::io::copy(&mut std::io::BufReader::new(stderr), &mut std::io::sink())
     });
-    wait_for(60, "the takeover", || async {
-        job_state(&store, job).await.state == "done"
-    })
-    .await;
+    wait_for_state(&store, job, "done", 60).await;
     let state = job_state(&store, job).await;
     assert_eq!(state.attempts, 2, "{state:?}");
     assert_replicas_agree(&cluster, "orphan.git").await;
