@@ -53,10 +53,19 @@ fn worker_config(cluster: &Cluster) -> ProxyConfig {
 }
 
 fn start_worker(config: ProxyConfig, jobs: &[JobType], hooks: Hooks) -> RunningWorker {
+    start_worker_on(config, jobs, hooks, None)
+}
+
+fn start_worker_on(
+    config: ProxyConfig,
+    jobs: &[JobType],
+    hooks: Hooks,
+    http: Option<tokio::net::TcpListener>,
+) -> RunningWorker {
     let worker = Worker::new(config, jobs).unwrap().with_hooks(hooks);
     let metrics = worker.metrics();
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(worker.run(None, shutdown.clone()));
+    let task = tokio::spawn(worker.run(http, shutdown.clone()));
     RunningWorker {
         shutdown,
         metrics,
@@ -195,7 +204,9 @@ async fn assert_replicas_agree(cluster: &Cluster, relative_path: &str) {
 async fn a_replica_left_behind_is_brought_up_to_date_and_the_job_is_done() {
     let mut cluster = Cluster::start(3).await;
     let (record, _work, job) = left_behind(&mut cluster, "behind.git", true).await;
-    let worker = start_worker(worker_config(&cluster), &[], Hooks::default());
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http_address = format!("http://{}", http.local_addr().unwrap());
+    let worker = start_worker_on(worker_config(&cluster), &[], Hooks::default(), Some(http));
     let store = cluster.store();
     wait_for_state(&store, job, "done", 30).await;
     assert_eq!(replica_generation(&cluster, "behind.git", 2).await, Some(2));
@@ -208,6 +219,23 @@ async fn a_replica_left_behind_is_brought_up_to_date_and_the_job_is_done() {
         cluster.record("behind.git").await.generation,
         record.generation
     );
+
+    // The worker's metrics: its own counters, and the queue as the database sees it.
+    let (status, _, body) =
+        tokio::task::spawn_blocking(move || http::http_get(&http_address, "/metrics", None))
+            .await
+            .unwrap();
+    assert_eq!(status, 200);
+    for line in [
+        "gitfleet_worker_jobs_runs_total{job=\"replicator\"} 1",
+        "gitfleet_worker_jobs_failures_total{job=\"replicator\"} 0",
+        "gitfleet_worker_jobs_restarts_total{job=\"noop\"} 0",
+        "gitfleet_worker_jobs_in_flight{job=\"replicator\"} 0",
+        "gitfleet_jobs{kind=\"replicate\",state=\"done\"} 1",
+        "gitfleet_worker_database_up 1",
+    ] {
+        assert!(body.contains(line), "{line} missing from:\n{body}");
+    }
     worker.stop().await;
 }
 
