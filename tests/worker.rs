@@ -213,7 +213,11 @@ async fn a_replica_left_behind_is_brought_up_to_date_and_the_job_is_done() {
     assert_replicas_agree(&cluster, "behind.git").await;
     let state = job_state(&store, job).await;
     assert_eq!((state.attempts, state.last_error), (1, None));
-    assert_eq!(worker.metrics.runs(JobType::Replicator), 1);
+    // The counter moves just after the statement that closed the job.
+    wait_for(10, "the run counted", || async {
+        worker.metrics.runs(JobType::Replicator) == 1
+    })
+    .await;
     // The repository's own row is untouched by replication.
     assert_eq!(
         cluster.record("behind.git").await.generation,
@@ -342,7 +346,11 @@ async fn a_job_that_keeps_failing_is_dead_after_its_attempts_and_operators_see_i
     assert_eq!(state.attempts, 3);
     let error = state.last_error.unwrap();
     assert!(error.contains("replicating"), "{error}");
-    assert_eq!(worker.metrics.failures(JobType::Replicator), 3);
+    // The counter moves just after the statement that made the job dead.
+    wait_for(10, "three failures counted", || async {
+        worker.metrics.failures(JobType::Replicator) == 3
+    })
+    .await;
     // Nothing was recorded for the target.
     assert_eq!(replica_generation(&cluster, "doomed.git", 2).await, Some(0));
     worker.stop().await;
