@@ -3,6 +3,7 @@
 //! `WHERE`, and callers check what it returned.
 
 mod jobs;
+mod replication;
 mod repositories;
 mod writes;
 
@@ -12,9 +13,8 @@ use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
-pub use jobs::{
-    ClaimedJob, Closed, JOB_STATES, JobId, JobRow, NewJob, QueueDepth, ReplicationPlan,
-};
+pub use jobs::{ClaimedJob, Closed, JOB_STATES, JobId, JobRow, NewJob, QueueDepth};
+pub use replication::ReplicationPlan;
 pub use repositories::{NewRepository, RemovedRepository, Renamed, RepositoryRecord};
 pub use writes::{RefChange, StaleIntent, WriteLease, WriteOutcome, WriteStart};
 
@@ -157,6 +157,14 @@ impl Store {
     /// Closes the pool, waiting for connections in use to be returned.
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+/// A column whose text is not the domain value it should hold.
+fn undecodable(column: &str, error: crate::model::InvalidInput) -> sqlx::Error {
+    sqlx::Error::ColumnDecode {
+        index: column.to_owned(),
+        source: Box::new(error),
     }
 }
 

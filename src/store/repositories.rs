@@ -2,7 +2,7 @@
 
 use sqlx::Row as _;
 
-use super::{JOB_REPLICATE, Store, StoreError, storage_names, texts};
+use super::{JOB_REPLICATE, Store, StoreError, storage_names, texts, undecodable};
 use crate::model::{RelativePath, RepositoryId, StorageName};
 
 /// What a deleted repository row returns: where its replicas were.
@@ -94,10 +94,6 @@ macro_rules! select_record {
 }
 
 fn record(row: &sqlx::postgres::PgRow) -> Result<RepositoryRecord, sqlx::Error> {
-    let decode = |what: &str, error: crate::model::InvalidInput| sqlx::Error::ColumnDecode {
-        index: what.to_owned(),
-        source: Box::new(error),
-    };
     let storages: Vec<String> = row.try_get("replica_storages")?;
     let generations: Vec<i64> = row.try_get("replica_generations")?;
     let replicas = storage_names(&storages)
@@ -107,14 +103,14 @@ fn record(row: &sqlx::postgres::PgRow) -> Result<RepositoryRecord, sqlx::Error> 
     Ok(RepositoryRecord {
         id: RepositoryId(row.try_get("id")?),
         virtual_storage: StorageName::parse(row.try_get("virtual_storage")?)
-            .map_err(|e| decode("virtual_storage", e))?,
+            .map_err(|e| undecodable("virtual_storage", e))?,
         relative_path: RelativePath::parse(row.try_get("relative_path")?)
-            .map_err(|e| decode("relative_path", e))?,
+            .map_err(|e| undecodable("relative_path", e))?,
         replica_path: RelativePath::parse(row.try_get("replica_path")?)
-            .map_err(|e| decode("replica_path", e))?,
+            .map_err(|e| undecodable("replica_path", e))?,
         generation: row.try_get("generation")?,
         primary: StorageName::parse(row.try_get("primary_storage")?)
-            .map_err(|e| decode("primary_storage", e))?,
+            .map_err(|e| undecodable("primary_storage", e))?,
         assigned: storage_names(&row.try_get::<Vec<String>, _>("assigned")?),
         replicas,
     })
@@ -328,12 +324,8 @@ impl Store {
 fn removed(row: Option<sqlx::postgres::PgRow>) -> Result<Option<RemovedRepository>, StoreError> {
     let Some(row) = row else { return Ok(None) };
     let replica_path: String = row.try_get("replica_path")?;
-    let replica_path = RelativePath::parse(&replica_path).map_err(|error| {
-        StoreError::Failed(sqlx::Error::ColumnDecode {
-            index: "replica_path".into(),
-            source: Box::new(error),
-        })
-    })?;
+    let replica_path =
+        RelativePath::parse(&replica_path).map_err(|error| undecodable("replica_path", error))?;
     Ok(Some(RemovedRepository {
         id: RepositoryId(row.try_get("id")?),
         replica_path,

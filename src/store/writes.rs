@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sqlx::Row as _;
 
-use super::{JOB_REPLICATE, Store, StoreError, storage_names, texts};
+use super::{JOB_REPLICATE, Store, StoreError, storage_names, texts, undecodable};
 use crate::model::{RelativePath, RepositoryId, StorageName};
 
 /// One ref update a write will make. `old` and `new` are object ids (all zeros: absent), or
@@ -191,12 +191,8 @@ impl Store {
         };
         let generation: i64 = row.try_get("generation")?;
         let replica_path: String = row.try_get("replica_path")?;
-        let replica_path = RelativePath::parse(&replica_path).map_err(|error| {
-            StoreError::Failed(sqlx::Error::ColumnDecode {
-                index: "replica_path".into(),
-                source: Box::new(error),
-            })
-        })?;
+        let replica_path = RelativePath::parse(&replica_path)
+            .map_err(|error| undecodable("replica_path", error))?;
         let mut lease = WriteLease {
             repository,
             replica_path,

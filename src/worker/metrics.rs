@@ -95,10 +95,6 @@ impl Metrics {
         self.of(job).restarts.load(Ordering::Relaxed)
     }
 
-    pub fn in_flight_now(&self, job: JobType) -> u64 {
-        self.of(job).in_flight.load(Ordering::Relaxed)
-    }
-
     /// One sample per job type.
     fn samples(&self, value: impl Fn(&Counters) -> u64) -> Vec<(String, String)> {
         self.types

@@ -202,10 +202,6 @@ impl Worker {
         &self.inner.instance
     }
 
-    pub fn store(&self) -> &Store {
-        &self.inner.store
-    }
-
     /// Runs until `shutdown`: then stops claiming, lets running jobs finish for up to
     /// `worker.shutdown_grace`, and hands back the leases of those still running.
     /// `http` serves /metrics and /healthz.

@@ -1,18 +1,14 @@
 //! git's smart HTTP protocol, served by calling the proxy's own gRPC router in process: a
 //! clone or a push over HTTP takes exactly the routes, write intents and fan-out of gRPC.
 
-use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
-
 use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::{Stream, StreamExt as _};
+use tokio_stream::StreamExt as _;
 use tonic::codegen::http::{HeaderMap, Method, StatusCode, Uri};
 
 use super::auth::{Caller, authenticate};
+use super::body::{DataStream, FaultCell, pump, request_body};
 use super::{Gateway, text};
 use crate::config::TokenScope;
 use crate::git::pktline;
@@ -22,14 +18,9 @@ use crate::proto::{
     RepositoryExistsRequest, RepositoryHeader,
 };
 
-/// The largest piece of a request body sent in one gRPC message.
-const CHUNK: usize = 256 << 10;
 /// The largest fetch negotiation a client may send (the haves and wants of a clone or fetch).
 /// A push's size is bounded by the nodes (`git.max_push_bytes`).
 const MAX_FETCH_REQUEST: usize = 64 << 20;
-/// How long a request body may send nothing before it is given up.
-const BODY_IDLE: Duration = Duration::from_secs(120);
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Service {
     UploadPack,
@@ -168,8 +159,6 @@ pub async fn serve(
     response
 }
 
-type DataStream = Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> + Send>>;
-
 async fn advertise(
     gateway: Gateway,
     caller: Caller,
@@ -293,84 +282,6 @@ async fn post(
     Ok((content_type, stream))
 }
 
-/// Why a request body ended before it was complete.
-#[derive(Debug, Clone, Copy)]
-enum BodyFault {
-    TooLarge(usize),
-    BrokeOff,
-    Stalled,
-}
-
-impl BodyFault {
-    fn response(self) -> Response {
-        match self {
-            BodyFault::TooLarge(limit) => text(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &format!("the request is larger than {} MiB", limit >> 20),
-            ),
-            BodyFault::BrokeOff => text(
-                StatusCode::BAD_REQUEST,
-                "the request body broke off, or its gzip is damaged",
-            ),
-            BodyFault::Stalled => text(
-                StatusCode::REQUEST_TIMEOUT,
-                &format!(
-                    "the request body sent nothing for {} s",
-                    BODY_IDLE.as_secs()
-                ),
-            ),
-        }
-    }
-}
-
-/// Set by [`pump`] when the body ended early, before the request stream ends.
-type FaultCell = Arc<OnceLock<BodyFault>>;
-
-/// Turns a request body into request messages, in a task of its own, pieces no larger than
-/// [`CHUNK`]. A body that breaks off, stalls for [`BODY_IDLE`], or grows past `limit` bytes
-/// (after gunzipping) ends the messages early, and the fault is recorded first: the node
-/// then sees an incomplete request and changes nothing, and the client is told why.
-fn pump<M: Send + 'static>(
-    mut body: DataStream,
-    limit: usize,
-    mut message: impl FnMut(Bytes) -> M + Send + 'static,
-) -> (ReceiverStream<M>, FaultCell) {
-    let (message_tx, message_rx) = tokio::sync::mpsc::channel(4);
-    let fault = FaultCell::default();
-    let recorded = fault.clone();
-    tokio::spawn(async move {
-        let mut seen = 0usize;
-        loop {
-            let chunk = match tokio::time::timeout(BODY_IDLE, body.next()).await {
-                Ok(None) => return,
-                Ok(Some(Ok(chunk))) => chunk,
-                Ok(Some(Err(error))) => {
-                    tracing::debug!(%error, "request body broke off");
-                    let _ = recorded.set(BodyFault::BrokeOff);
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!("request body stalled");
-                    let _ = recorded.set(BodyFault::Stalled);
-                    return;
-                }
-            };
-            seen = seen.saturating_add(chunk.len());
-            if seen > limit {
-                tracing::warn!(limit, "request body too large: cut off");
-                let _ = recorded.set(BodyFault::TooLarge(limit));
-                return;
-            }
-            for piece in split(chunk) {
-                if message_tx.send(message(piece)).await.is_err() {
-                    return;
-                }
-            }
-        }
-    });
-    (ReceiverStream::new(message_rx), fault)
-}
-
 /// Waits for the first message of an answer before any HTTP status goes out, so that an
 /// error the call meets before it has answered anything (a missing repository, an
 /// unreachable majority, a request body cut off) reaches git as a status and a message.
@@ -430,43 +341,6 @@ fn percent_decode(path: &str) -> Result<String, &'static str> {
     String::from_utf8(out).map_err(|_| "the path is not UTF-8")
 }
 
-/// Splits a body chunk into pieces that fit a gRPC message.
-fn split(chunk: Bytes) -> Vec<Bytes> {
-    let mut pieces = Vec::with_capacity(chunk.len() / CHUNK + 1);
-    let mut rest = chunk;
-    while rest.len() > CHUNK {
-        pieces.push(rest.split_to(CHUNK));
-    }
-    if !rest.is_empty() {
-        pieces.push(rest);
-    }
-    pieces
-}
-
-/// The request body as a stream of bytes, gunzipped when git compressed it.
-fn request_body(headers: &HeaderMap, body: Body) -> Result<DataStream, Box<Response>> {
-    let stream = body
-        .into_data_stream()
-        .map(|chunk| chunk.map_err(std::io::Error::other));
-    match headers
-        .get("content-encoding")
-        .and_then(|value| value.to_str().ok())
-    {
-        None | Some("identity") => Ok(Box::pin(stream)),
-        Some("gzip") | Some("x-gzip") => {
-            let reader = tokio_util::io::StreamReader::new(stream);
-            let decoder = async_compression::tokio::bufread::GzipDecoder::new(reader);
-            Ok(Box::pin(tokio_util::io::ReaderStream::with_capacity(
-                decoder, CHUNK,
-            )))
-        }
-        Some(other) => Err(Box::new(text(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            &format!("content encoding {other:?} is not supported"),
-        ))),
-    }
-}
-
 /// A response's data fields as a body stream. An error after data has gone out can only end
 /// the body early; it is logged.
 fn data_stream<M: Send + 'static>(stream: tonic::Streaming<M>, data: fn(M) -> Bytes) -> DataStream {
@@ -517,16 +391,5 @@ mod tests {
         assert!(percent_decode("/default/%00").is_err());
         assert!(percent_decode("/default/%zz").is_err());
         assert!(percent_decode("/default/%e9.git").is_err());
-    }
-
-    #[test]
-    fn large_chunks_are_split_to_fit_a_message() {
-        let chunk = Bytes::from(vec![7u8; CHUNK * 2 + 10]);
-        let pieces = split(chunk);
-        assert_eq!(
-            pieces.iter().map(Bytes::len).collect::<Vec<_>>(),
-            [CHUNK, CHUNK, 10]
-        );
-        assert!(split(Bytes::new()).is_empty());
     }
 }

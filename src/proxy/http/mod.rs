@@ -1,6 +1,7 @@
 //! The proxy's HTTP side: git's smart HTTP protocol, and `/metrics`, `/healthz`, `/readyz`.
 
 mod auth;
+mod body;
 mod git;
 
 use axum::body::Body;
