@@ -125,6 +125,19 @@ where
     }
 }
 
+/// Queues the replication of `repository` from the first storage to the third.
+async fn enqueue_replication(store: &Store, repository: RepositoryId) -> (JobId, bool) {
+    store
+        .enqueue(&NewJob {
+            kind: JOB_REPLICATE,
+            repository,
+            source: Some(&Cluster::storage(0)),
+            target: &Cluster::storage(2),
+        })
+        .await
+        .unwrap()
+}
+
 /// Waits up to `seconds` for a job to reach `state`.
 async fn wait_for_state(store: &Store, job: JobId, state: &str, seconds: u64) {
     wait_for(seconds, &format!("job {job} to be {state}"), || async {
@@ -190,14 +203,7 @@ async fn left_behind(
 async fn assert_replicas_agree(cluster: &Cluster, relative_path: &str) {
     let record = cluster.record(relative_path).await;
     assert_eq!(record.up_to_date().count(), 3, "{record:?}");
-    let mut checksums = Vec::new();
-    for index in 0..3 {
-        checksums.push(cluster.node_checksum(index, &record).await);
-    }
-    assert!(
-        checksums.iter().all(|checksum| *checksum == checksums[0]),
-        "{checksums:?}"
-    );
+    cluster.agreed_checksum(&record).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -327,15 +333,7 @@ async fn a_job_that_keeps_failing_is_dead_after_its_attempts_and_operators_see_i
     for index in 0..2 {
         std::fs::remove_dir_all(cluster.replica_dir(index, &record)).unwrap();
     }
-    let (job, _) = store
-        .enqueue(&NewJob {
-            kind: JOB_REPLICATE,
-            repository: record.id,
-            source: Some(&Cluster::storage(0)),
-            target: &Cluster::storage(2),
-        })
-        .await
-        .unwrap();
+    let (job, _) = enqueue_replication(&store, record.id).await;
     let worker = start_worker(
         worker_config(&cluster),
         &[JobType::Replicator],
@@ -514,15 +512,7 @@ async fn a_cancelled_run_that_finishes_after_a_newer_one_changes_nothing() {
             .await
             .unwrap()
     );
-    let (new_job, created) = store
-        .enqueue(&NewJob {
-            kind: JOB_REPLICATE,
-            repository: record.id,
-            source: Some(&Cluster::storage(0)),
-            target: &Cluster::storage(2),
-        })
-        .await
-        .unwrap();
+    let (new_job, created) = enqueue_replication(&store, record.id).await;
     assert!(created);
     assert_ne!(new_job, old_job);
     let newer = start_worker(

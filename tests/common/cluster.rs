@@ -289,6 +289,19 @@ impl Cluster {
         .checksum
     }
 
+    /// The refs checksum every node holds for `record`, asserting that they all agree.
+    pub async fn agreed_checksum(&self, record: &RepositoryRecord) -> String {
+        let checksums: Vec<String> = futures_util::future::join_all(
+            (0..self.nodes.len()).map(|index| self.node_checksum(index, record)),
+        )
+        .await;
+        assert!(
+            checksums.iter().all(|checksum| *checksum == checksums[0]),
+            "{checksums:?}"
+        );
+        checksums[0].clone()
+    }
+
     /// Reads the proxy routed to node `index`.
     pub fn reads(&self, index: usize) -> u64 {
         self.proxy
