@@ -5,7 +5,9 @@ mod common;
 use std::time::Duration;
 
 use gitfleet::model::{RelativePath, RepositoryId, StorageName};
-use gitfleet::store::{NewRepository, RefChange, Store, WriteStart};
+use gitfleet::store::{
+    Deleted, Deletion, NewRepository, RefChange, Store, Which, WriteStart,
+};
 
 async fn store() -> Store {
     let url = common::db::fresh_database().await;
@@ -78,6 +80,7 @@ async fn migrations_run_concurrently_and_twice() {
             "maintenance",
             "replicas",
             "repositories",
+            "storage_walks",
             "write_intents"
         ]
     );
@@ -109,13 +112,66 @@ async fn a_path_removed_and_created_again_gets_a_new_id_and_replica_path() {
         .unwrap();
     assert!(!duplicate);
 
-    let removed = store
-        .delete_repository(&name("default"), &path("group/project.git"))
+    // A live write lease keeps the row, unless the deletion is forced.
+    sqlx::query(
+        "UPDATE repositories SET lease_owner = 'a-proxy', lease_token = lease_token + 1,
+                lease_expires_at = now() + interval '1 minute'",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let (vs, rp) = (name("default"), path("group/project.git"));
+    let waiting = Deletion {
+        force: false,
+        remove_after: Some(Duration::from_secs(60)),
+    };
+    let busy = store
+        .delete_repository(Which::Path(&vs, &rp), waiting)
+        .await
+        .unwrap();
+    assert!(matches!(busy, Deleted::Busy), "{busy:?}");
+    assert!(store.find_repository(&vs, &rp).await.unwrap().is_some());
+    let forced = Deletion {
+        force: true,
+        ..waiting
+    };
+    let Deleted::Removed(removed) = store
+        .delete_repository(Which::Path(&vs, &rp), forced)
         .await
         .unwrap()
-        .unwrap();
+    else {
+        panic!("not removed");
+    };
     assert_eq!(removed.id, first);
     assert_eq!(removed.storages, [name("s1"), name("s2"), name("s3")]);
+    // One removal job per replica, carrying the replica path, waiting for its delay.
+    let jobs: Vec<(String, String, Option<String>, bool)> = sqlx::query_as(
+        "SELECT kind, target_storage, replica_path, run_after > now() + interval '50 seconds'
+         FROM jobs WHERE repository_id = $1 AND state = 'queued' ORDER BY target_storage",
+    )
+    .bind(first.0)
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    let expected: Vec<_> = ["s1", "s2", "s3"]
+        .iter()
+        .map(|s| {
+            (
+                "remove".to_string(),
+                s.to_string(),
+                Some(first.replica_path().to_string()),
+                true,
+            )
+        })
+        .collect();
+    assert_eq!(jobs, expected);
+    assert!(matches!(
+        store
+            .delete_repository(Which::Path(&vs, &rp), forced)
+            .await
+            .unwrap(),
+        Deleted::NotFound
+    ));
     assert!(
         store
             .find_repository(&name("default"), &path("group/project.git"))

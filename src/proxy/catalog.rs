@@ -17,10 +17,20 @@ use crate::proto::{
     RemoveRepositoryRequest, RemoveRepositoryResponse, RenameRepositoryRequest,
     RenameRepositoryResponse, RepositoryExistsResponse,
 };
-use crate::store::{NewRepository, Renamed};
+use crate::store::{Deleted, Deletion, NewRepository, RemovedRepository, Renamed, Which};
 
-/// How long removal waits for the nodes: leftovers are the storage walker's.
+/// How long removal waits for the nodes: what is left is the removal jobs'.
 const REMOVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Removal jobs wait this long before they run, so that they do not race the proxy's own
+/// attempt.
+const REMOVAL_JOB_DELAY: Duration = Duration::from_secs(15);
+/// How often a removal looks again at a lease held by a write in flight.
+const LEASE_POLL: Duration = Duration::from_millis(50);
+/// Undoing a creation: nothing was acknowledged, so nothing waits.
+const UNDO: Deletion = Deletion {
+    force: true,
+    remove_after: Some(REMOVAL_JOB_DELAY),
+};
 
 const EXISTS: &str = "/gitfleet.v1.RepositoryService/RepositoryExists";
 const RENAME: &str = "/gitfleet.v1.RepositoryService/RenameRepository";
@@ -123,8 +133,10 @@ pub(super) async fn create(
                 // Without its replicas recorded the repository could not be served: undo it,
                 // if the database lets us.
                 tracing::warn!(%error, "replicas not recorded: undoing the creation");
-                if let Ok(Some(removed)) = state.store.delete_repository_by_id(id).await {
-                    remove_replicas(proxy, &removed.replica_path, &created).await;
+                if let Ok(Deleted::Removed(removed)) =
+                    state.store.delete_repository(Which::Id(id), UNDO).await
+                {
+                    remove_replicas(proxy, &removed).await;
                 }
                 return Err(error.into());
             }
@@ -132,8 +144,8 @@ pub(super) async fn create(
     }
     // Not enough replicas to stand on: the creation is undone and the replicas that were made
     // are removed (what a removal misses, the storage walker finds).
-    if let Some(removed) = state.store.delete_repository_by_id(id).await? {
-        remove_replicas(proxy, &removed.replica_path, &created).await;
+    if let Deleted::Removed(removed) = state.store.delete_repository(Which::Id(id), UNDO).await? {
+        remove_replicas(proxy, &removed).await;
     }
     Err(ProxyError::WriteFailed {
         repository: call.repository(),
@@ -145,41 +157,71 @@ pub(super) async fn create(
     })
 }
 
-/// Deletes the row, then removes the replicas, best effort and briefly.
+/// Deletes the row and queues one removal job per replica (one statement), then removes the
+/// replicas at once, briefly: what fails is left to the jobs, and in the last resort to the
+/// storage walker. A write in flight is waited for, up to `writes.lease_wait`; after that the
+/// row goes anyway and the write, fenced on it, commits nothing.
 pub(super) async fn remove(
     proxy: &Proxy,
     call: Call,
 ) -> Result<Response<ResponseStream>, ProxyError> {
-    let removed = proxy
-        .state
-        .store
-        .delete_repository(&call.virtual_storage, &call.relative_path)
-        .await?
-        .ok_or_else(|| ProxyError::NotFound(call.repository()))?;
-    tracing::info!(id = %removed.id, "repository removed from the catalog");
-    remove_replicas(proxy, &removed.replica_path, &removed.storages).await;
+    let state = &proxy.state;
+    let which = Which::Path(&call.virtual_storage, &call.relative_path);
+    let started = tokio::time::Instant::now();
+    let removed = loop {
+        let force = started.elapsed() >= state.config.writes.lease_wait.0;
+        let deletion = Deletion {
+            force,
+            remove_after: Some(REMOVAL_JOB_DELAY),
+        };
+        match state.store.delete_repository(which, deletion).await? {
+            Deleted::Removed(removed) => break removed,
+            Deleted::NotFound => return Err(ProxyError::NotFound(call.repository())),
+            Deleted::Busy => tokio::time::sleep(LEASE_POLL).await,
+        }
+    };
+    state.routing.invalidate(removed.id);
+    tracing::info!(id = %removed.id, replica_path = %removed.replica_path, "repository removed from the catalog");
+    remove_replicas(proxy, &removed).await;
     Ok(single(RemoveRepositoryResponse {}))
 }
 
-async fn remove_replicas(proxy: &Proxy, replica_path: &RelativePath, storages: &[StorageName]) {
-    let removals = storages.iter().map(|storage| async move {
-        let Some(node) = proxy.state.nodes.get(storage) else {
-            return;
-        };
+/// Removes the replicas of a deleted repository, briefly, and closes the removal jobs of those
+/// that are gone.
+async fn remove_replicas(proxy: &Proxy, removed: &RemovedRepository) {
+    let replica_path = &removed.replica_path;
+    let removals = removed.storages.iter().map(|storage| async move {
+        let node = proxy.state.nodes.get(storage)?;
+        if !node.is_healthy() {
+            tracing::info!(%storage, %replica_path, "node is down: the replica is left to its removal job");
+            return None;
+        }
         let mut client = RepositoryServiceClient::new(node.authed());
         let request = RemoveRepositoryRequest {
             repository: Some(replica_header(storage, replica_path)),
         };
         match tokio::time::timeout(REMOVE_TIMEOUT, client.remove_repository(request)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(status)) if status.code() == tonic::Code::NotFound => {}
+            Ok(Ok(_)) => Some(storage.clone()),
+            Ok(Err(status)) if status.code() == tonic::Code::NotFound => Some(storage.clone()),
             Ok(Err(status)) => {
-                tracing::warn!(%storage, %replica_path, %status, "replica left for the walker")
+                tracing::warn!(%storage, %replica_path, %status, "replica left to its removal job");
+                None
             }
-            Err(_) => tracing::warn!(%storage, %replica_path, "replica removal timed out"),
+            Err(_) => {
+                tracing::warn!(%storage, %replica_path, "replica removal timed out: left to its removal job");
+                None
+            }
         }
     });
-    futures_util::future::join_all(removals).await;
+    let gone: Vec<StorageName> = futures_util::future::join_all(removals)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    if let Err(error) = proxy.state.store.finish_removals(removed.id, &gone).await {
+        // The jobs run anyway and find nothing to remove.
+        tracing::debug!(%error, "removal jobs not closed");
+    }
 }
 
 /// Calls answered from the catalog.

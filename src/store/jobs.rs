@@ -39,6 +39,8 @@ pub struct ClaimedJob {
     pub repository: RepositoryId,
     pub source: Option<StorageName>,
     pub target: StorageName,
+    /// Set on removal jobs, whose repository row is gone.
+    pub replica_path: Option<String>,
     /// This run included.
     pub attempts: i32,
     pub postponed: i32,
@@ -152,7 +154,7 @@ impl Store {
                          started_at = now(), updated_at = now()
                      FROM ready WHERE j.id = ready.id
                      RETURNING j.id, j.kind, j.repository_id, j.source_storage,
-                               j.target_storage, j.attempts, j.postponed, j.lease_token,
+                               j.target_storage, j.attempts, j.postponed, j.lease_token, j.replica_path,
                                extract(epoch FROM now() - j.created_at)::float8 AS age",
                 )
                 .bind(kinds)
@@ -506,6 +508,7 @@ fn claimed(row: &sqlx::postgres::PgRow) -> Result<ClaimedJob, StoreError> {
             .map_err(|error| undecodable("source_storage", error))?,
         target: StorageName::parse(&target)
             .map_err(|error| undecodable("target_storage", error))?,
+        replica_path: row.try_get("replica_path")?,
         attempts: row.try_get("attempts")?,
         postponed: row.try_get("postponed")?,
         lease_token: row.try_get("lease_token")?,

@@ -15,7 +15,9 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 pub use jobs::{ClaimedJob, Closed, JOB_STATES, JobId, JobRow, NewJob, QueueDepth};
 pub use replication::ReplicationPlan;
-pub use repositories::{NewRepository, RemovedRepository, Renamed, RepositoryRecord};
+pub use repositories::{
+    Deleted, Deletion, NewRepository, RemovedRepository, Renamed, RepositoryRecord, Which,
+};
 pub use writes::{RefChange, StaleIntent, WriteLease, WriteOutcome, WriteStart};
 
 use crate::model::StorageName;
@@ -25,6 +27,8 @@ pub const ROUTING_CHANNEL: &str = "gitfleet_routing";
 
 /// Job kinds queued by the proxy.
 pub const JOB_REPLICATE: &str = "replicate";
+/// Removes one replica of a removed repository; the job carries its replica path.
+pub const JOB_REMOVE: &str = "remove";
 /// A job that does nothing: for measuring and testing the queue itself.
 pub const JOB_NOOP: &str = "noop";
 

@@ -2,7 +2,7 @@
 
 use sqlx::Row as _;
 
-use super::{JOB_REPLICATE, Store, StoreError, storage_names, texts, undecodable};
+use super::{JOB_REMOVE, JOB_REPLICATE, Store, StoreError, storage_names, texts, undecodable};
 use crate::model::{RelativePath, RepositoryId, StorageName};
 
 /// What a deleted repository row returns: where its replicas were.
@@ -114,6 +114,32 @@ fn record(row: &sqlx::postgres::PgRow) -> Result<RepositoryRecord, sqlx::Error> 
         assigned: storage_names(&row.try_get::<Vec<String>, _>("assigned")?),
         replicas,
     })
+}
+
+/// Which repository a statement is about.
+#[derive(Debug, Clone, Copy)]
+pub enum Which<'a> {
+    Id(RepositoryId),
+    Path(&'a StorageName, &'a RelativePath),
+}
+
+/// How a repository row is deleted.
+#[derive(Debug, Clone, Copy)]
+pub struct Deletion {
+    /// Delete even while a live write holds the repository's lease.
+    pub force: bool,
+    /// Queue one removal job per replica, to run after this delay. None leaves the disks to
+    /// the storage walker.
+    pub remove_after: Option<std::time::Duration>,
+}
+
+/// What a deletion found.
+#[derive(Debug, Clone)]
+pub enum Deleted {
+    Removed(RemovedRepository),
+    NotFound,
+    /// A live write holds the repository's lease; nothing was changed.
+    Busy,
 }
 
 /// What a rename did.
@@ -236,55 +262,104 @@ impl Store {
     }
 
     /// Deletes a repository row (its assignments, replicas and open intents go with it) and
-    /// says what was there. None when there was no such repository.
+    /// its active jobs, and queues the removal of its replicas, in one statement. A live write
+    /// holding the repository's lease makes it `Busy`, unless `deletion.force`: the write can
+    /// then commit nothing, since every step of a write is fenced on the row.
     pub async fn delete_repository(
         &self,
-        virtual_storage: &StorageName,
-        relative_path: &RelativePath,
-    ) -> Result<Option<RemovedRepository>, StoreError> {
+        which: Which<'_>,
+        deletion: Deletion,
+    ) -> Result<Deleted, StoreError> {
+        let (id, virtual_storage, relative_path) = match which {
+            Which::Id(id) => (Some(id.0), None, None),
+            Which::Path(virtual_storage, relative_path) => (
+                None,
+                Some(virtual_storage.as_str()),
+                Some(relative_path.as_str()),
+            ),
+        };
         let row = self
             .measure(
                 "delete_repository",
                 sqlx::query(concat!(
-                    "WITH gone AS (
-                             DELETE FROM repositories r
-                             WHERE r.virtual_storage = $1 AND r.relative_path = $2
-                             RETURNING ",
+                    "WITH target AS (
+                         SELECT r.id,
+                                (r.lease_owner IS NOT NULL AND r.lease_expires_at > now()) AS busy
+                         FROM repositories r
+                         WHERE r.id = $1 OR (r.virtual_storage = $2 AND r.relative_path = $3)
+                         FOR UPDATE
+                     ), gone AS (
+                         DELETE FROM repositories r USING target t
+                         WHERE r.id = t.id AND (NOT t.busy OR $4)
+                         RETURNING ",
                     removed_columns!(),
                     "), ",
                     cancel_jobs!(),
-                    " SELECT * FROM gone"
+                    ", queued AS (
+                         INSERT INTO jobs
+                             (kind, repository_id, target_storage, replica_path, run_after)
+                         SELECT $5, gone.id, storage, gone.replica_path,
+                                now() + make_interval(secs => $6::float8)
+                         FROM gone, unnest(gone.storages) AS storage
+                         WHERE $6::float8 IS NOT NULL
+                         ON CONFLICT DO NOTHING
+                     )
+                     SELECT t.busy, gone.id, gone.replica_path, gone.storages
+                     FROM target t LEFT JOIN gone ON true"
                 ))
-                .bind(virtual_storage.as_str())
-                .bind(relative_path.as_str())
+                .bind(id)
+                .bind(virtual_storage)
+                .bind(relative_path)
+                .bind(deletion.force)
+                .bind(JOB_REMOVE)
+                .bind(deletion.remove_after.map(|delay| delay.as_secs_f64()))
                 .fetch_optional(&self.pool),
             )
             .await?;
-        removed(row)
+        let Some(row) = row else {
+            return Ok(Deleted::NotFound);
+        };
+        if row.try_get::<Option<i64>, _>("id")?.is_none() {
+            return Ok(Deleted::Busy);
+        }
+        Ok(Deleted::Removed(removed(&row)?))
     }
 
-    /// Deletes a repository row by id: undoes a creation that could not place enough replicas.
-    pub async fn delete_repository_by_id(
+    /// Closes the queued removal jobs of `storages`, whose replicas were removed at once.
+    pub async fn finish_removals(
         &self,
         id: RepositoryId,
-    ) -> Result<Option<RemovedRepository>, StoreError> {
-        let row = self
+        storages: &[StorageName],
+    ) -> Result<u64, StoreError> {
+        let done = self
             .measure(
-                "delete_repository_by_id",
-                sqlx::query(concat!(
-                    "WITH gone AS (
-                             DELETE FROM repositories r WHERE r.id = $1
-                             RETURNING ",
-                    removed_columns!(),
-                    "), ",
-                    cancel_jobs!(),
-                    " SELECT * FROM gone"
-                ))
+                "finish_removals",
+                sqlx::query(
+                    "UPDATE jobs
+                     SET state = 'done', lease_token = lease_token + 1, finished_at = now(),
+                         updated_at = now(), progress = 'removed by the proxy'
+                     WHERE kind = $1 AND repository_id = $2 AND target_storage = ANY($3)
+                       AND state = 'queued'",
+                )
+                .bind(JOB_REMOVE)
                 .bind(id.0)
-                .fetch_optional(&self.pool),
+                .bind(texts(storages))
+                .execute(&self.pool),
             )
             .await?;
-        removed(row)
+        Ok(done.rows_affected())
+    }
+
+    /// Whether a repository row references a replica path: checked right before a replica is
+    /// removed from a disk.
+    pub async fn replica_path_in_use(&self, replica_path: &str) -> Result<bool, StoreError> {
+        self.measure(
+            "replica_path_in_use",
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM repositories WHERE replica_path = $1)")
+                .bind(replica_path)
+                .fetch_one(&self.pool),
+        )
+        .await
     }
 
     /// Gives a repository a new relative path: a change of this row only, since replica paths
@@ -321,14 +396,13 @@ impl Store {
     }
 }
 
-fn removed(row: Option<sqlx::postgres::PgRow>) -> Result<Option<RemovedRepository>, StoreError> {
-    let Some(row) = row else { return Ok(None) };
+fn removed(row: &sqlx::postgres::PgRow) -> Result<RemovedRepository, StoreError> {
     let replica_path: String = row.try_get("replica_path")?;
     let replica_path =
         RelativePath::parse(&replica_path).map_err(|error| undecodable("replica_path", error))?;
-    Ok(Some(RemovedRepository {
+    Ok(RemovedRepository {
         id: RepositoryId(row.try_get("id")?),
         replica_path,
         storages: storage_names(&row.try_get::<Vec<String>, _>("storages")?),
-    }))
+    })
 }
