@@ -325,6 +325,19 @@ async fn quarantine_restore_and_purge() {
         .purge_quarantine(PurgeQuarantineRequest {
             storage: storage("s1"),
             older_than_seconds: 86_400,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .purged;
+    assert_eq!(purged, 0);
+    // The caller's clock: nothing was quarantined before 1970.
+    let purged = internal
+        .purge_quarantine(PurgeQuarantineRequest {
+            storage: storage("s1"),
+            quarantined_before: 1,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -335,6 +348,7 @@ async fn quarantine_restore_and_purge() {
         .purge_quarantine(PurgeQuarantineRequest {
             storage: storage("s1"),
             older_than_seconds: 0,
+            ..Default::default()
         })
         .await
         .unwrap()

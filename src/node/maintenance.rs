@@ -247,12 +247,10 @@ impl Node {
             let relative_path = RelativePath::parse(origin.trim())?;
             let destination = storage.root.join(relative_path.as_str());
             let name = format!("{}/{relative_path}", storage.name);
-            place(
-                storage,
-                &claimed.join(QUARANTINED_REPOSITORY),
-                &destination,
-                &name,
-            )?;
+            let repository = claimed.join(QUARANTINED_REPOSITORY);
+            // Modified now: untracked, it gets a full grace period before a walk takes it.
+            std::fs::File::open(&repository)?.set_modified(SystemTime::now())?;
+            place(storage, &repository, &destination, &name)?;
             Ok::<_, NodeError>(relative_path)
         }
         .await;
@@ -300,8 +298,11 @@ impl Node {
     async fn purge(&self, request: PurgeQuarantineRequest) -> Result<u64, NodeError> {
         let storage = self.state.storages.storage(request.storage.as_ref())?;
         let now = unix_seconds(SystemTime::now());
-        let cutoff =
-            now.saturating_sub(i64::try_from(request.older_than_seconds).unwrap_or(i64::MAX));
+        let cutoff = if request.quarantined_before != 0 {
+            request.quarantined_before
+        } else {
+            now.saturating_sub(i64::try_from(request.older_than_seconds).unwrap_or(i64::MAX))
+        };
         let mut purged = 0;
         for entry in Self::quarantine_entries(storage)? {
             if entry.quarantined_at > cutoff {

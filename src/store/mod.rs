@@ -5,6 +5,7 @@
 mod jobs;
 mod replication;
 mod repositories;
+mod walks;
 mod writes;
 
 use std::sync::Arc;
@@ -18,6 +19,7 @@ pub use replication::ReplicationPlan;
 pub use repositories::{
     Deleted, Deletion, NewRepository, RemovedRepository, Renamed, RepositoryRecord, Which,
 };
+pub use walks::{Tracking, WalkRecord, WalkResults};
 pub use writes::{RefChange, StaleIntent, WriteLease, WriteOutcome, WriteStart};
 
 use crate::model::StorageName;

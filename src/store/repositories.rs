@@ -362,6 +362,62 @@ impl Store {
         .await
     }
 
+    /// Adopts a repository that already lies on `storage` at `replica_path`: a new row
+    /// pointing there, the replica recorded at generation 0, the other `assigned` storages
+    /// queued to copy from it, and any removal still queued for that replica path cancelled;
+    /// one statement. None when the path or the replica path is already tracked.
+    pub async fn track_repository(
+        &self,
+        virtual_storage: &StorageName,
+        relative_path: &RelativePath,
+        replica_path: &RelativePath,
+        storage: &StorageName,
+        assigned: &[StorageName],
+    ) -> Result<Option<RepositoryId>, StoreError> {
+        let id: Option<i64> = self
+            .measure(
+                "track_repository",
+                sqlx::query_scalar(
+                    "WITH repo AS (
+                         INSERT INTO repositories
+                             (virtual_storage, relative_path, replica_path, primary_storage)
+                         VALUES ($1, $2, $3, $4)
+                         ON CONFLICT DO NOTHING
+                         RETURNING id
+                     ), assigned AS (
+                         INSERT INTO assignments (repository_id, storage)
+                         SELECT repo.id, storage FROM repo, unnest($5::text[]) AS storage
+                     ), replica AS (
+                         INSERT INTO replicas (repository_id, storage, generation)
+                         SELECT repo.id, $4, 0 FROM repo
+                     ), queued AS (
+                         INSERT INTO jobs (kind, repository_id, source_storage, target_storage)
+                         SELECT $6, repo.id, $4, storage
+                         FROM repo, unnest($5::text[]) AS storage WHERE storage <> $4
+                     ), spared AS (
+                         UPDATE jobs j
+                         SET state = 'cancelled', lease_token = j.lease_token + 1,
+                             lease_owner = NULL, lease_expires_at = NULL,
+                             last_error = 'the replica path is tracked again',
+                             finished_at = now(), updated_at = now()
+                         WHERE j.kind = $7 AND j.replica_path = $3
+                           AND j.state IN ('queued', 'running') AND EXISTS (SELECT 1 FROM repo)
+                     )
+                     SELECT id FROM repo",
+                )
+                .bind(virtual_storage.as_str())
+                .bind(relative_path.as_str())
+                .bind(replica_path.as_str())
+                .bind(storage.as_str())
+                .bind(texts(assigned))
+                .bind(JOB_REPLICATE)
+                .bind(JOB_REMOVE)
+                .fetch_optional(&self.pool),
+            )
+            .await?;
+        Ok(id.map(RepositoryId))
+    }
+
     /// Gives a repository a new relative path: a change of this row only, since replica paths
     /// derive from the id.
     pub async fn rename_repository(
