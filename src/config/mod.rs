@@ -17,7 +17,7 @@ pub use duration::Duration;
 pub use node::{NodeConfig, StorageConfig};
 pub use proxy::{
     AccessToken, DatabaseConfig, HealthConfig, NodeEntry, ProxyConfig, TokenScope,
-    VirtualStorageConfig, WorkerConfig, WritesConfig,
+    VirtualStorageConfig, WalkerConfig, WorkerConfig, WritesConfig,
 };
 use serde::de::DeserializeOwned;
 

@@ -33,6 +33,9 @@ pub struct ProxyConfig {
     /// `gitfleet worker`, which reads this same file.
     #[serde(default)]
     pub worker: WorkerConfig,
+    /// The storage walker, a job of `gitfleet worker`.
+    #[serde(default)]
+    pub walker: WalkerConfig,
     /// Connections the proxy keeps to each node; calls take them in turn, and each carries
     /// many calls at once.
     #[serde(default = "default_node_connections")]
@@ -241,6 +244,46 @@ fn default_keep_finished() -> Duration {
 }
 fn default_replication_timeout() -> Duration {
     secs(3600)
+}
+
+/// The storage walker: finds replicas on the nodes that nothing references and moves them to
+/// quarantine, and purges old quarantine.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WalkerConfig {
+    /// How often each storage is walked. Workers share the storages: one walk per storage per
+    /// interval, whatever the number of workers.
+    #[serde(default = "default_walk_interval")]
+    pub interval: Duration,
+    /// A replica nothing references is left alone until it was last modified this long ago.
+    #[serde(default = "default_grace_period")]
+    pub grace_period: Duration,
+    /// Quarantined replicas are purged this long after they were quarantined; until then
+    /// `gitfleet admin quarantine restore` brings them back.
+    #[serde(default = "default_quarantine_retention")]
+    pub quarantine_retention: Duration,
+}
+
+impl Default for WalkerConfig {
+    fn default() -> Self {
+        Self {
+            interval: default_walk_interval(),
+            grace_period: default_grace_period(),
+            quarantine_retention: default_quarantine_retention(),
+        }
+    }
+}
+
+fn default_walk_interval() -> Duration {
+    secs(3600)
+}
+
+fn default_grace_period() -> Duration {
+    secs(3600)
+}
+
+fn default_quarantine_retention() -> Duration {
+    secs(7 * 86_400)
 }
 
 fn secs(seconds: u64) -> Duration {

@@ -4,8 +4,10 @@
 
 mod metrics;
 mod queue;
+mod remove;
 mod replicate;
 mod supervisor;
+pub mod walker;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 pub use self::metrics::Metrics;
 use crate::config::ProxyConfig;
 use crate::proxy::Nodes;
-use crate::store::{ClaimedJob, Closed, JOB_NOOP, JOB_REPLICATE, Store};
+use crate::store::{ClaimedJob, Closed, JOB_NOOP, JOB_REMOVE, JOB_REPLICATE, Store};
 
 /// The channel on which the database announces jobs that became ready, with the kind as
 /// payload.
@@ -32,16 +34,28 @@ pub const JOBS_CHANNEL: &str = "gitfleet_jobs";
 pub enum JobType {
     /// Brings an outdated replica to its repository's generation.
     Replicator,
+    /// Deletes the replicas of removed repositories.
+    Remover,
+    /// Walks the storages for replicas nothing references; not a queue, but a lease per
+    /// storage.
+    Walker,
     /// Completes `noop` jobs and does nothing else: for measuring the queue itself.
     Noop,
 }
 
 impl JobType {
-    pub const ALL: [JobType; 2] = [JobType::Replicator, JobType::Noop];
+    pub const ALL: [JobType; 4] = [
+        JobType::Replicator,
+        JobType::Remover,
+        JobType::Walker,
+        JobType::Noop,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             JobType::Replicator => "replicator",
+            JobType::Remover => "remover",
+            JobType::Walker => "walker",
             JobType::Noop => "noop",
         }
     }
@@ -50,6 +64,8 @@ impl JobType {
     pub fn kinds(self) -> &'static [&'static str] {
         match self {
             JobType::Replicator => &[JOB_REPLICATE],
+            JobType::Remover => &[JOB_REMOVE],
+            JobType::Walker => &[],
             JobType::Noop => &[JOB_NOOP],
         }
     }
@@ -62,6 +78,9 @@ impl JobType {
     async fn run(self, worker: &Inner, job: &ClaimedJob) -> Outcome {
         match self {
             JobType::Replicator => replicate::run(worker, job).await,
+            JobType::Remover => remove::run(worker, job).await,
+            // Claims no queue kind, so it is never handed a job.
+            JobType::Walker => Outcome::Failed("the walker runs no queued jobs".into()),
             JobType::Noop => Outcome::Done,
         }
     }
@@ -101,6 +120,8 @@ pub struct Hooks {
     pub on_start: Option<StartHook>,
     /// Awaited at the points of [`Pause`].
     pub pause: Option<PauseHook>,
+    /// The walker's clock, instead of the system's.
+    pub clock: Option<walker::Clock>,
 }
 
 impl std::fmt::Debug for Hooks {
@@ -124,6 +145,14 @@ struct Inner {
 }
 
 impl Inner {
+    /// The clock the walker judges ages by.
+    fn clock(&self) -> walker::Clock {
+        self.hooks
+            .clock
+            .clone()
+            .unwrap_or_else(|| Arc::new(std::time::SystemTime::now))
+    }
+
     /// A retry's or a wait's delay: `base` doubled `times` times, at most `max`, then between
     /// half and all of that (jitter, so that jobs that failed together do not retry together).
     fn backoff(&self, times: i32, max: Duration) -> Duration {

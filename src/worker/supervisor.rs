@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{Inner, JobType, backoff, queue};
+use super::{Inner, JobType, backoff, queue, walker};
 
 /// The longest wait between restarts.
 const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(60);
@@ -19,7 +19,10 @@ pub(super) async fn supervise(inner: Arc<Inner>, job: JobType, shutdown: Cancell
     let mut failures = 0;
     loop {
         let started = Instant::now();
-        let run = tokio::spawn(queue::run(inner.clone(), job, shutdown.clone()));
+        let run = match job {
+            JobType::Walker => tokio::spawn(walker::run(inner.clone(), shutdown.clone())),
+            _ => tokio::spawn(queue::run(inner.clone(), job, shutdown.clone())),
+        };
         let reason = match run.await {
             Ok(Ok(())) => return,
             Ok(Err(error)) => format!("{error:#}"),
@@ -29,6 +32,9 @@ pub(super) async fn supervise(inner: Arc<Inner>, job: JobType, shutdown: Cancell
             Err(_) => return,
         };
         inner.metrics.count_restart(job);
+        if job == JobType::Walker {
+            let _ = inner.store.release_storage_walks_of(&inner.instance).await;
+        }
         match inner.store.release_jobs_of(&inner.instance, &kinds).await {
             Ok(released) => tracing::error!(
                 job = job.name(),

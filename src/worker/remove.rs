@@ -1,0 +1,58 @@
+//! The remover: deletes one replica of a repository whose row is gone. The job carries the
+//! replica path, and checks right before it acts that no repository row references it again
+//! (a repository adopted back from that path).
+
+use tonic::Code;
+
+use super::{Inner, Outcome};
+use crate::proto::repository_service_client::RepositoryServiceClient;
+use crate::proto::{RemoveRepositoryRequest, RepositoryHeader};
+use crate::store::{ClaimedJob, StoreError};
+
+pub(super) async fn run(inner: &Inner, job: &ClaimedJob) -> Outcome {
+    let Some(replica_path) = job.replica_path.as_deref() else {
+        return Outcome::Failed("the removal job names no replica path".into());
+    };
+    match inner.store.replica_path_in_use(replica_path).await {
+        Ok(false) => {}
+        Ok(true) => {
+            tracing::info!(id = %job.id, %replica_path, "the replica path is tracked again: nothing removed");
+            return Outcome::Done;
+        }
+        Err(error @ StoreError::Unavailable(_)) => return Outcome::Postponed(error.to_string()),
+        Err(error) => return Outcome::Failed(error.to_string()),
+    }
+    let Some(node) = inner.nodes.get(&job.target) else {
+        return Outcome::Failed(format!("storage {} is not configured", job.target));
+    };
+    if !node.is_healthy() {
+        return Outcome::Postponed(format!("{} is down", job.target));
+    }
+    let request = RemoveRepositoryRequest {
+        repository: Some(RepositoryHeader {
+            storage: job.target.to_string(),
+            relative_path: replica_path.to_owned(),
+        }),
+    };
+    match RepositoryServiceClient::new(node.authed())
+        .remove_repository(request)
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(id = %job.id, target = %job.target, %replica_path, "replica removed");
+            Outcome::Done
+        }
+        Err(status) if status.code() == Code::NotFound => Outcome::Done,
+        Err(status) => {
+            let message = format!(
+                "removing {replica_path} from {}: {}",
+                job.target,
+                status.message()
+            );
+            match status.code() {
+                Code::Unavailable => Outcome::Postponed(message),
+                _ => Outcome::Failed(message),
+            }
+        }
+    }
+}
