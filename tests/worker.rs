@@ -288,7 +288,7 @@ async fn eight_workers_run_500_jobs_exactly_once_each() {
             on_start: Some(Arc::new(move |job| {
                 *runs.lock().unwrap().entry(job.id).or_default() += 1;
             })),
-            pause: None,
+            ..Hooks::default()
         };
         let mut config = worker_config(&cluster);
         config.worker.concurrency = 8;
@@ -420,7 +420,7 @@ async fn a_panicking_job_type_restarts_alone_while_another_keeps_working() {
                 panic!("injected failure in job {}", claimed.id);
             }
         })),
-        pause: None,
+        ..Hooks::default()
     };
     let mut config = worker_config(&cluster);
     config.worker.max_attempts = 5;
@@ -488,6 +488,7 @@ fn paused_after_copy(
                 }
             })
         })),
+        ..Hooks::default()
     };
     (hooks, copied_rx, closed_rx, go)
 }
