@@ -5,9 +5,7 @@ mod common;
 use std::time::Duration;
 
 use gitfleet::model::{RelativePath, RepositoryId, StorageName};
-use gitfleet::store::{
-    Deleted, Deletion, NewRepository, RefChange, Store, Which, WriteStart,
-};
+use gitfleet::store::{Deleted, Deletion, NewRepository, RefChange, Store, Which, WriteStart};
 
 async fn store() -> Store {
     let url = common::db::fresh_database().await;

@@ -34,13 +34,29 @@ enum AdminCommand {
         default_branch: String,
     },
     /// Remove a repository: it is gone from the catalog at once, its replicas are removed
-    /// from the nodes.
+    /// from the nodes (now, or by removal jobs when a node is down).
     RemoveRepository {
         /// VIRTUAL_STORAGE/RELATIVE_PATH.
         repository: String,
+        /// Only delete it from the catalog, straight from the database; the disks are left
+        /// alone, and the storage walker quarantines the replicas after its grace period
+        /// (restorable with `quarantine restore --track`).
+        #[arg(long)]
+        db_only: bool,
     },
     /// List the background jobs, newest first; or retry or cancel one.
     Jobs(JobsArgs),
+    /// List the replicas on the storages that no repository references ("untracked") or
+    /// that their repository does not want there ("extra"). Changes nothing.
+    ListUntracked(super::storage::ListUntrackedArgs),
+    /// Walk the storages now: quarantine what nothing references and that is older than the
+    /// grace period, and purge old quarantine, the way the walker job does.
+    Walk(super::storage::WalkArgs),
+    /// List or restore the replicas the walker quarantined.
+    Quarantine {
+        #[command(subcommand)]
+        action: super::storage::QuarantineAction,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -75,9 +91,24 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         .config
         .context("give --config FILE or set GITFLEET_CONFIG")?;
     let config = ProxyConfig::load(&config_path)?;
-    if let AdminCommand::Jobs(jobs) = args.command {
-        return run_jobs(&config, jobs).await;
-    }
+    let command = match args.command {
+        AdminCommand::Jobs(jobs) => return run_jobs(&config, jobs).await,
+        AdminCommand::ListUntracked(list) => {
+            return super::storage::list_untracked(&config, list).await;
+        }
+        AdminCommand::Walk(walk) => return super::storage::walk(&config, walk).await,
+        AdminCommand::Quarantine { action } => {
+            return super::storage::quarantine(&config, action).await;
+        }
+        AdminCommand::RemoveRepository {
+            repository,
+            db_only: true,
+        } => {
+            let name = RepositoryName::parse(&repository)?;
+            return super::storage::remove_from_catalog(&config, &name).await;
+        }
+        command => command,
+    };
     let address = match args.address {
         Some(address) if address.starts_with("http://") => address,
         Some(address) => format!("http://{address}"),
@@ -91,7 +122,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
     };
     let channel = crate::client::connect(&address, Signer::from_secret(&config.auth.token)).await?;
     let mut client = RepositoryServiceClient::new(channel);
-    match args.command {
+    match command {
         AdminCommand::CreateRepository {
             repository,
             default_branch,
@@ -106,8 +137,11 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 .map_err(|status| anyhow::anyhow!("{}: {}", code(&status), status.message()))?;
             println!("created {name}");
         }
-        AdminCommand::Jobs(_) => unreachable!("answered from the database above"),
-        AdminCommand::RemoveRepository { repository } => {
+        AdminCommand::Jobs(_)
+        | AdminCommand::ListUntracked(_)
+        | AdminCommand::Walk(_)
+        | AdminCommand::Quarantine { .. } => unreachable!("answered above"),
+        AdminCommand::RemoveRepository { repository, .. } => {
             let name = RepositoryName::parse(&repository)?;
             client
                 .remove_repository(crate::proto::RemoveRepositoryRequest {
@@ -218,7 +252,7 @@ fn jobs_table(jobs: &[JobRow]) -> String {
 }
 
 /// A rounded, readable duration: "42s", "5m", "3h", "2d".
-fn seconds(value: f64) -> String {
+pub(super) fn seconds(value: f64) -> String {
     let value = value.max(0.0);
     match value {
         v if v < 120.0 => format!("{v:.0}s"),

@@ -6,6 +6,7 @@ mod dev;
 mod migrate;
 mod node;
 mod proxy;
+mod storage;
 mod worker;
 
 use std::process::ExitCode;
@@ -33,7 +34,7 @@ enum Command {
     Migrate(migrate::MigrateArgs),
     /// Start a whole local cluster: a private PostgreSQL, nodes, the proxy and the worker.
     Dev(dev::DevArgs),
-    /// Operator commands: create and remove repositories, list and act on background jobs.
+    /// Operator commands: repositories, background jobs, storage walks and quarantine.
     Admin(admin::AdminArgs),
     /// Connect git to a gitfleet server through gRPC, as git's ext:: transport or ssh command.
     Bridge(bridge::BridgeArgs),

@@ -355,9 +355,11 @@ impl Store {
     pub async fn replica_path_in_use(&self, replica_path: &str) -> Result<bool, StoreError> {
         self.measure(
             "replica_path_in_use",
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM repositories WHERE replica_path = $1)")
-                .bind(replica_path)
-                .fetch_one(&self.pool),
+            sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM repositories WHERE replica_path = $1)",
+            )
+            .bind(replica_path)
+            .fetch_one(&self.pool),
         )
         .await
     }

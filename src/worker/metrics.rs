@@ -8,8 +8,8 @@ use axum::response::Response;
 use tonic::codegen::http::StatusCode;
 
 use super::{Inner, JobType};
-use crate::store::WalkRecord;
 use crate::http::{metric, text};
+use crate::store::WalkRecord;
 
 #[derive(Debug, Default)]
 struct Counters {
@@ -242,27 +242,47 @@ async fn render(inner: &Inner) -> Response {
 fn walk_metrics(out: &mut String, walks: &[WalkRecord]) {
     type Figure = (&'static str, &'static str, fn(&WalkRecord) -> String);
     let figures: [Figure; 9] = [
-        ("last_seen", "Replicas on the storage, at its last walk.", |w| w.results.seen.to_string()),
-        ("last_untracked", "Replicas no repository references, at the last walk.", |w| {
-            w.results.untracked.to_string()
+        (
+            "last_seen",
+            "Replicas on the storage, at its last walk.",
+            |w| w.results.seen.to_string(),
+        ),
+        (
+            "last_untracked",
+            "Replicas no repository references, at the last walk.",
+            |w| w.results.untracked.to_string(),
+        ),
+        (
+            "last_extra",
+            "Replicas of repositories not assigned to the storage, at the last walk.",
+            |w| w.results.extra.to_string(),
+        ),
+        (
+            "last_quarantined",
+            "Replicas the last walk moved to quarantine.",
+            |w| w.results.quarantined.to_string(),
+        ),
+        (
+            "last_purged",
+            "Quarantined replicas the last walk purged.",
+            |w| w.results.purged.to_string(),
+        ),
+        ("last_errors", "Errors the last walk met.", |w| {
+            w.results.errors.to_string()
         }),
-        ("last_extra", "Replicas of repositories not assigned to the storage, at the last walk.", |w| {
-            w.results.extra.to_string()
+        (
+            "last_duration_seconds",
+            "How long the last walk took.",
+            |w| format!("{:.3}", w.results.duration_seconds),
+        ),
+        (
+            "last_age_seconds",
+            "How long ago the last walk finished.",
+            |w| format!("{:.0}", w.finished_ago_seconds.unwrap_or(f64::INFINITY)),
+        ),
+        ("runs_total", "Finished walks, ever.", |w| {
+            w.walks.to_string()
         }),
-        ("last_quarantined", "Replicas the last walk moved to quarantine.", |w| {
-            w.results.quarantined.to_string()
-        }),
-        ("last_purged", "Quarantined replicas the last walk purged.", |w| {
-            w.results.purged.to_string()
-        }),
-        ("last_errors", "Errors the last walk met.", |w| w.results.errors.to_string()),
-        ("last_duration_seconds", "How long the last walk took.", |w| {
-            format!("{:.3}", w.results.duration_seconds)
-        }),
-        ("last_age_seconds", "How long ago the last walk finished.", |w| {
-            format!("{:.0}", w.finished_ago_seconds.unwrap_or(f64::INFINITY))
-        }),
-        ("runs_total", "Finished walks, ever.", |w| w.walks.to_string()),
     ];
     for (name, help, value) in figures {
         let samples: Vec<(String, String)> = walks

@@ -274,7 +274,9 @@ pub(super) async fn run(inner: Arc<Inner>, shutdown: CancellationToken) -> anyho
         .min(Duration::from_secs(60))
         .max(Duration::from_millis(100));
     let clock = inner.clock();
-    let storages: Vec<StorageName> = inner.nodes.storages().map(|n| n.storage.clone()).collect();
+    let mut storages: Vec<StorageName> =
+        inner.nodes.storages().map(|n| n.storage.clone()).collect();
+    storages.sort();
     while !shutdown.is_cancelled() {
         for storage in &storages {
             if shutdown.is_cancelled() {
