@@ -6,72 +6,14 @@ mod common;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::cluster::{Cluster, STORAGES};
+use common::worker::*;
 use common::*;
-use gitfleet::config::ProxyConfig;
 use gitfleet::model::{RepositoryId, StorageName};
 use gitfleet::store::{Closed, JOB_NOOP, JOB_REPLICATE, JobId, NewJob, RepositoryRecord, Store};
-use gitfleet::worker::{Hooks, JobType, Metrics, Pause, Worker};
-use tokio_util::sync::CancellationToken;
-
-/// A worker running in this process; stopped when dropped.
-struct RunningWorker {
-    shutdown: CancellationToken,
-    metrics: Arc<Metrics>,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-}
-
-impl RunningWorker {
-    async fn stop(mut self) {
-        self.shutdown.cancel();
-        if let Some(task) = self.task.take() {
-            task.await.unwrap().unwrap();
-        }
-    }
-}
-
-impl Drop for RunningWorker {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
-/// The cluster's config, with a worker tuned for tests: short leases and backoffs.
-fn worker_config(cluster: &Cluster) -> ProxyConfig {
-    let mut config = ProxyConfig::load(&cluster.config_path).unwrap();
-    let worker = &mut config.worker;
-    worker.lease = gitfleet::config::Duration(Duration::from_secs(2));
-    worker.poll_interval = gitfleet::config::Duration(Duration::from_millis(100));
-    worker.retry_backoff = gitfleet::config::Duration(Duration::from_millis(100));
-    worker.max_backoff = gitfleet::config::Duration(Duration::from_millis(800));
-    worker.restart_backoff = gitfleet::config::Duration(Duration::from_millis(100));
-    worker.max_attempts = 3;
-    worker.shutdown_grace = gitfleet::config::Duration(Duration::from_secs(5));
-    config
-}
-
-fn start_worker(config: ProxyConfig, jobs: &[JobType], hooks: Hooks) -> RunningWorker {
-    start_worker_on(config, jobs, hooks, None)
-}
-
-fn start_worker_on(
-    config: ProxyConfig,
-    jobs: &[JobType],
-    hooks: Hooks,
-    http: Option<tokio::net::TcpListener>,
-) -> RunningWorker {
-    let worker = Worker::new(config, jobs).unwrap().with_hooks(hooks);
-    let metrics = worker.metrics();
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(worker.run(http, shutdown.clone()));
-    RunningWorker {
-        shutdown,
-        metrics,
-        task: Some(task),
-    }
-}
+use gitfleet::worker::{Hooks, JobType, Pause};
 
 /// One job's row, as operators see it.
 #[derive(Debug)]
@@ -112,19 +54,6 @@ async fn replication_job(store: &Store, repository: RepositoryId, index: usize) 
     JobId(id)
 }
 
-/// Polls `condition` every 50 ms for up to `seconds`.
-async fn wait_for<F, Fut>(seconds: u64, what: &str, mut condition: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    while !condition().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// Queues the replication of `repository` from the first storage to the third.
 async fn enqueue_replication(store: &Store, repository: RepositoryId) -> (JobId, bool) {
     store
@@ -146,15 +75,6 @@ async fn wait_for_state(store: &Store, job: JobId, state: &str, seconds: u64) {
     .await;
 }
 
-/// Runs `gitfleet admin` with the cluster's config.
-fn admin(cluster: &Cluster, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(BINARY)
-        .args(["admin", "--config"])
-        .arg(&cluster.config_path)
-        .args(args)
-        .output()
-        .unwrap()
-}
 
 /// The generation the database records for the replica on storage `index`.
 async fn replica_generation(cluster: &Cluster, relative_path: &str, index: usize) -> Option<i64> {

@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod db;
 pub mod http;
 pub mod http_front;
+pub mod worker;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
