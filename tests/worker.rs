@@ -75,7 +75,6 @@ async fn wait_for_state(store: &Store, job: JobId, state: &str, seconds: u64) {
     .await;
 }
 
-
 /// The generation the database records for the replica on storage `index`.
 async fn replica_generation(cluster: &Cluster, relative_path: &str, index: usize) -> Option<i64> {
     let storage = Cluster::storage(index);

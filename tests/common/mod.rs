@@ -416,3 +416,51 @@ pub async fn wait_for_no_children(pid: u32) {
         git_processes_of(pid)
     );
 }
+
+/// Runs a command to its end and returns its output and its peak resident memory in bytes:
+/// the kernel's high-water mark (VmHWM), read while it runs. (wait4's ru_maxrss would also
+/// count the memory of this test process, which the child was forked from.)
+pub fn run_with_peak_memory(mut command: Command) -> (Output, u64) {
+    use std::io::Read as _;
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        stdout.read_to_end(&mut bytes).unwrap();
+        bytes
+    });
+    let err = std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        stderr.read_to_end(&mut bytes).unwrap();
+        bytes
+    });
+    let status_file = format!("/proc/{}/status", child.id());
+    let mut peak_kib = 0;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        let high_water = std::fs::read_to_string(&status_file)
+            .ok()
+            .and_then(|status| {
+                status
+                    .lines()
+                    .find_map(|line| line.strip_prefix("VmHWM:"))
+                    .and_then(|kib| kib.trim().trim_end_matches("kB").trim().parse().ok())
+            })
+            .unwrap_or(0u64);
+        peak_kib = peak_kib.max(high_water);
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let output = Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    };
+    (output, peak_kib * 1024)
+}

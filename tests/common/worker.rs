@@ -90,4 +90,3 @@ pub fn admin(cluster: &Cluster, args: &[&str]) -> std::process::Output {
         .output()
         .unwrap()
 }
-
