@@ -580,12 +580,30 @@ async fn a_storm_of_creations_and_removals_never_loses_a_tracked_repository_to_t
 /// Makes `count` minimal bare repositories on a storage, tracked in the catalog in one
 /// statement: for measuring a walk, not for serving.
 async fn bulk_repositories(store: &Store, root: &Path, count: usize) {
-    for n in 0..count {
-        let repository = root.join(format!("bulk/{}/{n}.git", n / 1000));
-        std::fs::create_dir_all(repository.join("objects")).unwrap();
-        std::fs::create_dir_all(repository.join("refs")).unwrap();
-        std::fs::write(repository.join("HEAD"), "ref: refs/heads/main\n").unwrap();
-    }
+    // Four threads, one thousand repositories to a directory.
+    std::thread::scope(|scope| {
+        for thread in 0..4 {
+            scope.spawn(move || {
+                for shard in (thread..count.div_ceil(1000)).step_by(4) {
+                    let dir = root.join(format!("bulk/{shard}"));
+                    std::fs::create_dir_all(&dir).unwrap();
+                    for n in shard * 1000..((shard + 1) * 1000).min(count) {
+                        let repository = dir.join(format!("{n}.git"));
+                        std::fs::create_dir(&repository).unwrap();
+                        std::fs::create_dir(repository.join("objects")).unwrap();
+                        std::fs::create_dir(repository.join("refs")).unwrap();
+                        std::fs::write(repository.join("HEAD"), "ref: refs/heads/main\n").unwrap();
+                    }
+                }
+            });
+        }
+    });
+    // In one transaction without the routing triggers: a bulk load, not 100,000 creations.
+    let mut transaction = store.pool().begin().await.unwrap();
+    sqlx::query("SET LOCAL session_replication_role = replica")
+        .execute(&mut *transaction)
+        .await
+        .unwrap();
     sqlx::query(
         "WITH made AS (
              INSERT INTO repositories (virtual_storage, relative_path, replica_path, primary_storage)
@@ -597,9 +615,10 @@ async fn bulk_repositories(store: &Store, root: &Path, count: usize) {
          INSERT INTO assignments (repository_id, storage) SELECT id, 'storage-1' FROM made",
     )
     .bind(count as i64)
-    .execute(store.pool())
+    .execute(&mut *transaction)
     .await
     .unwrap();
+    transaction.commit().await.unwrap();
 }
 
 /// Runs `gitfleet admin walk --dry-run --json` and returns its report and its peak memory.
@@ -624,6 +643,7 @@ async fn the_walker_memory_stays_flat_from_1k_to_100k_replicas() {
     let cluster = Cluster::start_with(1, 1, "").await;
     let store = cluster.store();
     let root = cluster.nodes[0].storage_path(STORAGES[0]);
+    let started = std::time::Instant::now();
     bulk_repositories(&store, &root, 1000).await;
     let (small, small_peak) = measured_walk(&cluster);
     assert_eq!(small["seen"], 1000);
@@ -635,6 +655,7 @@ async fn the_walker_memory_stays_flat_from_1k_to_100k_replicas() {
         .unwrap();
     std::fs::remove_dir_all(root.join("bulk")).unwrap();
     bulk_repositories(&store, &root, 100_000).await;
+    println!("made 101,000 repositories in {:?}", started.elapsed());
     let (large, large_peak) = measured_walk(&cluster);
     assert_eq!(large["seen"], 100_000);
     assert_eq!(large["untracked"], 0);
