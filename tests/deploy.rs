@@ -97,7 +97,8 @@ fn every_service_config_loads_with_its_compose_environment() {
             "node-2",
             "node-3",
             "proxy",
-            "worker-replication"
+            "worker-replication",
+            "worker-cleanup"
         ]
     );
 
