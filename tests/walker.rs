@@ -577,50 +577,6 @@ async fn a_storm_of_creations_and_removals_never_loses_a_tracked_repository_to_t
     );
 }
 
-/// Makes `count` minimal bare repositories on a storage, tracked in the catalog in one
-/// statement: for measuring a walk, not for serving.
-async fn bulk_repositories(store: &Store, root: &Path, count: usize) {
-    // Four threads, one thousand repositories to a directory.
-    std::thread::scope(|scope| {
-        for thread in 0..4 {
-            scope.spawn(move || {
-                for shard in (thread..count.div_ceil(1000)).step_by(4) {
-                    let dir = root.join(format!("bulk/{shard}"));
-                    std::fs::create_dir_all(&dir).unwrap();
-                    for n in shard * 1000..((shard + 1) * 1000).min(count) {
-                        let repository = dir.join(format!("{n}.git"));
-                        std::fs::create_dir(&repository).unwrap();
-                        std::fs::create_dir(repository.join("objects")).unwrap();
-                        std::fs::create_dir(repository.join("refs")).unwrap();
-                        std::fs::write(repository.join("HEAD"), "ref: refs/heads/main\n").unwrap();
-                    }
-                }
-            });
-        }
-    });
-    // In one transaction without the routing triggers: a bulk load, not 100,000 creations.
-    let mut transaction = store.pool().begin().await.unwrap();
-    sqlx::query("SET LOCAL session_replication_role = replica")
-        .execute(&mut *transaction)
-        .await
-        .unwrap();
-    sqlx::query(
-        "WITH made AS (
-             INSERT INTO repositories (virtual_storage, relative_path, replica_path, primary_storage)
-             SELECT 'default', 'bulk-' || n || '.git', 'bulk/' || n / 1000 || '/' || n || '.git',
-                    'storage-1'
-             FROM generate_series(0, $1 - 1) AS n
-             RETURNING id
-         )
-         INSERT INTO assignments (repository_id, storage) SELECT id, 'storage-1' FROM made",
-    )
-    .bind(count as i64)
-    .execute(&mut *transaction)
-    .await
-    .unwrap();
-    transaction.commit().await.unwrap();
-}
-
 /// Runs `gitfleet admin walk --dry-run --json` and returns its report and its peak memory.
 fn measured_walk(cluster: &Cluster) -> (serde_json::Value, u64) {
     let mut command = std::process::Command::new(BINARY);

@@ -1,10 +1,13 @@
-//! An in-process `gitfleet worker` for tests, with short leases and backoffs, and the small
-//! waits and commands the worker tests share.
+//! An in-process `gitfleet worker` for tests, with short leases and backoffs, the small waits
+//! and commands the worker tests share, and bulk-made repositories for measuring walks.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::path::Path;
+
 use gitfleet::config::ProxyConfig;
+use gitfleet::store::Store;
 use gitfleet::worker::{Hooks, JobType, Metrics, Worker};
 use tokio_util::sync::CancellationToken;
 
@@ -89,4 +92,48 @@ pub fn admin(cluster: &Cluster, args: &[&str]) -> std::process::Output {
         .args(args)
         .output()
         .unwrap()
+}
+
+/// Makes `count` minimal bare repositories on a storage, tracked in the catalog in one
+/// statement: for measuring a walk, not for serving.
+pub async fn bulk_repositories(store: &Store, root: &Path, count: usize) {
+    // Four threads, one thousand repositories to a directory.
+    std::thread::scope(|scope| {
+        for thread in 0..4 {
+            scope.spawn(move || {
+                for shard in (thread..count.div_ceil(1000)).step_by(4) {
+                    let dir = root.join(format!("bulk/{shard}"));
+                    std::fs::create_dir_all(&dir).unwrap();
+                    for n in shard * 1000..((shard + 1) * 1000).min(count) {
+                        let repository = dir.join(format!("{n}.git"));
+                        std::fs::create_dir(&repository).unwrap();
+                        std::fs::create_dir(repository.join("objects")).unwrap();
+                        std::fs::create_dir(repository.join("refs")).unwrap();
+                        std::fs::write(repository.join("HEAD"), "ref: refs/heads/main\n").unwrap();
+                    }
+                }
+            });
+        }
+    });
+    // In one transaction without the routing triggers: a bulk load, not 100,000 creations.
+    let mut transaction = store.pool().begin().await.unwrap();
+    sqlx::query("SET LOCAL session_replication_role = replica")
+        .execute(&mut *transaction)
+        .await
+        .unwrap();
+    sqlx::query(
+        "WITH made AS (
+             INSERT INTO repositories (virtual_storage, relative_path, replica_path, primary_storage)
+             SELECT 'default', 'bulk-' || n || '.git', 'bulk/' || n / 1000 || '/' || n || '.git',
+                    'storage-1'
+             FROM generate_series(0, $1 - 1) AS n
+             RETURNING id
+         )
+         INSERT INTO assignments (repository_id, storage) SELECT id, 'storage-1' FROM made",
+    )
+    .bind(count as i64)
+    .execute(&mut *transaction)
+    .await
+    .unwrap();
+    transaction.commit().await.unwrap();
 }
