@@ -278,10 +278,8 @@ async fn the_walker_quarantines_orphans_after_the_grace_period_and_purges_them_a
     let found = orphan(&cluster, 0, "abandoned/found.git");
 
     let (offset, hooks) = shifted_clock();
-    let mut config = walker_config(&cluster, Duration::from_secs(HOUR as u64));
-    // Nothing is purged before the clock says so.
-    config.walker.quarantine_retention =
-        gitfleet::config::Duration(Duration::from_secs(7 * DAY as u64));
+    // A grace period of an hour and a retention of seven days, by the shifted clock.
+    let config = walker_config(&cluster, Duration::from_secs(HOUR as u64));
     let worker = start_worker(config, &[JobType::Walker, JobType::Replicator], hooks);
 
     // Within the grace period: seen, counted, left alone.
