@@ -24,8 +24,6 @@ const REMOVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Removal jobs wait this long before they run, so that they do not race the proxy's own
 /// attempt.
 const REMOVAL_JOB_DELAY: Duration = Duration::from_secs(15);
-/// How often a removal looks again at a lease held by a write in flight.
-const LEASE_POLL: Duration = Duration::from_millis(50);
 /// Undoing a creation: nothing was acknowledged, so nothing waits.
 const UNDO: Deletion = Deletion {
     force: true,
@@ -166,20 +164,15 @@ pub(super) async fn remove(
     call: Call,
 ) -> Result<Response<ResponseStream>, ProxyError> {
     let state = &proxy.state;
-    let which = Which::Path(&call.virtual_storage, &call.relative_path);
-    let started = tokio::time::Instant::now();
-    let removed = loop {
-        let force = started.elapsed() >= state.config.writes.lease_wait.0;
-        let deletion = Deletion {
-            force,
-            remove_after: Some(REMOVAL_JOB_DELAY),
-        };
-        match state.store.delete_repository(which, deletion).await? {
-            Deleted::Removed(removed) => break removed,
-            Deleted::NotFound => return Err(ProxyError::NotFound(call.repository())),
-            Deleted::Busy => tokio::time::sleep(LEASE_POLL).await,
-        }
-    };
+    let removed = state
+        .store
+        .delete_repository_after_writes(
+            Which::Path(&call.virtual_storage, &call.relative_path),
+            Some(REMOVAL_JOB_DELAY),
+            state.config.writes.lease_wait.0,
+        )
+        .await?
+        .ok_or_else(|| ProxyError::NotFound(call.repository()))?;
     state.routing.invalidate(removed.id);
     tracing::info!(id = %removed.id, replica_path = %removed.replica_path, "repository removed from the catalog");
     remove_replicas(proxy, &removed).await;

@@ -116,6 +116,9 @@ fn record(row: &sqlx::postgres::PgRow) -> Result<RepositoryRecord, sqlx::Error> 
     })
 }
 
+/// How often a removal looks again at a lease held by a write in flight.
+const LEASE_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Which repository a statement is about.
 #[derive(Debug, Clone, Copy)]
 pub enum Which<'a> {
@@ -323,6 +326,29 @@ impl Store {
             return Ok(Deleted::Busy);
         }
         Ok(Deleted::Removed(removed(&row)?))
+    }
+
+    /// Deletes a repository as [`Store::delete_repository`] does, waiting while a live write
+    /// holds its lease, for up to `wait`; after that the row goes anyway. None when there is no
+    /// such repository.
+    pub async fn delete_repository_after_writes(
+        &self,
+        which: Which<'_>,
+        remove_after: Option<std::time::Duration>,
+        wait: std::time::Duration,
+    ) -> Result<Option<RemovedRepository>, StoreError> {
+        let started = tokio::time::Instant::now();
+        loop {
+            let deletion = Deletion {
+                force: started.elapsed() >= wait,
+                remove_after,
+            };
+            match self.delete_repository(which, deletion).await? {
+                Deleted::Removed(removed) => return Ok(Some(removed)),
+                Deleted::NotFound => return Ok(None),
+                Deleted::Busy => tokio::time::sleep(LEASE_POLL).await,
+            }
+        }
     }
 
     /// Closes the queued removal jobs of `storages`, whose replicas were removed at once.
