@@ -55,7 +55,7 @@ enum AdminCommand {
     /// List or restore the replicas the walker quarantined.
     Quarantine {
         #[command(subcommand)]
-        action: super::storage::QuarantineAction,
+        action: super::quarantine::QuarantineAction,
     },
 }
 
@@ -98,7 +98,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         }
         AdminCommand::Walk(walk) => return super::storage::walk(&config, walk).await,
         AdminCommand::Quarantine { action } => {
-            return super::storage::quarantine(&config, action).await;
+            return super::quarantine::run(&config, action).await;
         }
         AdminCommand::RemoveRepository {
             repository,

@@ -6,6 +6,7 @@ mod dev;
 mod migrate;
 mod node;
 mod proxy;
+mod quarantine;
 mod storage;
 mod worker;
 
