@@ -183,6 +183,81 @@ async fn a_path_removed_and_created_again_gets_a_new_id_and_replica_path() {
     assert_ne!(second.replica_path(), first.replica_path());
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_path_is_adopted_and_judged_unused_one_holder_at_a_time() {
+    let store = store().await;
+    let orphan = "@replicas/ab/cd/77.git";
+    // Adopting holds the path; a remover's look at it waits for the row to be committed.
+    let mut adopting = store.lock_replica_path(orphan).await.unwrap();
+    assert!(!adopting.in_use().await.unwrap());
+    let waiting = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut lock = store.lock_replica_path(orphan).await.unwrap();
+            let in_use = lock.in_use().await.unwrap();
+            lock.release().await.unwrap();
+            in_use
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "the second holder did not wait");
+    let id = adopting
+        .track(
+            &name("default"),
+            &path("adopted.git"),
+            &name("s1"),
+            &[name("s1"), name("s2")],
+        )
+        .await
+        .unwrap()
+        .expect("tracked");
+    adopting.release().await.unwrap();
+    assert!(waiting.await.unwrap(), "the remover saw the path unused");
+    let record = store
+        .find_repository(&name("default"), &path("adopted.git"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.id, id);
+    assert_eq!(record.replica_path.as_str(), orphan);
+    assert_eq!(record.replicas, [(name("s1"), 0)]);
+    // The same path, or the same name, cannot be adopted twice.
+    let mut again = store.lock_replica_path(orphan).await.unwrap();
+    let twice = again
+        .track(
+            &name("default"),
+            &path("other.git"),
+            &name("s1"),
+            &[name("s1")],
+        )
+        .await
+        .unwrap();
+    assert_eq!(twice, None);
+    // A lock dropped without release commits nothing and frees the path.
+    drop(again);
+    let mut dropped = store
+        .lock_replica_path("@replicas/00/00/5.git")
+        .await
+        .unwrap();
+    dropped
+        .track(
+            &name("default"),
+            &path("never.git"),
+            &name("s1"),
+            &[name("s1")],
+        )
+        .await
+        .unwrap()
+        .expect("tracked inside the lock");
+    drop(dropped);
+    let mut after = store
+        .lock_replica_path("@replicas/00/00/5.git")
+        .await
+        .unwrap();
+    assert!(!after.in_use().await.unwrap());
+    after.release().await.unwrap();
+}
+
 #[tokio::test]
 async fn a_write_lease_is_exclusive_and_fenced() {
     let store = store().await;

@@ -9,7 +9,7 @@ use rand::seq::SliceRandom as _;
 
 use super::storage::Context;
 use crate::config::ProxyConfig;
-use crate::model::{RelativePath, RepositoryName, StorageName};
+use crate::model::{RepositoryName, StorageName};
 use crate::proto::node_service_client::NodeServiceClient;
 use crate::proto::{
     ListQuarantineRequest, QuarantinedRepository, RestoreRepositoryRequest, StorageHeader,
@@ -170,6 +170,24 @@ async fn restore(
         .nodes
         .get(&storage)
         .context("storage not configured")?;
+    // A tracked restore holds its replica path from before the bytes move back until the row
+    // is committed, so no walk can quarantine the replica again in between.
+    let mut lock = match tracked {
+        Some(_) => {
+            let entry = list_quarantine(context, &storage)
+                .await?
+                .into_iter()
+                .find(|entry| entry.quarantine_id == id)
+                .with_context(|| format!("{storage} has no quarantine entry {id}"))?;
+            Some(
+                context
+                    .store
+                    .lock_replica_path(&entry.relative_path)
+                    .await?,
+            )
+        }
+        None => None,
+    };
     let restored = NodeServiceClient::new(node.authed())
         .restore_repository(RestoreRepositoryRequest {
             storage: Some(StorageHeader {
@@ -182,25 +200,18 @@ async fn restore(
         .into_inner()
         .relative_path;
     println!("restored {storage}/{restored} from quarantine entry {id}");
-    let Some((name, assigned)) = tracked else {
+    let (Some((name, assigned)), Some(mut lock)) = (tracked, lock.take()) else {
         println!(
             "not tracked: the walker quarantines it again once it is {} old; give --track to keep it",
             crate::config::Duration(context.config.walker.grace_period.0)
         );
         return Ok(());
     };
-    let replica_path = RelativePath::parse(&restored)?;
-    match context
-        .store
-        .track_repository(
-            &name.storage,
-            &name.relative_path,
-            &replica_path,
-            &storage,
-            &assigned,
-        )
-        .await?
-    {
+    let tracked = lock
+        .track(&name.storage, &name.relative_path, &storage, &assigned)
+        .await?;
+    lock.release().await?;
+    match tracked {
         Some(id) => {
             let copies: Vec<&str> = assigned[1..].iter().map(StorageName::as_str).collect();
             println!(
@@ -214,7 +225,7 @@ async fn restore(
             Ok(())
         }
         None => bail!(
-            "restored but not tracked: {name}, or replica path {replica_path}, was tracked meanwhile"
+            "restored but not tracked: {name}, or replica path {restored}, was tracked meanwhile"
         ),
     }
 }

@@ -17,7 +17,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 pub use jobs::{ClaimedJob, Closed, JOB_STATES, JobId, JobRow, NewJob, QueueDepth};
 pub use replication::ReplicationPlan;
 pub use repositories::{
-    Deleted, Deletion, NewRepository, RemovedRepository, Renamed, RepositoryRecord, Which,
+    Deleted, Deletion, NewRepository, RemovedRepository, Renamed, ReplicaPathLock,
+    RepositoryRecord, Which,
 };
 pub use walks::{Tracking, WalkRecord, WalkResults};
 pub use writes::{RefChange, StaleIntent, WriteLease, WriteOutcome, WriteStart};

@@ -376,33 +376,69 @@ impl Store {
         Ok(done.rows_affected())
     }
 
-    /// Whether a repository row references a replica path: checked right before a replica is
-    /// removed from a disk.
-    pub async fn replica_path_in_use(&self, replica_path: &str) -> Result<bool, StoreError> {
+    /// Takes the lock that serialises every decision about `replica_path`'s bytes: the walker
+    /// and the remover hold it from their last look at the catalog until the node has acted,
+    /// and adopting the path takes it too. So a replica is never removed just as a row comes to
+    /// reference it. The lock is a transaction's advisory lock, released when the guard is
+    /// released or dropped.
+    pub async fn lock_replica_path(
+        &self,
+        replica_path: &str,
+    ) -> Result<ReplicaPathLock, StoreError> {
+        let mut transaction = self.measure("begin", self.pool.begin()).await?;
         self.measure(
-            "replica_path_in_use",
-            sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM repositories WHERE replica_path = $1)",
-            )
-            .bind(replica_path)
-            .fetch_one(&self.pool),
+            "lock_replica_path",
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+                .bind(replica_path)
+                .execute(&mut *transaction),
         )
-        .await
+        .await?;
+        Ok(ReplicaPathLock {
+            store: self.clone(),
+            replica_path: replica_path.to_owned(),
+            transaction,
+        })
+    }
+}
+
+/// A replica path held by [`Store::lock_replica_path`].
+#[derive(Debug)]
+pub struct ReplicaPathLock {
+    store: Store,
+    replica_path: String,
+    transaction: sqlx::Transaction<'static, sqlx::Postgres>,
+}
+
+impl ReplicaPathLock {
+    /// Whether a repository row references the path. Read after the lock was granted, so it
+    /// sees every row committed by an earlier holder.
+    pub async fn in_use(&mut self) -> Result<bool, StoreError> {
+        self.store
+            .measure(
+                "replica_path_in_use",
+                sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM repositories WHERE replica_path = $1)",
+                )
+                .bind(&self.replica_path)
+                .fetch_one(&mut *self.transaction),
+            )
+            .await
     }
 
-    /// Adopts a repository that already lies on `storage` at `replica_path`: a new row
+    /// Adopts the repository that lies on `storage` at the locked replica path: a new row
     /// pointing there, the replica recorded at generation 0, the other `assigned` storages
-    /// queued to copy from it, and any removal still queued for that replica path cancelled;
-    /// one statement. None when the path or the replica path is already tracked.
-    pub async fn track_repository(
-        &self,
+    /// queued to copy from it, and any removal still queued for that replica path cancelled.
+    /// It takes effect when the lock is released. None when the path or the replica path is
+    /// already tracked.
+    pub async fn track(
+        &mut self,
         virtual_storage: &StorageName,
         relative_path: &RelativePath,
-        replica_path: &RelativePath,
         storage: &StorageName,
         assigned: &[StorageName],
     ) -> Result<Option<RepositoryId>, StoreError> {
         let id: Option<i64> = self
+            .store
             .measure(
                 "track_repository",
                 sqlx::query_scalar(
@@ -435,17 +471,26 @@ impl Store {
                 )
                 .bind(virtual_storage.as_str())
                 .bind(relative_path.as_str())
-                .bind(replica_path.as_str())
+                .bind(&self.replica_path)
                 .bind(storage.as_str())
                 .bind(texts(assigned))
                 .bind(JOB_REPLICATE)
                 .bind(JOB_REMOVE)
-                .fetch_optional(&self.pool),
+                .fetch_optional(&mut *self.transaction),
             )
             .await?;
         Ok(id.map(RepositoryId))
     }
 
+    /// Commits what was done under the lock, and lets the next holder in.
+    pub async fn release(self) -> Result<(), StoreError> {
+        self.store
+            .measure("commit", self.transaction.commit())
+            .await
+    }
+}
+
+impl Store {
     /// Gives a repository a new relative path: a change of this row only, since replica paths
     /// derive from the id.
     pub async fn rename_repository(

@@ -13,15 +13,21 @@ pub(super) async fn run(inner: &Inner, job: &ClaimedJob) -> Outcome {
     let Some(replica_path) = job.replica_path.as_deref() else {
         return Outcome::Failed("the removal job names no replica path".into());
     };
-    match inner.store.replica_path_in_use(replica_path).await {
-        Ok(false) => {}
-        Ok(true) => {
+    // Held until the node has answered, so the path cannot be adopted in between.
+    let lock = async {
+        let mut lock = inner.store.lock_replica_path(replica_path).await?;
+        let in_use = lock.in_use().await?;
+        Ok::<_, StoreError>((lock, in_use))
+    };
+    let lock = match lock.await {
+        Ok((_, true)) => {
             tracing::info!(id = %job.id, %replica_path, "the replica path is tracked again: nothing removed");
             return Outcome::Done;
         }
+        Ok((lock, false)) => lock,
         Err(error @ StoreError::Unavailable(_)) => return Outcome::Postponed(error.to_string()),
         Err(error) => return Outcome::Failed(error.to_string()),
-    }
+    };
     let Some(node) = inner.nodes.get(&job.target) else {
         return Outcome::Failed(format!("storage {} is not configured", job.target));
     };
@@ -34,10 +40,13 @@ pub(super) async fn run(inner: &Inner, job: &ClaimedJob) -> Outcome {
             relative_path: replica_path.to_owned(),
         }),
     };
-    match RepositoryServiceClient::new(node.authed())
+    let removed = RepositoryServiceClient::new(node.authed())
         .remove_repository(request)
-        .await
-    {
+        .await;
+    if let Err(error) = lock.release().await {
+        return Outcome::Postponed(error.to_string());
+    }
+    match removed {
         Ok(_) => {
             tracing::info!(id = %job.id, target = %job.target, %replica_path, "replica removed");
             Outcome::Done

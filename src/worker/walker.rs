@@ -196,8 +196,10 @@ impl Walk<'_> {
         found: &mut Found,
         results: &mut WalkResults,
     ) -> Result<(), WalkError> {
+        // Held until the node has acted, so the path cannot be adopted in between.
+        let mut lock = self.store.lock_replica_path(&found.relative_path).await?;
         let unwanted = match tracking {
-            Tracking::Untracked => !self.store.replica_path_in_use(&found.relative_path).await?,
+            Tracking::Untracked => !lock.in_use().await?,
             // Forgotten in the catalog first, so no read is routed to it.
             Tracking::Extra => {
                 self.store
@@ -207,7 +209,7 @@ impl Walk<'_> {
             Tracking::Assigned => false,
         };
         if !unwanted {
-            return Ok(());
+            return Ok(lock.release().await?);
         }
         let request = QuarantineRepositoryRequest {
             repository: Some(RepositoryHeader {
@@ -233,7 +235,7 @@ impl Walk<'_> {
                 failed(results, message);
             }
         }
-        Ok(())
+        Ok(lock.release().await?)
     }
 
     async fn renew(
