@@ -76,8 +76,13 @@ async fn migrations_run_concurrently_and_twice() {
             "assignments",
             "jobs",
             "maintenance",
+            "reconciler",
+            "replica_totals",
             "replicas",
             "repositories",
+            "repository_totals",
+            "storage_identities",
+            "storage_verifications",
             "storage_walks",
             "write_intents"
         ]

@@ -10,7 +10,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use walkdir::WalkDir;
 
-use super::storage::{Storage, is_repository, place, sync_parent};
+use super::storage::{Storage, is_repository, place, storage_identity, sync_parent};
 use super::{Node, NodeError};
 use crate::model::{RESERVED_COMPONENT, RelativePath};
 use crate::proto::node_service_server::NodeService;
@@ -441,6 +441,21 @@ impl NodeService for Node {
             .detached(move |node| async move { node.purge(request.into_inner()).await })
             .await?;
         Ok(Response::new(PurgeQuarantineResponse { purged }))
+    }
+
+    async fn storage_identity(
+        &self,
+        request: Request<StorageIdentityRequest>,
+    ) -> Result<Response<StorageIdentityResponse>, Status> {
+        let internal = self
+            .state
+            .storages
+            .storage(request.get_ref().storage.as_ref())?
+            .internal_dir();
+        let storage_id = tokio::task::spawn_blocking(move || storage_identity(&internal))
+            .await
+            .map_err(|error| Status::internal(error.to_string()))??;
+        Ok(Response::new(StorageIdentityResponse { storage_id }))
     }
 
     async fn disk_usage(

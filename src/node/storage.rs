@@ -171,6 +171,35 @@ pub fn sync_parent(path: &Path) -> Result<(), NodeError> {
     Ok(())
 }
 
+/// The identity of the storage whose internal area is `internal`, made (and made durable) when
+/// its file is missing: a wiped directory gets a new one.
+pub fn storage_identity(internal: &Path) -> Result<String, NodeError> {
+    let file = internal.join("storage-id");
+    match std::fs::read_to_string(&file) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
+        Ok(_) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+        Err(error) => return Err(error.into()),
+    }
+    std::fs::create_dir_all(internal)?;
+    let id = format!("{:032x}", rand::random::<u128>());
+    let staged = internal.join(format!("storage-id.{:08x}", rand::random::<u32>()));
+    {
+        let mut out = std::fs::File::create(&staged)?;
+        std::io::Write::write_all(&mut out, id.as_bytes())?;
+        out.sync_all()?;
+    }
+    // A link, not a rename: when two calls race, the first id stays and both return it.
+    let linked = std::fs::hard_link(&staged, &file);
+    let _ = std::fs::remove_file(&staged);
+    match linked {
+        Ok(()) => sync_parent(&file)?,
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(error) => return Err(error.into()),
+    }
+    Ok(std::fs::read_to_string(&file)?.trim().to_owned())
+}
+
 /// Removes the empty directories between `path` and `root`, best effort.
 pub fn prune_empty_parents(root: &Path, path: &Path) {
     let mut current = path.parent();

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use sqlx::Row as _;
 
-use super::{Store, StoreError, undecodable};
+use super::{Store, StoreError, millis, undecodable};
 use crate::model::{RepositoryId, StorageName};
 
 /// A job's state. `dead` jobs ran out of attempts and stay for operators to see.
@@ -516,12 +516,8 @@ fn claimed(row: &sqlx::postgres::PgRow) -> Result<ClaimedJob, StoreError> {
     })
 }
 
-fn millis(duration: Duration) -> f64 {
-    duration.as_secs_f64() * 1000.0
-}
-
 /// Errors are stored up to 2 KiB.
-fn truncate(error: &str) -> &str {
+pub(super) fn truncate(error: &str) -> &str {
     let mut end = error.len().min(2048);
     while !error.is_char_boundary(end) {
         end -= 1;

@@ -5,6 +5,7 @@
 mod jobs;
 mod replication;
 mod repositories;
+mod verify;
 mod walks;
 mod writes;
 
@@ -21,6 +22,7 @@ pub use repositories::{
     RepositoryRecord, Which,
 };
 pub use walks::{Tracking, WalkRecord, WalkResults};
+pub use verify::{Finding, Identity, Recorded, Verdict, Verification};
 pub use writes::{RefChange, StaleIntent, WriteLease, WriteOutcome, WriteStart};
 
 use crate::model::StorageName;
@@ -180,6 +182,11 @@ fn storage_names(names: &[String]) -> Vec<StorageName> {
         .iter()
         .filter_map(|name| StorageName::parse(name).ok())
         .collect()
+}
+
+/// A duration as the milliseconds a statement multiplies `interval '1 millisecond'` by.
+fn millis(duration: std::time::Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
 }
 
 fn texts(storages: &[StorageName]) -> Vec<String> {

@@ -123,7 +123,7 @@ impl Store {
                          SELECT clean.id, $4, $5 FROM clean, job
                          ON CONFLICT (repository_id, storage) DO UPDATE
                              SET generation = EXCLUDED.generation
-                             WHERE p.generation < EXCLUDED.generation
+                             WHERE p.generation IS NULL OR p.generation < EXCLUDED.generation
                          RETURNING p.generation
                      )
                      SELECT (SELECT state FROM job) AS state,

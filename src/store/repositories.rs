@@ -40,7 +40,8 @@ pub struct RepositoryRecord {
     pub primary: StorageName,
     /// The storages that should hold it.
     pub assigned: Vec<StorageName>,
-    /// The replicas known to exist, with the generation each holds.
+    /// The replicas known to exist, with the generation each holds. Replicas whose
+    /// generation is unknown (missing or diverged) are left out.
     pub replicas: Vec<(StorageName, i64)>,
 }
 
@@ -86,9 +87,11 @@ macro_rules! select_record {
            ARRAY(SELECT a.storage FROM assignments a
                  WHERE a.repository_id = r.id ORDER BY a.storage) AS assigned,
            ARRAY(SELECT p.storage FROM replicas p
-                 WHERE p.repository_id = r.id ORDER BY p.storage) AS replica_storages,
+                 WHERE p.repository_id = r.id AND p.generation IS NOT NULL
+                 ORDER BY p.storage) AS replica_storages,
            ARRAY(SELECT p.generation FROM replicas p
-                 WHERE p.repository_id = r.id ORDER BY p.storage) AS replica_generations
+                 WHERE p.repository_id = r.id AND p.generation IS NOT NULL
+                 ORDER BY p.storage) AS replica_generations
     FROM repositories r"
     };
 }
