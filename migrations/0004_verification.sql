@@ -183,3 +183,8 @@ INSERT INTO reconciler DEFAULT VALUES;
 
 -- Running jobs per target, for the per-target concurrency limit.
 CREATE INDEX jobs_running_by_target ON jobs (target_storage) WHERE state = 'running';
+-- A repository's jobs, for `admin replicas` and the reconciler's look at recent dead jobs.
+CREATE INDEX jobs_by_repository ON jobs (repository_id, target_storage);
+-- The last job that started and the last that finished: whether the queue moves at all.
+CREATE INDEX jobs_by_start ON jobs (started_at);
+CREATE INDEX jobs_by_finish ON jobs (finished_at);

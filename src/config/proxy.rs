@@ -36,6 +36,15 @@ pub struct ProxyConfig {
     /// The storage walker, a job of `gitfleet worker`.
     #[serde(default)]
     pub walker: WalkerConfig,
+    /// The verifier, a job of `gitfleet worker`.
+    #[serde(default)]
+    pub verifier: VerifierConfig,
+    /// The reconciler, a job of `gitfleet worker`.
+    #[serde(default)]
+    pub reconciler: ReconcilerConfig,
+    /// What `admin status`, `/status` and the metrics call stuck.
+    #[serde(default)]
+    pub status: StatusConfig,
     /// Connections the proxy keeps to each node; calls take them in turn, and each carries
     /// many calls at once.
     #[serde(default = "default_node_connections")]
@@ -195,6 +204,11 @@ pub struct WorkerConfig {
     /// The longest one replication may take.
     #[serde(default = "default_replication_timeout")]
     pub replication_timeout: Duration,
+    /// The most jobs running at once against one target storage, across all workers: a node
+    /// that comes back with many replicas to repair takes them this many at a time and goes on
+    /// serving.
+    #[serde(default = "default_max_jobs_per_target")]
+    pub max_jobs_per_target: usize,
 }
 
 impl Default for WorkerConfig {
@@ -211,6 +225,7 @@ impl Default for WorkerConfig {
             shutdown_grace: default_worker_shutdown_grace(),
             keep_finished: default_keep_finished(),
             replication_timeout: default_replication_timeout(),
+            max_jobs_per_target: default_max_jobs_per_target(),
         }
     }
 }
@@ -244,6 +259,97 @@ fn default_keep_finished() -> Duration {
 }
 fn default_replication_timeout() -> Duration {
     secs(3600)
+}
+fn default_max_jobs_per_target() -> usize {
+    4
+}
+
+/// The verifier: checks that each replica exists on its node and holds the same refs as the
+/// other replicas of its generation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifierConfig {
+    /// How long a verification holds: a replica is checked again this long after its last
+    /// check. A storage that comes back with a new identity (wiped) is checked at once.
+    #[serde(default = "default_verify_interval")]
+    pub interval: Duration,
+    /// Replicas leased at a time by one worker.
+    #[serde(default = "default_verify_batch")]
+    pub batch: usize,
+}
+
+impl Default for VerifierConfig {
+    fn default() -> Self {
+        Self {
+            interval: default_verify_interval(),
+            batch: default_verify_batch(),
+        }
+    }
+}
+
+fn default_verify_interval() -> Duration {
+    secs(7 * 86_400)
+}
+fn default_verify_batch() -> usize {
+    100
+}
+
+/// The reconciler: queues the replication that brings every assigned replica up to date, and
+/// carries out changes of assignment.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcilerConfig {
+    /// The time between two rounds.
+    #[serde(default = "default_reconcile_interval")]
+    pub interval: Duration,
+    /// The most replication jobs one round queues.
+    #[serde(default = "default_reconcile_batch")]
+    pub batch: usize,
+    /// Repositories whose assignments one round compares with their replication factor; the
+    /// sweep goes on from there in the next round.
+    #[serde(default = "default_reconcile_sweep")]
+    pub sweep: usize,
+}
+
+impl Default for ReconcilerConfig {
+    fn default() -> Self {
+        Self {
+            interval: default_reconcile_interval(),
+            batch: default_reconcile_batch(),
+            sweep: default_reconcile_sweep(),
+        }
+    }
+}
+
+fn default_reconcile_interval() -> Duration {
+    secs(5)
+}
+fn default_reconcile_batch() -> usize {
+    1000
+}
+fn default_reconcile_sweep() -> usize {
+    10_000
+}
+
+/// When queued work counts as stuck.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusConfig {
+    /// Work is stuck when jobs are ready and none has started or finished for this long.
+    #[serde(default = "default_stall_after")]
+    pub stall_after: Duration,
+}
+
+impl Default for StatusConfig {
+    fn default() -> Self {
+        Self {
+            stall_after: default_stall_after(),
+        }
+    }
+}
+
+fn default_stall_after() -> Duration {
+    secs(300)
 }
 
 /// The storage walker: finds replicas on the nodes that nothing references and moves them to

@@ -202,6 +202,17 @@ impl Nodes {
             .and_then(|name| self.virtual_storages.get(&name))
     }
 
+    /// Where each virtual storage places its repositories, as the reconciler needs it.
+    pub fn placements(&self) -> Vec<crate::store::Placement> {
+        self.virtual_storages()
+            .map(|vs| crate::store::Placement {
+                virtual_storage: vs.name.clone(),
+                storages: vs.storages.clone(),
+                replication_factor: vs.replication_factor,
+            })
+            .collect()
+    }
+
     pub fn virtual_storages(&self) -> impl Iterator<Item = &VirtualStorage> {
         self.virtual_storages.values()
     }

@@ -126,24 +126,46 @@ impl Store {
     }
 
     /// Leases up to `limit` ready jobs of `kinds`: queued ones whose time has come, and
-    /// running ones whose worker stopped renewing. Each gets a new lease token.
+    /// running ones whose worker stopped renewing. Each gets a new lease token. A target
+    /// storage never has more than `per_target` live jobs running, across all workers: a
+    /// target at its limit is passed over, so the others' jobs go on.
     pub async fn claim_jobs(
         &self,
         kinds: &[String],
         owner: &str,
         lease: Duration,
         limit: usize,
+        per_target: usize,
     ) -> Result<Vec<ClaimedJob>, StoreError> {
         let rows = self
             .measure(
                 "claim_jobs",
                 sqlx::query(
-                    "WITH ready AS (
-                         SELECT id FROM jobs
-                         WHERE kind = ANY($1)
-                           AND ((state = 'queued' AND run_after <= now())
-                                OR (state = 'running' AND lease_expires_at < now()))
-                         ORDER BY run_after, id
+                    "WITH busy AS (
+                         SELECT target_storage, count(*) AS running FROM jobs
+                         WHERE state = 'running' AND lease_expires_at >= now()
+                         GROUP BY target_storage
+                     ), candidates AS (
+                         SELECT j.id, j.target_storage, j.run_after,
+                                COALESCE(b.running, 0) AS running
+                         FROM jobs j LEFT JOIN busy b ON b.target_storage = j.target_storage
+                         WHERE j.kind = ANY($1)
+                           AND ((j.state = 'queued' AND j.run_after <= now())
+                                OR (j.state = 'running' AND j.lease_expires_at < now()))
+                           AND COALESCE(b.running, 0) < $5
+                         ORDER BY j.run_after, j.id
+                         LIMIT $4 * 4
+                     ), ranked AS (
+                         SELECT id, run_after, running + row_number() OVER (
+                                    PARTITION BY target_storage ORDER BY run_after, id) AS slot
+                         FROM candidates
+                     ), ready AS (
+                         SELECT j.id FROM jobs j
+                         WHERE j.id IN (SELECT id FROM ranked WHERE slot <= $5)
+                           AND j.kind = ANY($1)
+                           AND ((j.state = 'queued' AND j.run_after <= now())
+                                OR (j.state = 'running' AND j.lease_expires_at < now()))
+                         ORDER BY j.run_after, j.id
                          LIMIT $4
                          FOR UPDATE SKIP LOCKED
                      )
@@ -161,6 +183,7 @@ impl Store {
                 .bind(owner)
                 .bind(millis(lease))
                 .bind(limit as i64)
+                .bind(per_target.clamp(1, i64::MAX as usize) as i64)
                 .fetch_all(&self.pool),
             )
             .await?;

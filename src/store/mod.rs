@@ -3,6 +3,7 @@
 //! `WHERE`, and callers check what it returned.
 
 mod jobs;
+mod reconcile;
 mod replication;
 mod repositories;
 mod verify;
@@ -16,13 +17,14 @@ use std::time::{Duration, Instant};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 pub use jobs::{ClaimedJob, Closed, JOB_STATES, JobId, JobRow, NewJob, QueueDepth};
+pub use reconcile::{Accepted, Placement, Round};
 pub use replication::ReplicationPlan;
 pub use repositories::{
     Deleted, Deletion, NewRepository, RemovedRepository, Renamed, ReplicaPathLock,
     RepositoryRecord, Which,
 };
-pub use walks::{Tracking, WalkRecord, WalkResults};
 pub use verify::{Finding, Identity, Recorded, Verdict, Verification};
+pub use walks::{Tracking, WalkRecord, WalkResults};
 pub use writes::{RefChange, StaleIntent, WriteLease, WriteOutcome, WriteStart};
 
 use crate::model::StorageName;

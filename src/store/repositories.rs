@@ -224,8 +224,8 @@ impl Store {
         Ok(!rows.is_empty())
     }
 
-    /// Records the replicas that were created (at generation 0) and queues a replication job
-    /// for each assigned storage that failed, copying from `source`.
+    /// Records the replicas that were created (at generation 0), and the assigned storages
+    /// that failed as missing replicas, each with a replication job copying from `source`.
     pub async fn record_created_replicas(
         &self,
         id: RepositoryId,
@@ -237,12 +237,19 @@ impl Store {
             "record_created_replicas",
             sqlx::query(
                 "WITH created AS (
-                     INSERT INTO replicas (repository_id, storage, generation)
+                     INSERT INTO replicas AS p (repository_id, storage, generation)
                      SELECT r.id, storage, 0
                      FROM repositories r, unnest($2::text[]) AS storage
                      WHERE r.id = $1
-                     ON CONFLICT (repository_id, storage) DO NOTHING
+                     ON CONFLICT (repository_id, storage) DO UPDATE SET generation = 0
+                         WHERE p.generation IS NULL
                      RETURNING storage
+                 ), absent AS (
+                     INSERT INTO replicas (repository_id, storage, generation, missing_since)
+                     SELECT r.id, storage, NULL, now()
+                     FROM repositories r, unnest($4::text[]) AS storage
+                     WHERE r.id = $1
+                     ON CONFLICT (repository_id, storage) DO NOTHING
                  ), queued AS (
                      INSERT INTO jobs (kind, repository_id, source_storage, target_storage)
                      SELECT $5, r.id, $3, storage

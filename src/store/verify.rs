@@ -17,7 +17,9 @@ pub enum Identity {
     Same,
     /// Another id: the directory was wiped or replaced. Every replica on it waits for its
     /// verification, first in line.
-    Changed { replicas: u64 },
+    Changed {
+        replicas: u64,
+    },
 }
 
 /// A replica leased for verification, with what its repository looked like when leased.

@@ -4,9 +4,11 @@
 
 mod metrics;
 mod queue;
+mod reconcile;
 mod remove;
 mod replicate;
 mod supervisor;
+mod verify;
 pub mod walker;
 
 use std::collections::HashMap;
@@ -39,15 +41,21 @@ pub enum JobType {
     /// Walks the storages for replicas nothing references; not a queue, but a lease per
     /// storage.
     Walker,
+    /// Checks that replicas exist and agree; not a queue, but leased batches of replicas.
+    Verifier,
+    /// Queues the repairs and carries out the assignment changes; one decides at a time.
+    Reconciler,
     /// Completes `noop` jobs and does nothing else: for measuring the queue itself.
     Noop,
 }
 
 impl JobType {
-    pub const ALL: [JobType; 4] = [
+    pub const ALL: [JobType; 6] = [
         JobType::Replicator,
         JobType::Remover,
         JobType::Walker,
+        JobType::Verifier,
+        JobType::Reconciler,
         JobType::Noop,
     ];
 
@@ -56,6 +64,8 @@ impl JobType {
             JobType::Replicator => "replicator",
             JobType::Remover => "remover",
             JobType::Walker => "walker",
+            JobType::Verifier => "verifier",
+            JobType::Reconciler => "reconciler",
             JobType::Noop => "noop",
         }
     }
@@ -65,7 +75,7 @@ impl JobType {
         match self {
             JobType::Replicator => &[JOB_REPLICATE],
             JobType::Remover => &[JOB_REMOVE],
-            JobType::Walker => &[],
+            JobType::Walker | JobType::Verifier | JobType::Reconciler => &[],
             JobType::Noop => &[JOB_NOOP],
         }
     }
@@ -79,8 +89,10 @@ impl JobType {
         match self {
             JobType::Replicator => replicate::run(worker, job).await,
             JobType::Remover => remove::run(worker, job).await,
-            // Claims no queue kind, so it is never handed a job.
-            JobType::Walker => Outcome::Failed("the walker runs no queued jobs".into()),
+            // They claim no queue kind, so they are never handed a job.
+            JobType::Walker | JobType::Verifier | JobType::Reconciler => {
+                Outcome::Failed(format!("the {} runs no queued jobs", self.name()))
+            }
             JobType::Noop => Outcome::Done,
         }
     }

@@ -25,6 +25,11 @@ pub(super) async fn run(
 ) -> anyhow::Result<()> {
     let kinds: Vec<String> = job.kinds().iter().map(|kind| kind.to_string()).collect();
     let worker = &inner.config.worker;
+    // Noop jobs touch no node, so no target needs sparing from them.
+    let per_target = match job {
+        JobType::Noop => usize::MAX,
+        _ => worker.max_jobs_per_target,
+    };
     let wakeup = inner
         .wakeups
         .get(&job)
@@ -39,7 +44,7 @@ pub(super) async fn run(
         if free > 0 {
             match inner
                 .store
-                .claim_jobs(&kinds, &inner.instance, worker.lease.0, free)
+                .claim_jobs(&kinds, &inner.instance, worker.lease.0, free, per_target)
                 .await
             {
                 Ok(jobs) => {
