@@ -158,7 +158,8 @@ CREATE TABLE storage_identities (
     storage    text        PRIMARY KEY,
     storage_id text        NOT NULL,
     seen_at    timestamptz NOT NULL DEFAULT now(),
-    changed_at timestamptz NOT NULL DEFAULT now()
+    -- When the id last changed; NULL while it is the first one seen.
+    changed_at timestamptz
 );
 
 -- What the verifier found, per storage, since it began.

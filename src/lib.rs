@@ -9,5 +9,6 @@ pub mod model;
 pub mod node;
 pub mod proto;
 pub mod proxy;
+pub mod status;
 pub mod store;
 pub mod worker;

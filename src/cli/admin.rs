@@ -57,6 +57,25 @@ enum AdminCommand {
         #[command(subcommand)]
         action: super::quarantine::QuarantineAction,
     },
+    /// The cluster's health: nodes, replicas by state per storage, jobs, the last walks and
+    /// verifications, the write lock; and in words, whatever needs attention.
+    Status(super::health::StatusArgs),
+    /// One repository's replicas: generation, state, checksum, verification, assignment and
+    /// pending jobs of each.
+    Replicas(super::health::ReplicasArgs),
+    /// Repositories with no up-to-date replica on a healthy node (unavailable), or fewer than
+    /// assigned (degraded). Exits 2 when there are any.
+    Dataloss(super::health::DatalossArgs),
+    /// Make one replica of a repository the truth, at a new generation, and repair the others
+    /// from it: for when every up-to-date replica is lost for good.
+    AcceptDataloss(super::health::AcceptDatalossArgs),
+    /// Adopt a repository that already lies on a storage, under a name, and replicate it to
+    /// the other storages its replication factor asks for.
+    TrackRepository(super::health::TrackRepositoryArgs),
+    /// Set how many replicas one repository keeps.
+    SetReplicationFactor(super::health::SetReplicationFactorArgs),
+    /// Put a repository's replicas, or a storage's, first in the verifier's line.
+    Verify(super::health::VerifyArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -100,6 +119,25 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         AdminCommand::Quarantine { action } => {
             return super::quarantine::run(&config, action).await;
         }
+        AdminCommand::Status(status) => {
+            return exit_with(super::health::status(&config, status).await?);
+        }
+        AdminCommand::Replicas(replicas) => {
+            return super::health::replicas(&config, replicas).await;
+        }
+        AdminCommand::Dataloss(dataloss) => {
+            return exit_with(super::health::dataloss(&config, dataloss).await?);
+        }
+        AdminCommand::AcceptDataloss(accept) => {
+            return super::health::accept_dataloss(&config, accept).await;
+        }
+        AdminCommand::TrackRepository(track) => {
+            return super::health::track_repository(&config, track).await;
+        }
+        AdminCommand::SetReplicationFactor(set) => {
+            return super::health::set_replication_factor(&config, set).await;
+        }
+        AdminCommand::Verify(verify) => return super::health::verify(&config, verify).await,
         AdminCommand::RemoveRepository {
             repository,
             db_only: true,
@@ -140,7 +178,14 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         AdminCommand::Jobs(_)
         | AdminCommand::ListUntracked(_)
         | AdminCommand::Walk(_)
-        | AdminCommand::Quarantine { .. } => unreachable!("answered above"),
+        | AdminCommand::Quarantine { .. }
+        | AdminCommand::Status(_)
+        | AdminCommand::Replicas(_)
+        | AdminCommand::Dataloss(_)
+        | AdminCommand::AcceptDataloss(_)
+        | AdminCommand::TrackRepository(_)
+        | AdminCommand::SetReplicationFactor(_)
+        | AdminCommand::Verify(_) => unreachable!("answered above"),
         AdminCommand::RemoveRepository { repository, .. } => {
             let name = RepositoryName::parse(&repository)?;
             client
@@ -151,6 +196,16 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 .map_err(|status| anyhow::anyhow!("{}: {}", code(&status), status.message()))?;
             println!("removed {name}");
         }
+    }
+    Ok(())
+}
+
+/// Ends the process with `code` when it is not 0, once the output is out.
+fn exit_with(code: i32) -> anyhow::Result<()> {
+    if code != 0 {
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+        std::process::exit(code);
     }
     Ok(())
 }
@@ -251,13 +306,4 @@ fn jobs_table(jobs: &[JobRow]) -> String {
     out
 }
 
-/// A rounded, readable duration: "42s", "5m", "3h", "2d".
-pub(super) fn seconds(value: f64) -> String {
-    let value = value.max(0.0);
-    match value {
-        v if v < 120.0 => format!("{v:.0}s"),
-        v if v < 7200.0 => format!("{:.0}m", v / 60.0),
-        v if v < 172_800.0 => format!("{:.0}h", v / 3600.0),
-        v => format!("{:.0}d", v / 86_400.0),
-    }
-}
+pub(super) use crate::status::ago as seconds;

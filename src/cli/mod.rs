@@ -3,6 +3,7 @@
 mod admin;
 mod bridge;
 mod dev;
+mod health;
 mod migrate;
 mod node;
 mod proxy;

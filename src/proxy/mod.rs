@@ -27,7 +27,7 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 pub use error::ProxyError;
-pub use nodes::{NodeHandle, Nodes};
+pub use nodes::{NodeHandle, Nodes, VirtualStorage};
 pub use routing::RoutingCache;
 
 use crate::config::ProxyConfig;

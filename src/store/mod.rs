@@ -6,6 +6,7 @@ mod jobs;
 mod reconcile;
 mod replication;
 mod repositories;
+mod status;
 mod verify;
 mod walks;
 mod writes;
@@ -22,6 +23,9 @@ pub use replication::ReplicationPlan;
 pub use repositories::{
     Deleted, Deletion, NewRepository, RemovedRepository, Renamed, ReplicaPathLock,
     RepositoryRecord, Which,
+};
+pub use status::{
+    Figures, JobFigures, ReplicaReport, ReplicaRow, Shortfall, StorageFigures, WriteLock,
 };
 pub use verify::{Finding, Identity, Recorded, Verdict, Verification};
 pub use walks::{Tracking, WalkRecord, WalkResults};

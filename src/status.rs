@@ -1,0 +1,294 @@
+//! What the cluster's state means: the figures from the database and the nodes' health, turned
+//! into a verdict (healthy, repairing, or needing attention) with the reasons in words. The
+//! same report backs `gitfleet admin status` and the proxy's `/status` page.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::model::StorageName;
+use crate::store::{Figures, Store, StoreError, WalkRecord};
+
+/// The verdict, from best to worst.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Every replica is up to date, every node answers, nothing is queued or dead.
+    Healthy,
+    /// Replicas are being repaired, and the work moves.
+    Repairing,
+    /// Something needs an operator: a node is down, work is stuck, jobs are dead, or
+    /// repositories have no up-to-date replica.
+    Attention,
+}
+
+impl Verdict {
+    pub fn word(self) -> &'static str {
+        match self {
+            Verdict::Healthy => "HEALTHY",
+            Verdict::Repairing => "REPAIRING",
+            Verdict::Attention => "ATTENTION",
+        }
+    }
+
+    /// The exit code of `admin status`.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Verdict::Healthy => 0,
+            Verdict::Repairing => 2,
+            Verdict::Attention => 3,
+        }
+    }
+}
+
+/// A storage's node as the reporter sees it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NodeState {
+    pub storage: String,
+    pub healthy: bool,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    pub verdict: Verdict,
+    /// One line that says it all.
+    pub summary: String,
+    /// Why the verdict is not healthy, in words.
+    pub reasons: Vec<String>,
+    pub nodes: Vec<NodeState>,
+    pub figures: Figures,
+    pub walks: Vec<WalkRecord>,
+    /// The threshold past which ready work that does not move is stuck, in seconds.
+    pub stall_after_seconds: f64,
+}
+
+impl Report {
+    /// Reads the figures (a few statements, whatever the catalog's size) and judges them.
+    pub async fn gather(
+        store: &Store,
+        nodes: &[NodeState],
+        stall_after: Duration,
+    ) -> Result<Report, StoreError> {
+        let storages: Vec<StorageName> = nodes
+            .iter()
+            .filter_map(|node| StorageName::parse(&node.storage).ok())
+            .collect();
+        let figures = store.status_figures(&storages).await?;
+        let walks = store.storage_walks().await?;
+        Ok(Self::judge(figures, walks, nodes.to_vec(), stall_after))
+    }
+
+    pub fn judge(
+        figures: Figures,
+        walks: Vec<WalkRecord>,
+        nodes: Vec<NodeState>,
+        stall_after: Duration,
+    ) -> Report {
+        let stall = stall_after.as_secs_f64();
+        let mut attention = Vec::new();
+        let mut repairing = Vec::new();
+        for node in nodes.iter().filter(|node| !node.healthy) {
+            let replicas = figures
+                .storages
+                .iter()
+                .find(|s| s.storage == node.storage)
+                .map_or(0, |s| s.replicas);
+            attention.push(format!(
+                "{} is down: its {replicas} replicas are neither read nor written, and repairs to it wait",
+                node.storage
+            ));
+        }
+        let jobs = &figures.jobs;
+        let waited = jobs.oldest_ready_seconds.unwrap_or(0.0);
+        let quiet = jobs.last_progress_seconds.unwrap_or(f64::INFINITY);
+        if jobs.ready > 0 && waited > stall && quiet > stall {
+            attention.push(format!(
+                "STUCK: {} jobs are ready and none has started or finished for {} (the oldest has waited {}); are the workers running?",
+                jobs.ready,
+                if quiet.is_finite() { ago(quiet) } else { "ever".into() },
+                ago(waited)
+            ));
+        }
+        if jobs.dead > 0 {
+            attention.push(format!(
+                "{} jobs are dead (out of attempts): see `gitfleet admin jobs --state dead`",
+                jobs.dead
+            ));
+        }
+        for storage in &figures.storages {
+            let outstanding = storage.behind + storage.missing;
+            if outstanding > 0 {
+                repairing.push(format!(
+                    "{}: {} of {} replicas up to date; {} missing, {} behind; {} being copied, {} queued",
+                    storage.storage,
+                    storage.up_to_date(),
+                    storage.replicas,
+                    storage.missing,
+                    storage.behind,
+                    storage.repairing,
+                    storage.queued
+                ));
+            }
+            if let Some(changed) = storage.identity_changed_ago_seconds
+                && storage.unverified > 0
+            {
+                repairing.push(format!(
+                    "{}: the storage was wiped or replaced {} ago; {} replicas wait for verification",
+                    storage.storage,
+                    ago(changed),
+                    storage.unverified
+                ));
+            }
+        }
+        let outstanding: i64 = figures.storages.iter().map(|s| s.behind + s.missing).sum();
+        if outstanding > 0 && figures.reconciled_ago_seconds.is_none_or(|ago| ago > stall) {
+            attention.push(format!(
+                "{outstanding} replicas need repair, and no reconciler has run {}: is a worker running the reconciler job?",
+                match figures.reconciled_ago_seconds {
+                    Some(seconds) => format!("for {}", ago(seconds)),
+                    None => "yet".into(),
+                }
+            ));
+        }
+        let verdict = if !attention.is_empty() {
+            Verdict::Attention
+        } else if !repairing.is_empty() || jobs.ready > 0 {
+            Verdict::Repairing
+        } else {
+            Verdict::Healthy
+        };
+        let repositories: i64 = figures.repositories.iter().map(|(_, n)| n).sum();
+        let summary = match verdict {
+            Verdict::Healthy => format!(
+                "{} storages up, {repositories} repositories, every replica up to date",
+                nodes.len()
+            ),
+            Verdict::Repairing => format!(
+                "{outstanding} replicas being repaired; {} jobs ready",
+                jobs.ready
+            ),
+            Verdict::Attention => attention[0].clone(),
+        };
+        let mut reasons = attention;
+        reasons.extend(repairing);
+        Report {
+            verdict,
+            summary,
+            reasons,
+            nodes,
+            figures,
+            walks,
+            stall_after_seconds: stall,
+        }
+    }
+
+    /// The report for a terminal.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "{}: {}", self.verdict.word(), self.summary);
+        for reason in &self.reasons {
+            let _ = writeln!(out, "  - {reason}");
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(out, "{:<20} {:>12}", "VIRTUAL STORAGE", "REPOSITORIES");
+        for (name, count) in &self.figures.repositories {
+            let _ = writeln!(out, "{name:<20} {count:>12}");
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "{:<14} {:<5} {:>9} {:>10} {:>7} {:>8} {:>9} {:>7} {:>10}  {:<10} {:<10}",
+            "STORAGE",
+            "NODE",
+            "REPLICAS",
+            "UP-TO-DATE",
+            "BEHIND",
+            "MISSING",
+            "REPAIRING",
+            "QUEUED",
+            "UNVERIFIED",
+            "VERIFIED",
+            "WALKED"
+        );
+        for storage in &self.figures.storages {
+            let node = self
+                .nodes
+                .iter()
+                .find(|n| n.storage == storage.storage)
+                .is_some_and(|n| n.healthy);
+            let walked = self
+                .walks
+                .iter()
+                .find(|w| w.storage == storage.storage)
+                .and_then(|w| w.finished_ago_seconds)
+                .map_or("never".to_owned(), |s| format!("{} ago", ago(s)));
+            let _ = writeln!(
+                out,
+                "{:<14} {:<5} {:>9} {:>10} {:>7} {:>8} {:>9} {:>7} {:>10}  {:<10} {:<10}",
+                storage.storage,
+                if node { "up" } else { "DOWN" },
+                storage.replicas,
+                storage.up_to_date(),
+                storage.behind,
+                storage.missing,
+                storage.repairing,
+                storage.queued,
+                storage.unverified,
+                storage
+                    .verified_ago_seconds
+                    .map_or("never".to_owned(), |s| format!("{} ago", ago(s))),
+                walked
+            );
+        }
+        let jobs = &self.figures.jobs;
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "jobs: {} ready{}, {} dead; last started or finished {}",
+            jobs.ready,
+            jobs.oldest_ready_seconds
+                .map(|s| format!(" (oldest {})", ago(s)))
+                .unwrap_or_default(),
+            jobs.dead,
+            jobs.last_progress_seconds
+                .map_or("never".to_owned(), |s| format!("{} ago", ago(s)))
+        );
+        for (kind, state, count) in &jobs.by_state {
+            let _ = writeln!(out, "  {kind:<10} {state:<8} {count:>8}");
+        }
+        let lock = &self.figures.write_lock;
+        if lock.enabled {
+            let _ = writeln!(
+                out,
+                "write lock: ON for {} by {}: {}",
+                ago(lock.changed_ago_seconds),
+                lock.changed_by.as_deref().unwrap_or("unknown"),
+                lock.reason.as_deref().unwrap_or("no reason given")
+            );
+        } else {
+            let _ = writeln!(out, "write lock: off");
+        }
+        let _ = writeln!(
+            out,
+            "reconciler: {}",
+            self.figures
+                .reconciled_ago_seconds
+                .map_or("never ran".to_owned(), |s| format!(
+                    "last round {} ago",
+                    ago(s)
+                ))
+        );
+        out
+    }
+}
+
+/// A rounded, readable duration: "42s", "5m", "3h", "2d".
+pub fn ago(value: f64) -> String {
+    let value = value.max(0.0);
+    match value {
+        v if v < 120.0 => format!("{v:.0}s"),
+        v if v < 7200.0 => format!("{:.0}m", v / 60.0),
+        v if v < 172_800.0 => format!("{:.0}h", v / 3600.0),
+        v => format!("{:.0}d", v / 86_400.0),
+    }
+}
