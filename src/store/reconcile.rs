@@ -299,7 +299,7 @@ impl Store {
                 "accept_dataloss",
                 sqlx::query(
                     "WITH repo AS (
-                         SELECT r.id, (r.lease_expires_at > now()
+                         SELECT r.id, (COALESCE(r.lease_expires_at > now(), false)
                                        OR EXISTS (SELECT 1 FROM write_intents i
                                                   WHERE i.repository_id = r.id)) AS writing
                          FROM repositories r WHERE r.id = $1 FOR UPDATE

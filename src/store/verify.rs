@@ -162,7 +162,7 @@ impl Store {
                      )
                      SELECT c.repository_id, c.storage, c.generation, r.replica_path,
                             r.generation AS repository_generation, r.lease_token,
-                            (r.lease_expires_at > now()
+                            (COALESCE(r.lease_expires_at > now(), false)
                              OR EXISTS (SELECT 1 FROM write_intents i
                                         WHERE i.repository_id = r.id)) AS writing,
                             ARRAY(SELECT p.storage FROM replicas p

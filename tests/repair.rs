@@ -1,0 +1,321 @@
+//! The verifier, the reconciler and the status, against real PostgreSQL, real node processes
+//! and real git: a node whose storage is wiped while the cluster runs is found out and
+//! repaired with the status saying so; a corrupted ref is found diverged and repaired; data
+//! loss is accepted from the one stale replica left; and a queue nobody works shows as stuck.
+
+mod common;
+
+use std::time::Duration;
+
+use common::cluster::{Cluster, STORAGES};
+use common::worker::*;
+use common::*;
+use gitfleet::config::ProxyConfig;
+use gitfleet::worker::{Hooks, JobType};
+
+/// The worker config with the reconciler deciding every 200 ms and at most two copies at once
+/// per target.
+fn repair_config(cluster: &Cluster) -> ProxyConfig {
+    let mut config = worker_config(cluster);
+    config.reconciler.interval = gitfleet::config::Duration(Duration::from_millis(200));
+    config.worker.max_jobs_per_target = 2;
+    config
+}
+
+fn status(cluster: &Cluster) -> (i32, String) {
+    let output = admin(cluster, &["status"]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.code().unwrap_or(-1), text)
+}
+
+fn wipe(cluster: &Cluster, index: usize) {
+    let root = cluster.nodes[index].storage_path(STORAGES[index]);
+    for entry in std::fs::read_dir(&root).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            std::fs::remove_dir_all(&path).unwrap();
+        } else {
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wiped_storage_is_found_out_and_repaired_and_the_status_tells_the_truth() {
+    let cluster = Cluster::start(3).await;
+    let names: Vec<String> = (0..12).map(|n| format!("wiped/{n}.git")).collect();
+    let mut pushed = Vec::new();
+    for name in &names {
+        cluster.create(name).await;
+        pushed.push(cluster.push_main(name));
+    }
+    let (code, text) = status(&cluster);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.starts_with("HEALTHY"), "{text}");
+
+    // The verifier and the reconciler run; nothing copies yet, so the repair can be watched.
+    let config = repair_config(&cluster);
+    let watchers = start_worker(
+        config.clone(),
+        &[JobType::Verifier, JobType::Reconciler],
+        Hooks::default(),
+    );
+    let store = cluster.store();
+    wait_for(30, "the storages' identities", || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM storage_identities")
+            .fetch_one(store.pool())
+            .await
+            .unwrap()
+            == 3
+    })
+    .await;
+    wipe(&cluster, 1);
+    wait_for(60, "every missing replica found and queued", || async {
+        let (code, text) = status(&cluster);
+        code == 2 && text.contains("storage-2: 0 of 12 replicas up to date; 12 missing")
+    })
+    .await;
+    let (_, during) = status(&cluster);
+    println!("status during the repair:\n{during}");
+    assert!(during.starts_with("REPAIRING"), "{during}");
+    let dataloss = admin(&cluster, &["dataloss", "--json"]);
+    let listed: serde_json::Value =
+        serde_json::from_slice(&dataloss.stdout).expect("dataloss --json");
+    assert_eq!(listed.as_array().unwrap().len(), 12, "{listed}");
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|entry| entry["state"] == "degraded")
+    );
+    // Reads go on from the other replicas meanwhile.
+    let refs = run_git(pushed[0].path(), &["ls-remote", &cluster.url(&names[0])]);
+    assert!(refs.contains("refs/heads/main"), "{refs}");
+
+    let copiers = start_worker(config, &[JobType::Replicator], Hooks::default());
+    let started = std::time::Instant::now();
+    wait_for(120, "the repair", || async { status(&cluster).0 == 0 }).await;
+    println!(
+        "repaired {} replicas in {:.1}s",
+        names.len(),
+        started.elapsed().as_secs_f64()
+    );
+    let (_, after) = status(&cluster);
+    println!("status after the repair:\n{after}");
+    assert!(after.starts_with("HEALTHY"), "{after}");
+    for name in &names {
+        let record = cluster.record(name).await;
+        assert_eq!(record.up_to_date().count(), 3, "{name}");
+        assert!(
+            cluster.replica_dir(1, &record).join("HEAD").is_file(),
+            "{name}"
+        );
+        cluster.agreed_checksum(&record).await;
+    }
+    let clean = admin(&cluster, &["dataloss"]);
+    assert_eq!(clean.status.code(), Some(0));
+    copiers.stop().await;
+    watchers.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corrupted_ref_is_found_diverged_and_repaired() {
+    let cluster = Cluster::start(3).await;
+    cluster.create("corrupt.git").await;
+    let work = cluster.push_main("corrupt.git");
+    let record = cluster.record("corrupt.git").await;
+    let good = cluster.agreed_checksum(&record).await;
+    // storage-3's main goes back one commit, behind the catalog's back.
+    let replica = cluster.replica_dir(2, &record);
+    run_git(
+        &replica,
+        &["update-ref", "refs/heads/main", "refs/heads/main~1"],
+    );
+    assert_ne!(cluster.node_checksum(2, &record).await, good);
+
+    let worker = start_worker(
+        repair_config(&cluster),
+        &[JobType::Verifier, JobType::Reconciler, JobType::Replicator],
+        Hooks::default(),
+    );
+    let asked = admin(&cluster, &["verify", "default/corrupt.git"]);
+    assert!(
+        String::from_utf8_lossy(&asked.stdout).contains("3 replicas are first in line"),
+        "{asked:?}"
+    );
+    let store = cluster.store();
+    wait_for(60, "the divergence found", || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT diverged FROM storage_verifications WHERE storage = 'storage-3'",
+        )
+        .fetch_optional(store.pool())
+        .await
+        .unwrap()
+            == Some(1)
+    })
+    .await;
+    wait_for(60, "the repair", || async {
+        cluster.node_checksum(2, &record).await == good
+            && cluster.record("corrupt.git").await.up_to_date().count() == 3
+    })
+    .await;
+    let main = run_git(&replica, &["rev-parse", "refs/heads/main"]);
+    let expected = run_git(work.path(), &["rev-parse", "main"]);
+    assert_eq!(main, expected);
+    let replicas = admin(&cluster, &["replicas", "default/corrupt.git", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&replicas.stdout).unwrap();
+    for replica in report["replicas"].as_array().unwrap() {
+        assert_eq!(replica["state"], "up-to-date", "{report}");
+        assert_eq!(replica["checksum"], good.as_str(), "{report}");
+    }
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn accepting_data_loss_makes_the_one_stale_replica_left_the_truth() {
+    let cluster = Cluster::start(3).await;
+    cluster.create("lost.git").await;
+    let work = cluster.push_main("lost.git");
+    let record = cluster.record("lost.git").await;
+    let old_main = run_git(work.path(), &["rev-parse", "main"]);
+    // A second push that storage-3 never got: it stays behind at the first generation.
+    let store = cluster.store();
+    std::fs::write(work.path().join("later.txt"), "later\n").unwrap();
+    run_git(work.path(), &["add", "."]);
+    run_git(work.path(), &["commit", "-q", "-m", "later"]);
+    run_git(
+        work.path(),
+        &["push", "-q", &cluster.url("lost.git"), "main"],
+    );
+    sqlx::query(
+        "UPDATE replicas SET generation = generation - 1
+         WHERE repository_id = $1 AND storage = 'storage-3'",
+    )
+    .bind(record.id.0)
+    .execute(store.pool())
+    .await
+    .unwrap();
+    run_git(
+        &cluster.replica_dir(2, &record),
+        &["update-ref", "refs/heads/main", old_main.trim()],
+    );
+    // Then both up-to-date replicas are lost.
+    std::fs::remove_dir_all(cluster.replica_dir(0, &record)).unwrap();
+    std::fs::remove_dir_all(cluster.replica_dir(1, &record)).unwrap();
+
+    let worker = start_worker(
+        repair_config(&cluster),
+        &[JobType::Verifier, JobType::Reconciler, JobType::Replicator],
+        Hooks::default(),
+    );
+    admin(&cluster, &["verify", "default/lost.git"]);
+    wait_for(60, "the repository reported unavailable", || async {
+        let output = admin(&cluster, &["dataloss", "--json"]);
+        let listed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        output.status.code() == Some(2)
+            && listed[0]["repository"] == "default/lost.git"
+            && listed[0]["state"] == "unavailable"
+    })
+    .await;
+    let (code, text) = status(&cluster);
+    assert_eq!(code, 2, "{text}");
+
+    let refused = admin(
+        &cluster,
+        &[
+            "accept-dataloss",
+            "default/lost.git",
+            "--authoritative",
+            "storage-1",
+        ],
+    );
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("holds no replica"),
+        "{refused:?}"
+    );
+    let accepted = admin(
+        &cluster,
+        &[
+            "accept-dataloss",
+            "default/lost.git",
+            "--authoritative",
+            "storage-3",
+        ],
+    );
+    assert!(accepted.status.success(), "{accepted:?}");
+    assert!(
+        String::from_utf8_lossy(&accepted.stdout).contains("is the truth at generation 3"),
+        "{accepted:?}"
+    );
+    wait_for(60, "every replica repaired from storage-3", || async {
+        cluster.record("lost.git").await.up_to_date().count() == 3
+    })
+    .await;
+    let record = cluster.record("lost.git").await;
+    cluster.agreed_checksum(&record).await;
+    let refs = run_git(work.path(), &["ls-remote", &cluster.url("lost.git")]);
+    assert!(
+        refs.contains(&format!("{}\trefs/heads/main", old_main.trim())),
+        "{refs}"
+    );
+    // The repository takes writes again.
+    run_git(
+        work.path(),
+        &["push", "-q", "-f", &cluster.url("lost.git"), "main"],
+    );
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_queue_nobody_works_shows_as_stuck() {
+    let cluster = Cluster::start(2).await;
+    cluster.create("stuck.git").await;
+    let record = cluster.record("stuck.git").await;
+    let store = cluster.store();
+    let (source, target) = (Cluster::storage(0), Cluster::storage(1));
+    store
+        .enqueue(&gitfleet::store::NewJob {
+            kind: "replicate",
+            repository: record.id,
+            source: Some(&source),
+            target: &target,
+        })
+        .await
+        .unwrap();
+    let output = admin(&cluster, &["status", "--stall-after", "1s"]);
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let output = admin(&cluster, &["status", "--stall-after", "1s"]);
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(3), "{text}");
+    assert!(
+        text.starts_with("ATTENTION: STUCK: 1 jobs are ready"),
+        "{text}"
+    );
+    assert!(text.contains("are the workers running?"), "{text}");
+    let json = admin(&cluster, &["status", "--stall-after", "1s", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(report["verdict"], "attention");
+    assert_eq!(report["figures"]["jobs"]["ready"], 1);
+
+    // A worker takes it: the queue moves, and the status is healthy again.
+    let worker = start_worker(
+        worker_config(&cluster),
+        &[JobType::Replicator],
+        Hooks::default(),
+    );
+    wait_for(30, "a healthy status", || async {
+        admin(&cluster, &["status", "--stall-after", "1s"])
+            .status
+            .code()
+            == Some(0)
+    })
+    .await;
+    worker.stop().await;
+}
