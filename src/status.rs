@@ -292,3 +292,154 @@ pub fn ago(value: f64) -> String {
         v => format!("{:.0}d", v / 86_400.0),
     }
 }
+
+/// Escapes text for HTML.
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+const STYLE: &str = "body{font:15px/1.4 system-ui,sans-serif;margin:2em;color:#222}\
+h1{font-size:1.6em;margin:0 0 .2em}\
+.verdict{display:inline-block;padding:.2em .6em;border-radius:4px;color:#fff;font-weight:bold}\
+.healthy{background:#2a7d2a}.repairing{background:#b8860b}.attention{background:#b22222}\
+table{border-collapse:collapse;margin:1em 0}th,td{padding:.3em .8em;border-bottom:1px solid #ddd;text-align:right}\
+th:first-child,td:first-child{text-align:left}.down{color:#b22222;font-weight:bold}\
+.bar{background:#eee;width:10em;height:.8em;display:inline-block;vertical-align:middle}\
+.bar span{background:#2a7d2a;height:100%;display:block}\
+footer{color:#777;font-size:.85em;margin-top:2em}";
+
+impl Report {
+    /// The report as a page for people: server-rendered, readable without JavaScript, and
+    /// reloading itself every `refresh_seconds`.
+    pub fn html(&self, refresh_seconds: u64) -> String {
+        let mut out = String::new();
+        let class = match self.verdict {
+            Verdict::Healthy => "healthy",
+            Verdict::Repairing => "repairing",
+            Verdict::Attention => "attention",
+        };
+        let _ = write!(
+            out,
+            "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+             <meta http-equiv=\"refresh\" content=\"{refresh_seconds}\">\
+             <title>gitfleet: {}</title><style>{STYLE}</style></head><body>\
+             <h1>gitfleet status</h1>\
+             <p><span class=\"verdict {class}\" id=\"verdict\">{}</span> <span id=\"summary\">{}</span></p>",
+            self.verdict.word(),
+            self.verdict.word(),
+            escape(&self.summary)
+        );
+        if !self.reasons.is_empty() {
+            out.push_str("<ul id=\"reasons\">");
+            for reason in &self.reasons {
+                let _ = write!(out, "<li>{}</li>", escape(reason));
+            }
+            out.push_str("</ul>");
+        }
+        out.push_str(
+            "<h2>Storages</h2><table id=\"storages\"><tr><th>Storage</th><th>Node</th>\
+             <th>Replicas</th><th>Up to date</th><th></th><th>Behind</th><th>Missing</th>\
+             <th>Being copied</th><th>Queued</th><th>Unverified</th><th>Last verification</th>\
+             <th>Last walk</th></tr>",
+        );
+        for storage in &self.figures.storages {
+            let up = self
+                .nodes
+                .iter()
+                .find(|n| n.storage == storage.storage)
+                .is_some_and(|n| n.healthy);
+            let share = if storage.replicas > 0 {
+                100.0 * storage.up_to_date() as f64 / storage.replicas as f64
+            } else {
+                100.0
+            };
+            let walked = self
+                .walks
+                .iter()
+                .find(|w| w.storage == storage.storage)
+                .and_then(|w| w.finished_ago_seconds);
+            let _ = write!(
+                out,
+                "<tr><td>{}</td><td{}>{}</td><td>{}</td><td>{}</td>\
+                 <td><span class=\"bar\" title=\"{share:.0}%\"><span style=\"width:{share:.0}%\"></span></span></td>\
+                 <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                escape(&storage.storage),
+                if up { "" } else { " class=\"down\"" },
+                if up { "up" } else { "DOWN" },
+                storage.replicas,
+                storage.up_to_date(),
+                storage.behind,
+                storage.missing,
+                storage.repairing,
+                storage.queued,
+                storage.unverified,
+                storage
+                    .verified_ago_seconds
+                    .map_or("never".to_owned(), |s| format!("{} ago", ago(s))),
+                walked.map_or("never".to_owned(), |s| format!("{} ago", ago(s))),
+            );
+        }
+        out.push_str(
+            "</table><h2>Repositories</h2><table id=\"repositories\">\
+             <tr><th>Virtual storage</th><th>Repositories</th></tr>",
+        );
+        for (name, count) in &self.figures.repositories {
+            let _ = write!(out, "<tr><td>{}</td><td>{count}</td></tr>", escape(name));
+        }
+        let jobs = &self.figures.jobs;
+        let _ = write!(
+            out,
+            "</table><h2>Jobs</h2><p id=\"jobs\">{} ready{}, {} dead; last started or finished {}.</p>\
+             <table><tr><th>Kind</th><th>State</th><th>Jobs</th></tr>",
+            jobs.ready,
+            jobs.oldest_ready_seconds
+                .map(|s| format!(" (the oldest for {})", ago(s)))
+                .unwrap_or_default(),
+            jobs.dead,
+            jobs.last_progress_seconds
+                .map_or("never".to_owned(), |s| format!("{} ago", ago(s)))
+        );
+        for (kind, state, count) in &jobs.by_state {
+            let _ = write!(
+                out,
+                "<tr><td>{}</td><td>{}</td><td>{count}</td></tr>",
+                escape(kind),
+                escape(state)
+            );
+        }
+        out.push_str("</table>");
+        let lock = &self.figures.write_lock;
+        let _ = write!(
+            out,
+            "<h2>Writes</h2><p id=\"write-lock\">{}</p>",
+            if lock.enabled {
+                format!(
+                    "Write lock ON for {}: {}",
+                    ago(lock.changed_ago_seconds),
+                    escape(lock.reason.as_deref().unwrap_or("no reason given"))
+                )
+            } else {
+                "Write lock off: writes are accepted.".to_owned()
+            }
+        );
+        let _ = write!(
+            out,
+            "<footer>Work that is ready and has not moved for {} counts as stuck. \
+             This page reloads every {refresh_seconds} seconds. \
+             The same figures: <code>gitfleet admin status --json</code>.</footer></body></html>",
+            ago(self.stall_after_seconds)
+        );
+        out
+    }
+}

@@ -227,8 +227,19 @@ async fn render(inner: &Inner) -> Response {
             );
         }
     }
-    if let Ok(walks) = inner.store.storage_walks().await {
-        walk_metrics(&mut out, &walks);
+    let nodes: Vec<crate::status::NodeState> = inner
+        .nodes
+        .storages()
+        .map(|node| crate::status::NodeState {
+            storage: node.storage.to_string(),
+            healthy: node.is_healthy(),
+        })
+        .collect();
+    if let Ok(report) =
+        crate::status::Report::gather(&inner.store, &nodes, inner.config.status.stall_after.0).await
+    {
+        walk_metrics(&mut out, &report.walks);
+        status_metrics(&mut out, &report);
     }
     let mut response = text(StatusCode::OK, out.trim_end());
     response.headers_mut().insert(
@@ -297,4 +308,137 @@ fn walk_metrics(out: &mut String, walks: &[WalkRecord]) {
             &samples,
         );
     }
+}
+
+/// The status figures: replicas by state per storage, repositories, the queue's progress, the
+/// write lock and the verdict. Read from counter rows and indexes over outstanding work, so a
+/// scrape costs the same at a million repositories as at ten.
+fn status_metrics(out: &mut String, report: &crate::status::Report) {
+    let figures = &report.figures;
+    let by_state: Vec<(String, String)> = figures
+        .storages
+        .iter()
+        .flat_map(|s| {
+            [
+                ("up_to_date", s.up_to_date()),
+                ("behind", s.behind),
+                ("missing", s.missing),
+            ]
+            .map(|(state, count)| {
+                (
+                    format!("{{storage=\"{}\",state=\"{state}\"}}", s.storage),
+                    count.to_string(),
+                )
+            })
+        })
+        .collect();
+    metric(
+        out,
+        "gitfleet_replicas",
+        "gauge",
+        "Replicas recorded on each storage, by state.",
+        &by_state,
+    );
+    type Figure = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&crate::store::StorageFigures) -> String,
+    );
+    let per_storage: [Figure; 5] = [
+        (
+            "gitfleet_replicas_repairing",
+            "gauge",
+            "Replication jobs running against the storage.",
+            |s| s.repairing.to_string(),
+        ),
+        (
+            "gitfleet_replicas_unverified",
+            "gauge",
+            "Replicas waiting for their first verification.",
+            |s| s.unverified.to_string(),
+        ),
+        (
+            "gitfleet_verify_missing_total",
+            "counter",
+            "Replicas the verifier found missing.",
+            |s| s.found_missing.to_string(),
+        ),
+        (
+            "gitfleet_verify_diverged_total",
+            "counter",
+            "Replicas the verifier found diverged.",
+            |s| s.found_diverged.to_string(),
+        ),
+        (
+            "gitfleet_verify_verified_total",
+            "counter",
+            "Replicas the verifier found in order.",
+            |s| s.verified.to_string(),
+        ),
+    ];
+    for (name, kind, help, value) in per_storage {
+        let samples: Vec<(String, String)> = figures
+            .storages
+            .iter()
+            .map(|s| (format!("{{storage=\"{}\"}}", s.storage), value(s)))
+            .collect();
+        metric(out, name, kind, help, &samples);
+    }
+    let repositories: Vec<(String, String)> = figures
+        .repositories
+        .iter()
+        .map(|(vs, count)| (format!("{{virtual_storage=\"{vs}\"}}"), count.to_string()))
+        .collect();
+    metric(
+        out,
+        "gitfleet_repositories",
+        "gauge",
+        "Repositories in each virtual storage.",
+        &repositories,
+    );
+    let one = |value: String| vec![(String::new(), value)];
+    let jobs = &figures.jobs;
+    metric(
+        out,
+        "gitfleet_jobs_ready",
+        "gauge",
+        "Jobs that could run now.",
+        &one(jobs.ready.to_string()),
+    );
+    metric(
+        out,
+        "gitfleet_jobs_dead",
+        "gauge",
+        "Jobs out of attempts.",
+        &one(jobs.dead.to_string()),
+    );
+    if let Some(seconds) = jobs.last_progress_seconds {
+        metric(
+            out,
+            "gitfleet_jobs_last_progress_seconds",
+            "gauge",
+            "How long ago any job last started or finished.",
+            &one(format!("{seconds:.3}")),
+        );
+    }
+    metric(
+        out,
+        "gitfleet_write_lock",
+        "gauge",
+        "Whether the cluster-wide write lock is on.",
+        &one(u8::from(figures.write_lock.enabled).to_string()),
+    );
+    metric(
+        out,
+        "gitfleet_status",
+        "gauge",
+        "The status verdict: 0 healthy, 1 repairing, 2 needs attention (as `admin status`).",
+        &one(match report.verdict {
+            crate::status::Verdict::Healthy => "0",
+            crate::status::Verdict::Repairing => "1",
+            crate::status::Verdict::Attention => "2",
+        }
+        .to_owned()),
+    );
 }

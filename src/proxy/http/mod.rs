@@ -104,6 +104,7 @@ async fn route(
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok"),
         (&Method::GET, "/readyz") => ready(gateway).await,
         (&Method::GET, "/metrics") => metrics(&gateway),
+        (&Method::GET, "/status") => status_page(gateway).await,
         // As a task of its own: a git request runs to its end even if the client goes away.
         _ => match tokio::spawn(git::serve(gateway, method, uri, headers, body)).await {
             Ok(response) => response,
@@ -146,6 +147,47 @@ async fn ready(gateway: Gateway) -> Response {
     } else {
         text(StatusCode::SERVICE_UNAVAILABLE, &problems.join("\n"))
     }
+}
+
+/// How often the status page reloads itself.
+const STATUS_REFRESH_SECONDS: u64 = 5;
+
+/// The cluster's status as a page for people: the same report as `gitfleet admin status`,
+/// with node health as this proxy sees it.
+async fn status_page(gateway: Gateway) -> Response {
+    let state = gateway.proxy.state();
+    let mut nodes: Vec<crate::status::NodeState> = state
+        .nodes
+        .storages()
+        .map(|node| crate::status::NodeState {
+            storage: node.storage.to_string(),
+            healthy: node.is_healthy(),
+        })
+        .collect();
+    nodes.sort_by(|a, b| a.storage.cmp(&b.storage));
+    let store = state.store.clone();
+    let stall_after = state.config.status.stall_after.0;
+    let gathered =
+        tokio::spawn(
+            async move { crate::status::Report::gather(&store, &nodes, stall_after).await },
+        )
+        .await;
+    let report = match gathered {
+        Ok(Ok(report)) => report,
+        Ok(Err(error)) => {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("the status cannot be read: {error}"),
+            );
+        }
+        Err(error) => return text(StatusCode::INTERNAL_SERVER_ERROR, &error.to_string()),
+    };
+    let mut response = text(StatusCode::OK, &report.html(STATUS_REFRESH_SECONDS));
+    response.headers_mut().insert(
+        "content-type",
+        "text/html; charset=utf-8".parse().expect("a valid header"),
+    );
+    response
 }
 
 /// Prometheus text format.
