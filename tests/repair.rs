@@ -32,6 +32,27 @@ fn status(cluster: &Cluster) -> (i32, String) {
     (output.status.code().unwrap_or(-1), text)
 }
 
+/// Polls `admin status` until `wanted` holds, and returns that status; on a timeout, fails
+/// with the last one seen.
+async fn status_until(
+    cluster: &Cluster,
+    seconds: u64,
+    wanted: impl Fn(i32, &str) -> bool,
+) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(seconds);
+    loop {
+        let (code, text) = status(cluster);
+        if wanted(code, &text) {
+            return text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out; the last status (exit {code}):\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn wipe(cluster: &Cluster, index: usize) {
     let root = cluster.nodes[index].storage_path(STORAGES[index]);
     for entry in std::fs::read_dir(&root).unwrap() {
@@ -74,12 +95,10 @@ async fn a_wiped_storage_is_found_out_and_repaired_and_the_status_tells_the_trut
     })
     .await;
     wipe(&cluster, 1);
-    wait_for(60, "every missing replica found and queued", || async {
-        let (code, text) = status(&cluster);
+    let during = status_until(&cluster, 60, |code, text| {
         code == 2 && text.contains("storage-2: 0 of 12 replicas up to date; 12 missing")
     })
     .await;
-    let (_, during) = status(&cluster);
     println!("status during the repair:\n{during}");
     assert!(during.starts_with("REPAIRING"), "{during}");
     let dataloss = admin(&cluster, &["dataloss", "--json"]);
@@ -99,13 +118,12 @@ async fn a_wiped_storage_is_found_out_and_repaired_and_the_status_tells_the_trut
 
     let copiers = start_worker(config, &[JobType::Replicator], Hooks::default());
     let started = std::time::Instant::now();
-    wait_for(120, "the repair", || async { status(&cluster).0 == 0 }).await;
+    let after = status_until(&cluster, 120, |code, _| code == 0).await;
     println!(
         "repaired {} replicas in {:.1}s",
         names.len(),
         started.elapsed().as_secs_f64()
     );
-    let (_, after) = status(&cluster);
     println!("status after the repair:\n{after}");
     assert!(after.starts_with("HEALTHY"), "{after}");
     for name in &names {
