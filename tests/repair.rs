@@ -54,15 +54,7 @@ async fn status_until(
 }
 
 fn wipe(cluster: &Cluster, index: usize) {
-    let root = cluster.nodes[index].storage_path(STORAGES[index]);
-    for entry in std::fs::read_dir(&root).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            std::fs::remove_dir_all(&path).unwrap();
-        } else {
-            std::fs::remove_file(&path).unwrap();
-        }
-    }
+    wipe_storage(&cluster.nodes[index].storage_path(STORAGES[index]));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -464,3 +464,25 @@ pub fn run_with_peak_memory(mut command: Command) -> (Output, u64) {
     };
     (output, peak_kib * 1024)
 }
+
+/// Empties a storage directory while its node runs, as a wiped disk would be. The node may
+/// write into it meanwhile (its identity file, say), so whatever appears during the removal is
+/// removed too.
+pub fn wipe_storage(root: &Path) {
+    for _ in 0..20 {
+        let mut left = false;
+        for entry in std::fs::read_dir(root).unwrap() {
+            let path = entry.unwrap().path();
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            left |= removed.is_err_and(|error| error.kind() != std::io::ErrorKind::NotFound);
+        }
+        if !left {
+            return;
+        }
+    }
+    panic!("{} could not be emptied", root.display());
+}
