@@ -108,9 +108,39 @@ async fn a_wiped_storage_is_found_out_and_repaired_and_the_status_tells_the_trut
     let refs = run_git(pushed[0].path(), &["ls-remote", &cluster.url(&names[0])]);
     assert!(refs.contains("refs/heads/main"), "{refs}");
 
-    let copiers = start_worker(config, &[JobType::Replicator], Hooks::default());
+    // Two replicators of four slots each, but never more than two copies at once to the
+    // wiped storage.
+    let copiers = start_worker(config.clone(), &[JobType::Replicator], Hooks::default());
+    let more = start_worker(config, &[JobType::Replicator], Hooks::default());
     let started = std::time::Instant::now();
+    let most = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut most = 0;
+            loop {
+                let running: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM jobs WHERE state = 'running' AND target_storage = 'storage-2'",
+                )
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
+                most = most.max(running);
+                let left: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM replicas WHERE storage = 'storage-2' AND stale",
+                )
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
+                if left == 0 {
+                    return most;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
     let after = status_until(&cluster, 120, |code, _| code == 0).await;
+    let most = most.await.unwrap();
+    assert!((1..=2).contains(&most), "{most} copies at once");
     println!(
         "repaired {} replicas in {:.1}s",
         names.len(),
@@ -130,6 +160,7 @@ async fn a_wiped_storage_is_found_out_and_repaired_and_the_status_tells_the_trut
     let clean = admin(&cluster, &["dataloss"]);
     assert_eq!(clean.status.code(), Some(0));
     copiers.stop().await;
+    more.stop().await;
     watchers.stop().await;
 }
 
@@ -327,5 +358,167 @@ async fn a_queue_nobody_works_shows_as_stuck() {
             == Some(0)
     })
     .await;
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replication_factors_change_per_repository_and_by_the_reconcilers_sweep() {
+    // Three storages, two replicas per repository.
+    let cluster = Cluster::start_with(3, 2, "").await;
+    cluster.create("factor.git").await;
+    let work = cluster.push_main("factor.git");
+    let record = cluster.record("factor.git").await;
+    assert_eq!(record.assigned.len(), 2);
+    let worker = start_worker(
+        repair_config(&cluster),
+        &[JobType::Reconciler, JobType::Replicator],
+        Hooks::default(),
+    );
+
+    // Raised for this repository: a third replica is made.
+    let raised = admin(
+        &cluster,
+        &["set-replication-factor", "default/factor.git", "3"],
+    );
+    assert!(raised.status.success(), "{raised:?}");
+    assert!(
+        String::from_utf8_lossy(&raised.stdout)
+            .contains("replication factor 3; assigned to storage-1, storage-2, storage-3"),
+        "{raised:?}"
+    );
+    wait_for(60, "a third replica", || async {
+        cluster.record("factor.git").await.up_to_date().count() == 3
+    })
+    .await;
+    cluster
+        .agreed_checksum(&cluster.record("factor.git").await)
+        .await;
+
+    // Lowered to one: the primary stays assigned.
+    let lowered = admin(
+        &cluster,
+        &["set-replication-factor", "default/factor.git", "1"],
+    );
+    assert!(lowered.status.success(), "{lowered:?}");
+    let record = cluster.record("factor.git").await;
+    assert_eq!(record.assigned, [record.primary.clone()]);
+    let refused = admin(
+        &cluster,
+        &["set-replication-factor", "default/factor.git", "4"],
+    );
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("cannot keep 4 replicas"),
+        "{refused:?}"
+    );
+
+    // The virtual storage's factor goes up in the config: the sweep assigns every older
+    // repository a third storage, and the copies follow.
+    admin(
+        &cluster,
+        &["set-replication-factor", "default/factor.git", "default"],
+    );
+    cluster.create("older.git").await;
+    cluster.push_main("older.git");
+    let store = cluster.store();
+    sqlx::query("UPDATE repositories SET created_at = now() - interval '1 hour'")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    worker.stop().await;
+    let mut config = repair_config(&cluster);
+    config.virtual_storages[0].replication_factor = 3;
+    let worker = start_worker(
+        config,
+        &[JobType::Reconciler, JobType::Replicator],
+        Hooks::default(),
+    );
+    for name in ["factor.git", "older.git"] {
+        wait_for(60, "three replicas by the sweep", || async {
+            let record = cluster.record(name).await;
+            record.assigned.len() == 3 && record.up_to_date().count() == 3
+        })
+        .await;
+        cluster.agreed_checksum(&cluster.record(name).await).await;
+    }
+    let refs = run_git(work.path(), &["ls-remote", &cluster.url("older.git")]);
+    assert!(refs.contains("refs/heads/main"), "{refs}");
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repository_found_on_disk_is_tracked_and_replicated() {
+    let cluster = Cluster::start(2).await;
+    // A repository made on storage-1 behind the catalog's back.
+    let work = tempfile::tempdir().unwrap();
+    make_history(work.path());
+    let on_disk = cluster.nodes[0].repo_path(STORAGES[0], "imported/found.git");
+    std::fs::create_dir_all(on_disk.parent().unwrap()).unwrap();
+    run_git(
+        work.path(),
+        &["clone", "-q", "--bare", ".", on_disk.to_str().unwrap()],
+    );
+    let worker = start_worker(
+        repair_config(&cluster),
+        &[JobType::Replicator],
+        Hooks::default(),
+    );
+    let missing = admin(
+        &cluster,
+        &[
+            "track-repository",
+            "default/adopted.git",
+            "--storage",
+            "storage-1",
+            "--replica-path",
+            "imported/nothing.git",
+        ],
+    );
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("holds no repository at"),
+        "{missing:?}"
+    );
+    let tracked = admin(
+        &cluster,
+        &[
+            "track-repository",
+            "default/adopted.git",
+            "--storage",
+            "storage-1",
+            "--replica-path",
+            "imported/found.git",
+        ],
+    );
+    assert!(tracked.status.success(), "{tracked:?}");
+    assert!(
+        String::from_utf8_lossy(&tracked.stdout).contains("replicating to storage-2"),
+        "{tracked:?}"
+    );
+    let refs = run_git(work.path(), &["ls-remote", &cluster.url("adopted.git")]);
+    assert!(refs.contains("refs/heads/main"), "{refs}");
+    wait_for(60, "the copy on storage-2", || async {
+        cluster.record("adopted.git").await.up_to_date().count() == 2
+    })
+    .await;
+    cluster
+        .agreed_checksum(&cluster.record("adopted.git").await)
+        .await;
+    let twice = admin(
+        &cluster,
+        &[
+            "track-repository",
+            "default/again.git",
+            "--storage",
+            "storage-1",
+            "--replica-path",
+            "imported/found.git",
+        ],
+    );
+    assert_eq!(twice.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&twice.stderr).contains("already the replica path"),
+        "{twice:?}"
+    );
     worker.stop().await;
 }
