@@ -401,7 +401,7 @@ async fn replication_factors_change_per_repository_and_by_the_reconcilers_sweep(
     );
     assert!(lowered.status.success(), "{lowered:?}");
     let record = cluster.record("factor.git").await;
-    assert_eq!(record.assigned, [record.primary.clone()]);
+    assert_eq!(record.assigned, std::slice::from_ref(&record.primary));
     let refused = admin(
         &cluster,
         &["set-replication-factor", "default/factor.git", "4"],
