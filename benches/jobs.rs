@@ -19,11 +19,7 @@ use tokio_util::sync::CancellationToken;
 const JOBS: i64 = 3000;
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
+    common::bench_runtime().block_on(async {
         println!("gitfleet job queue ({JOBS} no-op jobs per run; each worker runs 8 at once)");
         println!("{:<28} {:>12} {:>12}", "workers", "jobs/s", "seconds");
         for workers in [1, 4, 16] {

@@ -27,11 +27,7 @@ fn status(cluster: &Cluster) -> (i32, String) {
 }
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
+    common::bench_runtime().block_on(async {
         let cluster = Cluster::start(3).await;
         let made = Instant::now();
         let names: Vec<String> = (0..REPOSITORIES).map(|n| format!("bench/{n}.git")).collect();

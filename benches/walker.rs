@@ -21,11 +21,7 @@ const REPLICAS: usize = 100_000;
 const RUNS: usize = 3;
 
 fn main() {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
+    common::bench_runtime().block_on(async {
         let cluster = Cluster::start_with(1, 1, "").await;
         let root = cluster.nodes[0].storage_path(STORAGES[0]);
         let made = Instant::now();

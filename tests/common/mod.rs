@@ -486,3 +486,11 @@ pub fn wipe_storage(root: &Path) {
     }
     panic!("{} could not be emptied", root.display());
 }
+
+/// The runtime a benchmark's main runs on.
+pub fn bench_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
