@@ -182,6 +182,21 @@ impl Report {
         }
     }
 
+    fn node_up(&self, storage: &str) -> bool {
+        self.nodes
+            .iter()
+            .find(|n| n.storage == storage)
+            .is_some_and(|n| n.healthy)
+    }
+
+    /// Seconds since the storage's last walk finished.
+    fn walked_ago(&self, storage: &str) -> Option<f64> {
+        self.walks
+            .iter()
+            .find(|w| w.storage == storage)
+            .and_then(|w| w.finished_ago_seconds)
+    }
+
     /// The report for a terminal.
     pub fn text(&self) -> String {
         let mut out = String::new();
@@ -211,17 +226,7 @@ impl Report {
             "WALKED"
         );
         for storage in &self.figures.storages {
-            let node = self
-                .nodes
-                .iter()
-                .find(|n| n.storage == storage.storage)
-                .is_some_and(|n| n.healthy);
-            let walked = self
-                .walks
-                .iter()
-                .find(|w| w.storage == storage.storage)
-                .and_then(|w| w.finished_ago_seconds)
-                .map_or("never".to_owned(), |s| format!("{} ago", ago(s)));
+            let node = self.node_up(&storage.storage);
             let _ = writeln!(
                 out,
                 "{:<14} {:<5} {:>9} {:>10} {:>7} {:>8} {:>9} {:>7} {:>10}  {:<10} {:<10}",
@@ -234,10 +239,8 @@ impl Report {
                 storage.repairing,
                 storage.queued,
                 storage.unverified,
-                storage
-                    .verified_ago_seconds
-                    .map_or("never".to_owned(), |s| format!("{} ago", ago(s))),
-                walked
+                since(storage.verified_ago_seconds),
+                since(self.walked_ago(&storage.storage))
             );
         }
         let jobs = &self.figures.jobs;
@@ -250,8 +253,7 @@ impl Report {
                 .map(|s| format!(" (oldest {})", ago(s)))
                 .unwrap_or_default(),
             jobs.dead,
-            jobs.last_progress_seconds
-                .map_or("never".to_owned(), |s| format!("{} ago", ago(s)))
+            since(jobs.last_progress_seconds)
         );
         for (kind, state, count) in &jobs.by_state {
             let _ = writeln!(out, "  {kind:<10} {state:<8} {count:>8}");
@@ -280,6 +282,11 @@ impl Report {
         );
         out
     }
+}
+
+/// "never", or how long ago: "42s ago".
+fn since(seconds: Option<f64>) -> String {
+    seconds.map_or("never".to_owned(), |s| format!("{} ago", ago(s)))
 }
 
 /// A rounded, readable duration: "42s", "5m", "3h", "2d".
@@ -354,21 +361,12 @@ impl Report {
              <th>Last walk</th></tr>",
         );
         for storage in &self.figures.storages {
-            let up = self
-                .nodes
-                .iter()
-                .find(|n| n.storage == storage.storage)
-                .is_some_and(|n| n.healthy);
+            let up = self.node_up(&storage.storage);
             let share = if storage.replicas > 0 {
                 100.0 * storage.up_to_date() as f64 / storage.replicas as f64
             } else {
                 100.0
             };
-            let walked = self
-                .walks
-                .iter()
-                .find(|w| w.storage == storage.storage)
-                .and_then(|w| w.finished_ago_seconds);
             let _ = write!(
                 out,
                 "<tr><td>{}</td><td{}>{}</td><td>{}</td><td>{}</td>\
@@ -384,10 +382,8 @@ impl Report {
                 storage.repairing,
                 storage.queued,
                 storage.unverified,
-                storage
-                    .verified_ago_seconds
-                    .map_or("never".to_owned(), |s| format!("{} ago", ago(s))),
-                walked.map_or("never".to_owned(), |s| format!("{} ago", ago(s))),
+                since(storage.verified_ago_seconds),
+                since(self.walked_ago(&storage.storage)),
             );
         }
         out.push_str(
@@ -407,8 +403,7 @@ impl Report {
                 .map(|s| format!(" (the oldest for {})", ago(s)))
                 .unwrap_or_default(),
             jobs.dead,
-            jobs.last_progress_seconds
-                .map_or("never".to_owned(), |s| format!("{} ago", ago(s)))
+            since(jobs.last_progress_seconds)
         );
         for (kind, state, count) in &jobs.by_state {
             let _ = write!(

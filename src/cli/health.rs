@@ -284,13 +284,7 @@ pub async fn accept_dataloss(config: &ProxyConfig, args: AcceptDatalossArgs) -> 
         .storages(Some(&args.authoritative))?
         .pop()
         .expect("one storage");
-    let Some(record) = context
-        .store
-        .find_repository(&name.storage, &name.relative_path)
-        .await?
-    else {
-        bail!("{name} does not exist");
-    };
+    let record = existing(&context, &name).await?;
     belongs(&context, &name, &storage)?;
     if !exists_on(&context, &storage, &record.replica_path).await? {
         bail!(
@@ -392,13 +386,7 @@ pub async fn set_replication_factor(
             Some(factor)
         }
     };
-    let Some(record) = context
-        .store
-        .find_repository(&name.storage, &name.relative_path)
-        .await?
-    else {
-        bail!("{name} does not exist");
-    };
+    let record = existing(&context, &name).await?;
     let Some(assigned) = context
         .store
         .set_replication_factor(record.id, factor, &context.nodes.placements())
@@ -425,13 +413,7 @@ pub async fn verify(config: &ProxyConfig, args: VerifyArgs) -> anyhow::Result<()
     let queued = match (&args.repository, &args.storage) {
         (Some(repository), None) => {
             let name = RepositoryName::parse(repository)?;
-            let Some(record) = context
-                .store
-                .find_repository(&name.storage, &name.relative_path)
-                .await?
-            else {
-                bail!("{name} does not exist");
-            };
+            let record = existing(&context, &name).await?;
             context
                 .store
                 .request_verification(Some(record.id), None)
@@ -449,6 +431,18 @@ pub async fn verify(config: &ProxyConfig, args: VerifyArgs) -> anyhow::Result<()
     println!("{queued} replicas are first in line for the verifier");
     context.store.close().await;
     Ok(())
+}
+
+/// The repository named, which must exist.
+async fn existing(
+    context: &Context,
+    name: &RepositoryName,
+) -> anyhow::Result<crate::store::RepositoryRecord> {
+    context
+        .store
+        .find_repository(&name.storage, &name.relative_path)
+        .await?
+        .with_context(|| format!("{name} does not exist"))
 }
 
 /// The virtual storage of `name`, which must contain `storage`.

@@ -43,6 +43,34 @@ macro_rules! rank_assignments {
     };
 }
 
+/// Carries out the ranking of `rank_assignments`: the best `wanted` member storages are
+/// assigned (the assigned ones kept first), the rest unassigned, and an assigned storage with
+/// no replica record is recorded as missing. Each part returns a row per change.
+macro_rules! apply_assignments {
+    () => {
+        "added AS (
+         INSERT INTO assignments (repository_id, storage)
+         SELECT id, storage FROM ranked
+         WHERE NOT assigned AND rank <= wanted - assigned_count
+         ON CONFLICT DO NOTHING
+         RETURNING 1
+     ), dropped AS (
+         DELETE FROM assignments a USING ranked k
+         WHERE k.assigned AND k.rank > k.wanted
+           AND a.repository_id = k.id AND a.storage = k.storage
+         RETURNING 1
+     ), absent AS (
+         INSERT INTO replicas (repository_id, storage, generation, missing_since)
+         SELECT id, storage, NULL, now() FROM ranked
+         WHERE NOT has_replica
+           AND ((assigned AND rank <= wanted)
+                OR (NOT assigned AND rank <= wanted - assigned_count))
+         ON CONFLICT DO NOTHING
+         RETURNING 1
+     )"
+    };
+}
+
 /// The advisory lock whose holder is the one reconciler deciding.
 const RECONCILER_LOCK: i64 = 0x6769_7466_6c65_6574; // "gitfleet"
 
@@ -125,27 +153,9 @@ impl Store {
                          ORDER BY r.id LIMIT $5
                      ), ",
                     rank_assignments!(),
-                    ",
-                     added AS (
-                         INSERT INTO assignments (repository_id, storage)
-                         SELECT id, storage FROM ranked
-                         WHERE NOT assigned AND rank <= wanted - assigned_count
-                         ON CONFLICT DO NOTHING
-                         RETURNING 1
-                     ), dropped AS (
-                         DELETE FROM assignments a USING ranked k
-                         WHERE k.assigned AND k.rank > k.wanted
-                           AND a.repository_id = k.id AND a.storage = k.storage
-                         RETURNING 1
-                     ), absent AS (
-                         INSERT INTO replicas (repository_id, storage, generation, missing_since)
-                         SELECT id, storage, NULL, now() FROM ranked
-                         WHERE NOT has_replica
-                           AND ((assigned AND rank <= wanted)
-                                OR (NOT assigned AND rank <= wanted - assigned_count))
-                         ON CONFLICT DO NOTHING
-                         RETURNING 1
-                     ), moved AS (
+                    ", ",
+                    apply_assignments!(),
+                    ", moved AS (
                          UPDATE reconciler
                          SET cursor = CASE WHEN (SELECT count(*) FROM swept) < $5 THEN 0
                                            ELSE (SELECT max(id) FROM swept) END,
@@ -242,26 +252,9 @@ impl Store {
                          WHERE r.id = (SELECT id FROM changed)
                      ), ",
                     rank_assignments!(),
-                    ",
-                     added AS (
-                         INSERT INTO assignments (repository_id, storage)
-                         SELECT id, storage FROM ranked
-                         WHERE NOT assigned AND rank <= wanted - assigned_count
-                         ON CONFLICT DO NOTHING
-                         RETURNING storage
-                     ), dropped AS (
-                         DELETE FROM assignments a USING ranked k
-                         WHERE k.assigned AND k.rank > k.wanted
-                           AND a.repository_id = k.id AND a.storage = k.storage
-                         RETURNING a.storage
-                     ), absent AS (
-                         INSERT INTO replicas (repository_id, storage, generation, missing_since)
-                         SELECT id, storage, NULL, now() FROM ranked
-                         WHERE NOT has_replica
-                           AND ((assigned AND rank <= wanted)
-                                OR (NOT assigned AND rank <= wanted - assigned_count))
-                         ON CONFLICT DO NOTHING
-                     )
+                    ", ",
+                    apply_assignments!(),
+                    "
                      SELECT EXISTS (SELECT 1 FROM changed) AS found,
                             ARRAY(SELECT storage FROM ranked
                                   WHERE (assigned AND rank <= wanted)
