@@ -522,3 +522,64 @@ async fn a_repository_found_on_disk_is_tracked_and_replicated() {
     );
     worker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_that_finds_its_replica_gone_has_it_verified_and_repaired_at_once() {
+    let cluster = Cluster::start(3).await;
+    cluster.create("vanished.git").await;
+    let work = cluster.push_main("vanished.git");
+    let record = cluster.record("vanished.git").await;
+    let primary = STORAGES
+        .iter()
+        .position(|storage| *storage == record.primary.as_str())
+        .unwrap();
+    // Verified a while ago, with the next verification days away.
+    let mut config = repair_config(&cluster);
+    config.verifier.interval = gitfleet::config::Duration(Duration::from_secs(7 * 86_400));
+    let worker = start_worker(
+        config,
+        &[JobType::Verifier, JobType::Reconciler, JobType::Replicator],
+        Hooks::default(),
+    );
+    let store = cluster.store();
+    wait_for(30, "the first verification", || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM replicas WHERE verified_at IS NULL")
+            .fetch_one(store.pool())
+            .await
+            .unwrap()
+            == 0
+    })
+    .await;
+    // One replica disappears from its disk: the storage keeps its identity.
+    std::fs::remove_dir_all(cluster.replica_dir(primary, &record)).unwrap();
+
+    // A read routed to it fails once, and puts it in the verifier's line.
+    let mut refs =
+        gitfleet::proto::ref_service_client::RefServiceClient::new(cluster.channel().await);
+    let mut request = tonic::Request::new(gitfleet::proto::FindDefaultBranchRequest {
+        repository: header("default", "vanished.git"),
+    });
+    request
+        .metadata_mut()
+        .insert("gitfleet-route", "primary".parse().unwrap());
+    let failed = refs.find_default_branch(request).await.unwrap_err();
+    assert_eq!(failed.code(), tonic::Code::NotFound, "{failed:?}");
+    wait_for(60, "the replica repaired", || async {
+        cluster.replica_dir(primary, &record).join("HEAD").is_file()
+            && cluster.record("vanished.git").await.up_to_date().count() == 3
+    })
+    .await;
+    cluster
+        .agreed_checksum(&cluster.record("vanished.git").await)
+        .await;
+    let found: i64 =
+        sqlx::query_scalar("SELECT missing FROM storage_verifications WHERE storage = $1")
+            .bind(STORAGES[primary])
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(found, 1);
+    let refs_now = run_git(work.path(), &["ls-remote", &cluster.url("vanished.git")]);
+    assert!(refs_now.contains("refs/heads/main"), "{refs_now}");
+    worker.stop().await;
+}

@@ -41,9 +41,35 @@ pub(super) async fn accessor(
     if let Some(deadline) = deadline {
         request.set_timeout(deadline);
     }
-    send(proxy, &storage, call.info.path, request)
-        .await
-        .map(streamed)
+    let sent = send(proxy, &storage, call.info.path, request).await;
+    if let Err(ProxyError::Node { status, .. }) = &sent
+        && is_missing_repository(status)
+    {
+        suspect(proxy, &record, &storage);
+    }
+    sent.map(streamed)
+}
+
+/// Whether a node answered that the repository itself is not there (rather than a revision
+/// or a path in it).
+fn is_missing_repository(status: &Status) -> bool {
+    status.code() == tonic::Code::NotFound
+        && status.message().starts_with("repository ")
+        && status.message().ends_with(" does not exist")
+}
+
+/// A replica the catalog holds up to date answered that it does not exist: it goes first in
+/// the verifier's line, which records it missing and so has it repaired, instead of waiting
+/// for its turn. In the background; the read's answer does not wait for it.
+fn suspect(proxy: &Proxy, record: &RepositoryRecord, storage: &StorageName) {
+    tracing::warn!(%storage, repository = record.id.0, "an up-to-date replica is missing on its node; verifying it now");
+    let store = proxy.state.store.clone();
+    let (id, storage) = (record.id, storage.clone());
+    tokio::spawn(async move {
+        if let Err(error) = store.request_verification(Some(id), Some(&storage)).await {
+            tracing::debug!(%error, "the verification was not requested");
+        }
+    });
 }
 
 /// The repository a call names, from the routing cache.
