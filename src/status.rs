@@ -370,13 +370,15 @@ impl Report {
             let _ = write!(
                 out,
                 "<tr><td>{}</td><td{}>{}</td><td>{}</td><td>{}</td>\
-                 <td><span class=\"bar\" title=\"{share:.0}%\"><span style=\"width:{share:.0}%\"></span></span></td>\
+                 <td><span class=\"bar\" title=\"{share:.0}%\"><span style=\"width:{share:.0}%{}\"></span></span></td>\
                  <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
                 escape(&storage.storage),
                 if up { "" } else { " class=\"down\"" },
                 if up { "up" } else { "DOWN" },
                 storage.replicas,
                 storage.up_to_date(),
+                // What a node that is down holds cannot be read: its bar is grey.
+                if up { "" } else { ";background:#999" },
                 storage.behind,
                 storage.missing,
                 storage.repairing,

@@ -72,11 +72,19 @@ async fn a_wiped_storage_is_found_out_and_repaired_and_the_status_tells_the_trut
 
     // The verifier and the reconciler run; nothing copies yet, so the repair can be watched.
     let config = repair_config(&cluster);
-    let watchers = start_worker(
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics = format!("http://{}", listener.local_addr().unwrap());
+    let watchers = start_worker_on(
         config.clone(),
         &[JobType::Verifier, JobType::Reconciler],
         Hooks::default(),
+        Some(listener),
     );
+    let scrape = || {
+        let (status, _, body) = common::http::http_get(&metrics, "/metrics", None);
+        assert_eq!(status, 200);
+        body
+    };
     let store = cluster.store();
     wait_for(30, "the storages' identities", || async {
         sqlx::query_scalar::<_, i64>("SELECT count(*) FROM storage_identities")
@@ -92,6 +100,16 @@ async fn a_wiped_storage_is_found_out_and_repaired_and_the_status_tells_the_trut
     })
     .await;
     println!("status during the repair:\n{during}");
+    let scraped = scrape();
+    for line in [
+        "gitfleet_replicas{storage=\"storage-2\",state=\"missing\"} 12",
+        "gitfleet_replicas{storage=\"storage-2\",state=\"up_to_date\"} 0",
+        "gitfleet_replicas{storage=\"storage-1\",state=\"up_to_date\"} 12",
+        "gitfleet_repositories{virtual_storage=\"default\"} 12",
+        "gitfleet_status 1",
+    ] {
+        assert!(scraped.contains(line), "{line} not in\n{scraped}");
+    }
     assert!(during.starts_with("REPAIRING"), "{during}");
     let dataloss = admin(&cluster, &["dataloss", "--json"]);
     let listed: serde_json::Value =
@@ -157,6 +175,16 @@ async fn a_wiped_storage_is_found_out_and_repaired_and_the_status_tells_the_trut
         );
         cluster.agreed_checksum(&record).await;
     }
+    let scraped = scrape();
+    assert!(scraped.contains("gitfleet_status 0"), "{scraped}");
+    assert!(
+        scraped.contains("gitfleet_replicas{storage=\"storage-2\",state=\"up_to_date\"} 12"),
+        "{scraped}"
+    );
+    assert!(
+        scraped.contains("gitfleet_verify_missing_total{storage=\"storage-2\"} 12"),
+        "{scraped}"
+    );
     let clean = admin(&cluster, &["dataloss"]);
     assert_eq!(clean.status.code(), Some(0));
     copiers.stop().await;

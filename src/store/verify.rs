@@ -205,7 +205,8 @@ impl Store {
     ///   were when judged and no write is in flight; otherwise it stays first in line;
     /// - skipped or failed: it stays first in line.
     ///
-    /// The storage's running totals move with it.
+    /// The storage's running totals move with it; a replica already known missing or
+    /// diverged is not counted again.
     pub async fn record_verifications(
         &self,
         owner: &str,
@@ -240,7 +241,11 @@ impl Store {
                                       AND r.lease_token = f.lease_token
                                       AND NOT COALESCE(r.lease_expires_at > now(), false)
                                       AND NOT EXISTS (SELECT 1 FROM write_intents i
-                                                      WHERE i.repository_id = r.id)) AS marks
+                                                      WHERE i.repository_id = r.id)) AS marks,
+                                -- Not known missing (or diverged) before: counted as found.
+                                ((f.verdict = 'missing' AND p.missing_since IS NULL)
+                                 OR (f.verdict = 'diverged' AND p.generation IS NOT NULL))
+                                    AS news
                          FROM finding f
                          JOIN replicas p ON p.repository_id = f.repository_id
                                         AND p.storage = f.storage
@@ -260,18 +265,20 @@ impl Store {
                                                       ELSE p.verify_expires_at END
                          FROM judged j
                          WHERE p.repository_id = j.repository_id AND p.storage = j.storage
-                         RETURNING p.storage, j.verdict, j.marks
+                         RETURNING p.storage, j.verdict, j.marks, j.news, j.error
                      ), totals AS (
                          INSERT INTO storage_verifications AS s
                              (storage, last_verified_at, verified, missing, diverged, errors,
                               last_error)
-                         SELECT f.storage, now(),
-                                count(*) FILTER (WHERE f.verdict = 'verified'),
-                                count(*) FILTER (WHERE f.verdict = 'missing'),
-                                count(*) FILTER (WHERE f.verdict = 'diverged'),
-                                count(*) FILTER (WHERE f.verdict = 'error'),
-                                max(f.error)
-                         FROM finding f GROUP BY f.storage ORDER BY f.storage
+                         SELECT c.storage, now(),
+                                count(*) FILTER (WHERE c.verdict = 'verified'),
+                                count(*) FILTER (WHERE c.verdict = 'missing'
+                                                 AND c.marks AND c.news),
+                                count(*) FILTER (WHERE c.verdict = 'diverged'
+                                                 AND c.marks AND c.news),
+                                count(*) FILTER (WHERE c.verdict = 'error'),
+                                max(c.error)
+                         FROM changed c GROUP BY c.storage ORDER BY c.storage
                          ON CONFLICT (storage) DO UPDATE
                              SET last_verified_at = now(),
                                  verified = s.verified + EXCLUDED.verified,
@@ -281,7 +288,7 @@ impl Store {
                                  last_error = COALESCE(EXCLUDED.last_error, s.last_error)
                      )
                      SELECT verdict, count(*) AS replicas FROM changed
-                     WHERE verdict = 'verified' OR marks GROUP BY verdict",
+                     WHERE verdict = 'verified' OR (marks AND news) GROUP BY verdict",
                 )
                 .bind(owner)
                 .bind(&repositories)
