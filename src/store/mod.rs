@@ -4,6 +4,7 @@
 
 mod jobs;
 mod reconcile;
+mod replica_paths;
 mod replication;
 mod repositories;
 mod status;
@@ -19,10 +20,10 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 pub use jobs::{ClaimedJob, Closed, JOB_STATES, JobId, JobRow, NewJob, QueueDepth};
 pub use reconcile::{Accepted, Placement, Round};
+pub use replica_paths::ReplicaPathLock;
 pub use replication::ReplicationPlan;
 pub use repositories::{
-    Deleted, Deletion, NewRepository, RemovedRepository, Renamed, ReplicaPathLock,
-    RepositoryRecord, Which,
+    Deleted, Deletion, NewRepository, RemovedRepository, Renamed, RepositoryRecord, Which,
 };
 pub use status::{
     Figures, JobFigures, ReplicaReport, ReplicaRow, Shortfall, StorageFigures, WriteLock,
