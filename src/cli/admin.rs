@@ -76,6 +76,12 @@ enum AdminCommand {
     SetReplicationFactor(super::health::SetReplicationFactorArgs),
     /// Put a repository's replicas, or a storage's, first in the verifier's line.
     Verify(super::health::VerifyArgs),
+    /// The cluster-wide write lock for maintenance: enable (optionally waiting for the writes
+    /// in flight), disable, status.
+    WriteLock {
+        #[command(subcommand)]
+        action: super::write_lock::WriteLockAction,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -138,6 +144,9 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
             return super::health::set_replication_factor(&config, set).await;
         }
         AdminCommand::Verify(verify) => return super::health::verify(&config, verify).await,
+        AdminCommand::WriteLock { action } => {
+            return exit_with(super::write_lock::run(&config, action).await?);
+        }
         AdminCommand::RemoveRepository {
             repository,
             db_only: true,
@@ -185,7 +194,8 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         | AdminCommand::AcceptDataloss(_)
         | AdminCommand::TrackRepository(_)
         | AdminCommand::SetReplicationFactor(_)
-        | AdminCommand::Verify(_) => unreachable!("answered above"),
+        | AdminCommand::Verify(_)
+        | AdminCommand::WriteLock { .. } => unreachable!("answered above"),
         AdminCommand::RemoveRepository { repository, .. } => {
             let name = RepositoryName::parse(&repository)?;
             client

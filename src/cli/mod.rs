@@ -10,6 +10,7 @@ mod proxy;
 mod quarantine;
 mod storage;
 mod worker;
+mod write_lock;
 
 use std::process::ExitCode;
 

@@ -58,6 +58,8 @@ pub enum ProxyError {
     },
     #[error("the request's task failed: {0}")]
     Task(String),
+    #[error("writes are locked for maintenance: {0}")]
+    WriteLocked(String),
 }
 
 impl ProxyError {
@@ -118,7 +120,8 @@ impl From<ProxyError> for Status {
             ProxyError::NoReplica { .. }
             | ProxyError::NotEnoughReplicas { .. }
             | ProxyError::WriteBusy { .. }
-            | ProxyError::WriteFailed { .. } => Status::unavailable(message),
+            | ProxyError::WriteFailed { .. }
+            | ProxyError::WriteLocked(_) => Status::unavailable(message),
             ProxyError::Task(_) => Status::internal(message),
         };
         status

@@ -13,6 +13,7 @@ mod routing;
 mod service;
 mod ssh_push;
 mod write;
+pub mod write_lock;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -58,6 +59,8 @@ pub struct ProxyState {
     writes: TaskTracker,
     /// Set when shutdown begins: /readyz turns away new traffic while calls drain.
     draining: std::sync::atomic::AtomicBool,
+    /// The maintenance write lock, as last heard from PostgreSQL.
+    pub write_lock: Arc<write_lock::WriteLockWatch>,
 }
 
 #[derive(Debug, Clone)]
@@ -152,6 +155,7 @@ impl Proxy {
                 write_queues: Mutex::default(),
                 writes: TaskTracker::new(),
                 draining: std::sync::atomic::AtomicBool::new(false),
+                write_lock: Arc::default(),
             }),
         })
     }
@@ -235,6 +239,12 @@ pub async fn serve_announced(
         background.clone(),
     ));
     let listener_task = tokio::spawn(state.routing.clone().run_listener(background.clone()));
+    tokio::spawn(
+        state
+            .write_lock
+            .clone()
+            .run(state.store.clone(), background.clone()),
+    );
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     set_health(&health_reporter, ServingStatus::Serving).await;

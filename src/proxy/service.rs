@@ -147,6 +147,13 @@ async fn handle(
         virtual_storage,
         relative_path,
     };
+    if matches!(
+        info.kind,
+        RpcKind::Mutator | RpcKind::Creator | RpcKind::Remover
+    ) && let Some(reason) = proxy.state.write_lock.locked()
+    {
+        return Err(ProxyError::WriteLocked(reason));
+    }
     match info.kind {
         RpcKind::Accessor => forward::accessor(&proxy, call).await,
         RpcKind::Mutator => write::mutator(&proxy, call).await,

@@ -3,6 +3,7 @@
 //! `WHERE`, and callers check what it returned.
 
 mod jobs;
+mod maintenance;
 mod reconcile;
 mod replica_paths;
 mod replication;
@@ -19,6 +20,7 @@ use std::time::{Duration, Instant};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 pub use jobs::{ClaimedJob, Closed, JOB_STATES, JobId, JobRow, NewJob, QueueDepth};
+pub use maintenance::{MAINTENANCE_CHANNEL, WriteInFlight};
 pub use reconcile::{Accepted, Placement, Round};
 pub use replica_paths::ReplicaPathLock;
 pub use replication::ReplicationPlan;

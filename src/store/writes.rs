@@ -62,6 +62,8 @@ pub enum WriteStart {
         assigned: Vec<StorageName>,
         reachable: Vec<StorageName>,
     },
+    /// The maintenance write lock is on, for this reason: nothing was taken.
+    Locked(String),
 }
 
 /// How a write ended, once committed.
@@ -114,6 +116,7 @@ impl Store {
                          WHERE r.id = s.id
                            AND (r.lease_owner IS NULL OR r.lease_expires_at < now())
                            AND s.reachable >= s.assigned / 2 + 1
+                           AND NOT (SELECT write_lock FROM maintenance)
                          RETURNING r.id, r.lease_token, r.generation, r.lease_expires_at
                      ), targets AS (
                          SELECT coalesce(array_agg(a.storage ORDER BY a.storage), '{}') AS storages
@@ -150,7 +153,9 @@ impl Store {
                                     AND a.storage = ANY($7) ORDER BY a.storage)
                                 AS reachable_storages,
                             stale.id AS stale_intent, stale.ref_updates::text AS stale_changes,
-                            stale.target_storages AS stale_targets
+                            stale.target_storages AS stale_targets,
+                            (SELECT CASE WHEN write_lock THEN COALESCE(reason, '') END
+                             FROM maintenance) AS locked
                      FROM snapshot
                      LEFT JOIN lease ON true LEFT JOIN intent ON true LEFT JOIN targets ON true
                      LEFT JOIN stale ON true",
@@ -174,6 +179,9 @@ impl Store {
         let stale: Option<i64> = row.try_get("stale_intent")?;
         let intent = row.try_get::<Option<i64>, _>("intent")?.or(stale);
         let (Some(token), Some(intent)) = (token, intent) else {
+            if let Some(reason) = row.try_get::<Option<String>, _>("locked")? {
+                return Ok(WriteStart::Locked(reason));
+            }
             let free: bool = row.try_get("free")?;
             if !free {
                 return Ok(WriteStart::Busy);

@@ -118,6 +118,15 @@ pub async fn serve(
             &format!("the token of {} may read but not push", caller.name),
         );
     }
+    // Turned away before the pack is sent, with the reason git shows its user.
+    if service == Service::ReceivePack
+        && let Some(reason) = gateway.proxy.state().write_lock.locked()
+    {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("writes are locked for maintenance: {reason}"),
+        );
+    }
     tracing::debug!(repository = %name, caller = %caller.name, service = service.name(), "git over http");
     let git_protocol = headers
         .get("git-protocol")

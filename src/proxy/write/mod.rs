@@ -217,6 +217,7 @@ impl Write {
                 WriteStart::Leased(lease) => return Ok(lease),
                 WriteStart::Recover(lease, stale) => self.recover(&lease, &stale).await?,
                 WriteStart::NotFound => return Err(ProxyError::NotFound(self.repository.clone())),
+                WriteStart::Locked(reason) => return Err(ProxyError::WriteLocked(reason)),
                 WriteStart::Unreachable {
                     assigned,
                     reachable,
