@@ -12,7 +12,7 @@ mod push;
 mod routing;
 mod service;
 mod ssh_push;
-mod write;
+pub(crate) mod write;
 pub mod write_lock;
 
 use std::collections::HashMap;

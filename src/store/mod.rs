@@ -5,6 +5,7 @@
 mod jobs;
 mod maintenance;
 mod reconcile;
+mod recovery;
 mod replica_paths;
 mod replication;
 mod repositories;
@@ -22,6 +23,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 pub use jobs::{ClaimedJob, Closed, JOB_STATES, JobId, JobRow, NewJob, QueueDepth};
 pub use maintenance::{MAINTENANCE_CHANNEL, WriteInFlight};
 pub use reconcile::{Accepted, Placement, Round};
+pub use recovery::Interrupted;
 pub use replica_paths::ReplicaPathLock;
 pub use replication::ReplicationPlan;
 pub use repositories::{

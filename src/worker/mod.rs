@@ -5,6 +5,7 @@
 mod metrics;
 mod queue;
 mod reconcile;
+mod recover;
 mod remove;
 mod replicate;
 mod supervisor;
@@ -45,17 +46,20 @@ pub enum JobType {
     Verifier,
     /// Queues the repairs and carries out the assignment changes; one decides at a time.
     Reconciler,
+    /// Rolls back writes whose proxy went away; not a queue, but the intents themselves.
+    Recovery,
     /// Completes `noop` jobs and does nothing else: for measuring the queue itself.
     Noop,
 }
 
 impl JobType {
-    pub const ALL: [JobType; 6] = [
+    pub const ALL: [JobType; 7] = [
         JobType::Replicator,
         JobType::Remover,
         JobType::Walker,
         JobType::Verifier,
         JobType::Reconciler,
+        JobType::Recovery,
         JobType::Noop,
     ];
 
@@ -66,6 +70,7 @@ impl JobType {
             JobType::Walker => "walker",
             JobType::Verifier => "verifier",
             JobType::Reconciler => "reconciler",
+            JobType::Recovery => "recovery",
             JobType::Noop => "noop",
         }
     }
@@ -75,7 +80,7 @@ impl JobType {
         match self {
             JobType::Replicator => &[JOB_REPLICATE],
             JobType::Remover => &[JOB_REMOVE],
-            JobType::Walker | JobType::Verifier | JobType::Reconciler => &[],
+            JobType::Walker | JobType::Verifier | JobType::Reconciler | JobType::Recovery => &[],
             JobType::Noop => &[JOB_NOOP],
         }
     }
@@ -90,7 +95,7 @@ impl JobType {
             JobType::Replicator => replicate::run(worker, job).await,
             JobType::Remover => remove::run(worker, job).await,
             // They claim no queue kind, so they are never handed a job.
-            JobType::Walker | JobType::Verifier | JobType::Reconciler => {
+            JobType::Walker | JobType::Verifier | JobType::Reconciler | JobType::Recovery => {
                 Outcome::Failed(format!("the {} runs no queued jobs", self.name()))
             }
             JobType::Noop => Outcome::Done,

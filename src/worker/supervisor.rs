@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{Inner, JobType, backoff, queue, reconcile, verify, walker};
+use super::{Inner, JobType, backoff, queue, reconcile, recover, verify, walker};
 
 /// The longest wait between restarts.
 const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(60);
@@ -23,6 +23,7 @@ pub(super) async fn supervise(inner: Arc<Inner>, job: JobType, shutdown: Cancell
             JobType::Walker => tokio::spawn(walker::run(inner.clone(), shutdown.clone())),
             JobType::Verifier => tokio::spawn(verify::run(inner.clone(), shutdown.clone())),
             JobType::Reconciler => tokio::spawn(reconcile::run(inner.clone(), shutdown.clone())),
+            JobType::Recovery => tokio::spawn(recover::run(inner.clone(), shutdown.clone())),
             _ => tokio::spawn(queue::run(inner.clone(), job, shutdown.clone())),
         };
         let reason = match run.await {

@@ -4,7 +4,7 @@
 //! anything. Fewer than a majority in agreement and it is rolled back.
 
 mod fanout;
-mod undo;
+pub(crate) mod undo;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

@@ -1,0 +1,152 @@
+//! The recovery job's statements: taking over the lease of a repository whose write was
+//! interrupted (its intent outlived its lease), and closing that intent without a new
+//! generation, marking outdated the replicas that could not be rolled back.
+
+use std::time::Duration;
+
+use sqlx::Row as _;
+
+use super::{RefChange, Store, StoreError, millis, storage_names, texts, undecodable};
+use crate::model::{RelativePath, RepositoryId, StorageName};
+
+/// An interrupted write, with the repository's lease now held by the recovering worker.
+#[derive(Debug, Clone)]
+pub struct Interrupted {
+    pub intent: i64,
+    pub repository: RepositoryId,
+    pub replica_path: RelativePath,
+    pub generation: i64,
+    /// The recovering worker's fencing token on the repository.
+    pub lease_token: i64,
+    pub changes: Vec<RefChange>,
+    pub targets: Vec<StorageName>,
+    /// The replicas at the repository's generation.
+    pub up_to_date: Vec<StorageName>,
+}
+
+impl Store {
+    /// Takes over the repository lease of the oldest interrupted write no one holds, moving
+    /// the fencing token on so that the proxy that began it can no longer commit it. None
+    /// when there is none.
+    pub async fn take_interrupted_write(
+        &self,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<Option<Interrupted>, StoreError> {
+        let row = self
+            .measure(
+                "take_interrupted_write",
+                sqlx::query(
+                    "WITH candidate AS (
+                         SELECT i.id, i.repository_id FROM write_intents i
+                         JOIN repositories r ON r.id = i.repository_id
+                         WHERE i.lease_expires_at < now()
+                           AND (r.lease_owner IS NULL OR r.lease_expires_at < now())
+                         ORDER BY i.lease_expires_at
+                         LIMIT 1
+                         FOR UPDATE OF r SKIP LOCKED
+                     ), lease AS (
+                         UPDATE repositories r
+                         SET lease_owner = $1, lease_token = r.lease_token + 1,
+                             lease_expires_at = now() + $2 * interval '1 millisecond'
+                         FROM candidate c
+                         WHERE r.id = c.repository_id
+                           AND (r.lease_owner IS NULL OR r.lease_expires_at < now())
+                         RETURNING r.id, r.replica_path, r.generation, r.lease_token
+                     )
+                     SELECT c.id AS intent, lease.id AS repository, lease.replica_path,
+                            lease.generation, lease.lease_token,
+                            i.ref_updates::text AS changes, i.target_storages,
+                            ARRAY(SELECT p.storage FROM replicas p
+                                  WHERE p.repository_id = lease.id
+                                    AND p.generation = lease.generation
+                                  ORDER BY p.storage) AS up_to_date
+                     FROM lease JOIN candidate c ON c.repository_id = lease.id
+                     JOIN write_intents i ON i.id = c.id",
+                )
+                .bind(owner)
+                .bind(millis(lease))
+                .fetch_optional(&self.pool),
+            )
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let changes: String = row.try_get("changes")?;
+        let changes: Vec<RefChange> = serde_json::from_str(&changes)
+            .map_err(|error| StoreError::Failed(sqlx::Error::Decode(Box::new(error))))?;
+        let replica_path: String = row.try_get("replica_path")?;
+        Ok(Some(Interrupted {
+            intent: row.try_get("intent")?,
+            repository: RepositoryId(row.try_get("repository")?),
+            replica_path: RelativePath::parse(&replica_path)
+                .map_err(|e| StoreError::from(undecodable("replica_path", e)))?,
+            generation: row.try_get("generation")?,
+            lease_token: row.try_get("lease_token")?,
+            changes,
+            targets: storage_names(&row.try_get::<Vec<String>, _>("target_storages")?),
+            up_to_date: storage_names(&row.try_get::<Vec<String>, _>("up_to_date")?),
+        }))
+    }
+
+    /// Closes an interrupted write, fenced on the recovering worker's lease: the intent goes,
+    /// the replicas in `outdated` (not rolled back) get an unknown generation so they are
+    /// repaired, the repository's generation stays, and the lease is released. False when
+    /// the lease was lost (another recovery took over): nothing changed.
+    pub async fn close_interrupted_write(
+        &self,
+        interrupted: &Interrupted,
+        owner: &str,
+        outdated: &[StorageName],
+    ) -> Result<bool, StoreError> {
+        let closed: bool = self
+            .measure(
+                "close_interrupted_write",
+                sqlx::query_scalar(
+                    "WITH repo AS (
+                         SELECT id FROM repositories
+                         WHERE id = $1 AND lease_token = $2 AND lease_owner = $3
+                         FOR UPDATE
+                     ), closed AS (
+                         DELETE FROM write_intents
+                         WHERE id = $4 AND repository_id IN (SELECT id FROM repo)
+                     ), marked AS (
+                         UPDATE replicas SET generation = NULL
+                         WHERE repository_id IN (SELECT id FROM repo) AND storage = ANY($5)
+                     ), released AS (
+                         UPDATE repositories SET lease_owner = NULL, lease_expires_at = NULL
+                         WHERE id IN (SELECT id FROM repo)
+                         RETURNING id
+                     )
+                     SELECT EXISTS (SELECT 1 FROM released)",
+                )
+                .bind(interrupted.repository.0)
+                .bind(interrupted.lease_token)
+                .bind(owner)
+                .bind(interrupted.intent)
+                .bind(texts(outdated))
+                .fetch_one(&self.pool),
+            )
+            .await?;
+        Ok(closed)
+    }
+
+    /// Hands back a recovery's lease without closing the intent: it is tried again later.
+    pub async fn release_interrupted_write(
+        &self,
+        interrupted: &Interrupted,
+        owner: &str,
+    ) -> Result<(), StoreError> {
+        self.measure(
+            "release_interrupted_write",
+            sqlx::query(
+                "UPDATE repositories SET lease_owner = NULL, lease_expires_at = NULL
+                 WHERE id = $1 AND lease_token = $2 AND lease_owner = $3",
+            )
+            .bind(interrupted.repository.0)
+            .bind(interrupted.lease_token)
+            .bind(owner)
+            .execute(&self.pool),
+        )
+        .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,107 @@
+//! The recovery job: finishes writes whose proxy went away (its lease expired with the intent
+//! still open). It takes over the repository's lease, which fences the old proxy out, sets
+//! every ref the write moved back to where it was on each target (compare-and-swap, so a
+//! replica the write never reached is left as it is), and closes the intent with the
+//! repository's generation unchanged. A target it cannot roll back (its node is down, or its
+//! refs are elsewhere) is marked outdated and the reconciler repairs it from an up-to-date
+//! replica; if no up-to-date replica would be left, the intent stays for a later attempt.
+//! Two workers never recover the same write: the lease is theirs alone, and every statement
+//! after is fenced on it.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use super::{Inner, JobType};
+use crate::model::StorageName;
+use crate::proxy::write::undo::{refs_at_old, reverse_changes};
+use crate::store::Interrupted;
+
+pub(super) async fn run(inner: Arc<Inner>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let idle = inner.config.worker.poll_interval.0;
+    while !shutdown.is_cancelled() {
+        let taken = inner
+            .store
+            .take_interrupted_write(&inner.instance, inner.config.worker.lease.0)
+            .await;
+        match taken {
+            Ok(Some(write)) => {
+                let _in_flight = inner.metrics.in_flight(JobType::Recovery);
+                let recovered = recover(&inner, &write).await;
+                inner.metrics.count_run(JobType::Recovery, recovered);
+                continue;
+            }
+            Ok(None) => {}
+            Err(error) => tracing::warn!(%error, "cannot look for interrupted writes"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(idle) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Rolls one interrupted write back; true when its intent is closed.
+async fn recover(inner: &Inner, write: &Interrupted) -> bool {
+    let nodes = &inner.nodes;
+    let mut outdated: Vec<StorageName> = Vec::new();
+    for storage in &write.targets {
+        if !nodes.is_healthy(storage) {
+            outdated.push(storage.clone());
+            continue;
+        }
+        reverse_changes(nodes, storage, &write.replica_path, &write.changes).await;
+        if refs_at_old(nodes, storage, &write.replica_path, &write.changes).await != Some(true) {
+            outdated.push(storage.clone());
+        }
+    }
+    let survivors = write
+        .up_to_date
+        .iter()
+        .filter(|storage| !outdated.contains(storage))
+        .count();
+    if survivors == 0 {
+        tracing::warn!(
+            intent = write.intent,
+            repository = write.repository.0,
+            ?outdated,
+            "an interrupted write cannot be rolled back on any up-to-date replica now; trying again later"
+        );
+        if let Err(error) = inner
+            .store
+            .release_interrupted_write(write, &inner.instance)
+            .await
+        {
+            tracing::debug!(%error, "the recovery lease runs out by itself");
+        }
+        return false;
+    }
+    match inner
+        .store
+        .close_interrupted_write(write, &inner.instance, &outdated)
+        .await
+    {
+        Ok(true) => {
+            tracing::info!(
+                intent = write.intent,
+                repository = write.repository.0,
+                generation = write.generation,
+                ?outdated,
+                "interrupted write rolled back"
+            );
+            true
+        }
+        Ok(false) => {
+            tracing::warn!(
+                intent = write.intent,
+                "the recovery lease was lost; nothing recorded"
+            );
+            false
+        }
+        Err(error) => {
+            tracing::warn!(intent = write.intent, %error, "the recovery was not recorded; its lease runs out and it is tried again");
+            false
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! The recovery job against real PostgreSQL, node processes and git: a write whose proxy died
+//! after it moved refs on some replicas is rolled back on every one of them with the
+//! generation unchanged; a replica that cannot be rolled back is marked outdated and repaired;
+//! and two workers recovering at once do no harm.
+
+mod common;
+
+use common::cluster::Cluster;
+use common::worker::*;
+use common::*;
+use gitfleet::store::RepositoryRecord;
+use gitfleet::worker::{Hooks, JobType};
+
+/// Leaves an interrupted write on `name`: main moved from `old` to `new` on the replicas of
+/// `applied` (as a proxy would have before it died), the intent recorded for all three, and
+/// the dead proxy's lease run out.
+async fn interrupt(
+    cluster: &Cluster,
+    record: &RepositoryRecord,
+    applied: &[usize],
+    old: &str,
+    new: &str,
+) {
+    for &index in applied {
+        run_git(
+            &cluster.replica_dir(index, record),
+            &["update-ref", "refs/heads/main", new, old],
+        );
+    }
+    sqlx::query(
+        "WITH lease AS (
+             UPDATE repositories SET lease_owner = 'a-dead-proxy', lease_token = lease_token + 1,
+                    lease_expires_at = now() - interval '1 second'
+             WHERE id = $1 RETURNING id, lease_token, lease_expires_at, generation
+         )
+         INSERT INTO write_intents (repository_id, owner, fencing_token, lease_expires_at,
+                                    rpc, base_generation, ref_updates, target_storages)
+         SELECT id, 'a-dead-proxy', lease_token, lease_expires_at,
+                '/gitfleet.v1.SmartHTTPService/PostReceivePack', generation,
+                jsonb_build_array(jsonb_build_object('ref', 'refs/heads/main',
+                                                     'old', $2::text, 'new', $3::text)),
+                ARRAY['storage-1', 'storage-2', 'storage-3']
+         FROM lease",
+    )
+    .bind(record.id.0)
+    .bind(old)
+    .bind(new)
+    .execute(cluster.store().pool())
+    .await
+    .unwrap();
+}
+
+fn main_of(cluster: &Cluster, index: usize, record: &RepositoryRecord) -> String {
+    run_git(
+        &cluster.replica_dir(index, record),
+        &["rev-parse", "refs/heads/main"],
+    )
+    .trim()
+    .to_owned()
+}
+
+/// A repository with main at a first commit, and a second commit on another branch (so every
+/// replica holds its objects): returns (record, work tree, first, second).
+async fn prepared(
+    cluster: &Cluster,
+    name: &str,
+) -> (RepositoryRecord, tempfile::TempDir, String, String) {
+    cluster.create(name).await;
+    let work = cluster.push_main(name);
+    let first = run_git(work.path(), &["rev-parse", "main"])
+        .trim()
+        .to_owned();
+    run_git(work.path(), &["checkout", "-q", "-b", "next"]);
+    std::fs::write(work.path().join("next.txt"), "next\n").unwrap();
+    run_git(work.path(), &["add", "."]);
+    run_git(work.path(), &["commit", "-q", "-m", "next"]);
+    run_git(work.path(), &["push", "-q", &cluster.url(name), "next"]);
+    let second = run_git(work.path(), &["rev-parse", "next"])
+        .trim()
+        .to_owned();
+    run_git(work.path(), &["checkout", "-q", "main"]);
+    (cluster.record(name).await, work, first, second)
+}
+
+async fn intents(cluster: &Cluster) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM write_intents")
+        .fetch_one(cluster.store().pool())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interrupted_write_is_rolled_back_everywhere_with_the_generation_unchanged() {
+    let cluster = Cluster::start(3).await;
+    let (record, work, first, second) = prepared(&cluster, "interrupted.git").await;
+    let good = cluster.agreed_checksum(&record).await;
+    // The write reached storage-1 and storage-2, not storage-3.
+    interrupt(&cluster, &record, &[0, 1], &first, &second).await;
+    assert_eq!(main_of(&cluster, 0, &record), second);
+
+    let worker = start_worker(
+        worker_config(&cluster),
+        &[JobType::Recovery],
+        Hooks::default(),
+    );
+    wait_for(30, "the intent closed", || async {
+        intents(&cluster).await == 0
+    })
+    .await;
+    for index in 0..3 {
+        assert_eq!(main_of(&cluster, index, &record), first, "storage {index}");
+    }
+    let after = cluster.record("interrupted.git").await;
+    assert_eq!(after.generation, record.generation, "the generation moved");
+    assert_eq!(after.up_to_date().count(), 3);
+    assert_eq!(cluster.agreed_checksum(&after).await, good);
+    let leased: Option<String> =
+        sqlx::query_scalar("SELECT lease_owner FROM repositories WHERE id = $1")
+            .bind(record.id.0)
+            .fetch_one(cluster.store().pool())
+            .await
+            .unwrap();
+    assert_eq!(leased, None);
+    // Not frozen: the next push goes through, and lands everywhere.
+    std::fs::write(work.path().join("after.txt"), "after\n").unwrap();
+    run_git(work.path(), &["add", "."]);
+    run_git(work.path(), &["commit", "-q", "-m", "after"]);
+    run_git(
+        work.path(),
+        &["push", "-q", &cluster.url("interrupted.git"), "main"],
+    );
+    let pushed = run_git(work.path(), &["rev-parse", "main"])
+        .trim()
+        .to_owned();
+    for index in 0..3 {
+        assert_eq!(main_of(&cluster, index, &record), pushed);
+    }
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replica_that_cannot_be_rolled_back_is_marked_outdated_and_repaired() {
+    let cluster = Cluster::start(3).await;
+    let (record, work, first, second) = prepared(&cluster, "diverted.git").await;
+    interrupt(&cluster, &record, &[0, 1, 2], &first, &second).await;
+    // Something else moved storage-3's main after the write: no swap brings it back.
+    let elsewhere = run_git(work.path(), &["rev-parse", "main~1"])
+        .trim()
+        .to_owned();
+    run_git(
+        &cluster.replica_dir(2, &record),
+        &["update-ref", "refs/heads/main", &elsewhere],
+    );
+
+    let mut config = worker_config(&cluster);
+    config.reconciler.interval = gitfleet::config::Duration(std::time::Duration::from_millis(200));
+    let worker = start_worker(
+        config,
+        &[JobType::Recovery, JobType::Reconciler, JobType::Replicator],
+        Hooks::default(),
+    );
+    wait_for(30, "the intent closed", || async {
+        intents(&cluster).await == 0
+    })
+    .await;
+    wait_for(60, "storage-3 repaired", || async {
+        cluster.record("diverted.git").await.up_to_date().count() == 3
+            && main_of(&cluster, 2, &record) == first
+    })
+    .await;
+    let after = cluster.record("diverted.git").await;
+    assert_eq!(after.generation, record.generation);
+    cluster.agreed_checksum(&after).await;
+    for index in 0..3 {
+        assert_eq!(main_of(&cluster, index, &record), first, "storage {index}");
+    }
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_workers_recovering_at_once_do_no_harm() {
+    let cluster = Cluster::start(3).await;
+    let mut prepared_writes = Vec::new();
+    for n in 0..4 {
+        let name = format!("race/{n}.git");
+        let (record, _work, first, second) = prepared(&cluster, &name).await;
+        interrupt(&cluster, &record, &[0, 1], &first, &second).await;
+        prepared_writes.push((record, first));
+    }
+    let config = worker_config(&cluster);
+    let one = start_worker(config.clone(), &[JobType::Recovery], Hooks::default());
+    let two = start_worker(config, &[JobType::Recovery], Hooks::default());
+    wait_for(30, "every intent closed", || async {
+        intents(&cluster).await == 0
+    })
+    .await;
+    for (record, first) in &prepared_writes {
+        let after = cluster
+            .store()
+            .find_repository(&record.virtual_storage, &record.relative_path)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(after.generation, record.generation);
+        assert_eq!(after.up_to_date().count(), 3);
+        for index in 0..3 {
+            assert_eq!(&main_of(&cluster, index, record), first);
+        }
+    }
+    let runs = one.metrics.runs(JobType::Recovery) + two.metrics.runs(JobType::Recovery);
+    assert_eq!(runs, 4, "each write recovered exactly once");
+    one.stop().await;
+    two.stop().await;
+}
