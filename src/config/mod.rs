@@ -8,16 +8,18 @@
 //! field wants text; anything else is text, taken verbatim.
 
 mod duration;
+mod jobs;
 mod node;
 mod proxy;
 
 use std::path::Path;
 
 pub use duration::Duration;
+pub use jobs::{ReconcilerConfig, StatusConfig, VerifierConfig, WalkerConfig, WorkerConfig};
 pub use node::{NodeConfig, StorageConfig};
 pub use proxy::{
     AccessToken, DatabaseConfig, HealthConfig, NodeEntry, ProxyConfig, TokenScope,
-    VirtualStorageConfig, WalkerConfig, WorkerConfig, WritesConfig,
+    VirtualStorageConfig, WritesConfig,
 };
 use serde::de::DeserializeOwned;
 
