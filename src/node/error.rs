@@ -1,5 +1,9 @@
 use tonic::{Code, Status};
 
+/// Set on the status of a call whose repository does not exist on the node, so that a caller
+/// can tell it from a revision or a path that does not exist, without reading the message.
+pub const MISSING_REPOSITORY: &str = "gitfleet-missing-repository";
+
 use crate::git::GitError;
 use crate::git::pipe::PipeError;
 use crate::model::InvalidInput;
@@ -80,6 +84,14 @@ impl From<NodeError> for Status {
         } else {
             tracing::debug!(%error, ?code, "request refused");
         }
-        Status::new(code, error.to_string())
+        let missing = matches!(error, NodeError::RepositoryNotFound(_));
+        let mut status = Status::new(code, error.to_string());
+        if missing {
+            status.metadata_mut().insert(
+                MISSING_REPOSITORY,
+                tonic::metadata::MetadataValue::from_static("1"),
+            );
+        }
+        status
     }
 }

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
-pub use error::NodeError;
+pub use error::{MISSING_REPOSITORY, NodeError};
 pub use replication::{ADDRESS_ENV, SIGNED_TOKEN_ENV};
 
 use crate::auth::Verifier;

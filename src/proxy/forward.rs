@@ -54,8 +54,9 @@ pub(super) async fn accessor(
 /// or a path in it).
 fn is_missing_repository(status: &Status) -> bool {
     status.code() == tonic::Code::NotFound
-        && status.message().starts_with("repository ")
-        && status.message().ends_with(" does not exist")
+        && status
+            .metadata()
+            .contains_key(crate::node::MISSING_REPOSITORY)
 }
 
 /// A replica the catalog holds up to date answered that it does not exist: it goes first in
