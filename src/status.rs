@@ -197,6 +197,20 @@ impl Report {
             .and_then(|w| w.finished_ago_seconds)
     }
 
+    /// "3 ready (oldest 5s), 0 dead; last started or finished 1s ago".
+    fn jobs_line(&self) -> String {
+        let jobs = &self.figures.jobs;
+        format!(
+            "{} ready{}, {} dead; last started or finished {}",
+            jobs.ready,
+            jobs.oldest_ready_seconds
+                .map(|s| format!(" (oldest {})", ago(s)))
+                .unwrap_or_default(),
+            jobs.dead,
+            since(jobs.last_progress_seconds)
+        )
+    }
+
     /// The report for a terminal.
     pub fn text(&self) -> String {
         let mut out = String::new();
@@ -245,16 +259,7 @@ impl Report {
         }
         let jobs = &self.figures.jobs;
         let _ = writeln!(out);
-        let _ = writeln!(
-            out,
-            "jobs: {} ready{}, {} dead; last started or finished {}",
-            jobs.ready,
-            jobs.oldest_ready_seconds
-                .map(|s| format!(" (oldest {})", ago(s)))
-                .unwrap_or_default(),
-            jobs.dead,
-            since(jobs.last_progress_seconds)
-        );
+        let _ = writeln!(out, "jobs: {}", self.jobs_line());
         for (kind, state, count) in &jobs.by_state {
             let _ = writeln!(out, "  {kind:<10} {state:<8} {count:>8}");
         }
@@ -398,14 +403,9 @@ impl Report {
         let jobs = &self.figures.jobs;
         let _ = write!(
             out,
-            "</table><h2>Jobs</h2><p id=\"jobs\">{} ready{}, {} dead; last started or finished {}.</p>\
+            "</table><h2>Jobs</h2><p id=\"jobs\">{}.</p>\
              <table><tr><th>Kind</th><th>State</th><th>Jobs</th></tr>",
-            jobs.ready,
-            jobs.oldest_ready_seconds
-                .map(|s| format!(" (the oldest for {})", ago(s)))
-                .unwrap_or_default(),
-            jobs.dead,
-            since(jobs.last_progress_seconds)
+            escape(&self.jobs_line())
         );
         for (kind, state, count) in &jobs.by_state {
             let _ = write!(

@@ -4,7 +4,7 @@
 //! diverged one's too. Nothing here deletes a repository row, so a repository that lost every
 //! replica shows as data loss, never as gone.
 //!
-//! Each round also asks every healthy node for its storages' identities: a storage whose
+//! Every second it also asks every healthy node for its storages' identities: a storage whose
 //! directory was wiped shows a new one, and all its replicas are verified first.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -28,14 +28,21 @@ use crate::store::{Finding, Identity, Verdict, Verification};
 
 /// The longest one question to a node may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the nodes are asked for their storages' identities.
+const IDENTITY_EVERY: Duration = Duration::from_secs(1);
 /// Repositories checked at once within a batch.
 const PARALLEL: usize = 8;
 
 pub(super) async fn run(inner: Arc<Inner>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let config = &inner.config.verifier;
     let idle = inner.config.worker.poll_interval.0;
+    let mut observed: Option<std::time::Instant> = None;
     while !shutdown.is_cancelled() {
-        observe_identities(&inner).await;
+        // Once a second at most, not once a batch: a wipe is still seen within a second.
+        if observed.is_none_or(|at| at.elapsed() >= IDENTITY_EVERY) {
+            observe_identities(&inner).await;
+            observed = Some(std::time::Instant::now());
+        }
         let claimed = match inner
             .store
             .claim_verifications(
