@@ -2,6 +2,7 @@
 //! submodule per table family. Each state change is one statement that states its guard in its
 //! `WHERE`, and callers check what it returned.
 
+mod job_views;
 mod jobs;
 mod maintenance;
 mod reconcile;
@@ -20,7 +21,8 @@ use std::time::{Duration, Instant};
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
-pub use jobs::{ClaimedJob, Closed, JOB_STATES, JobId, JobRow, NewJob, QueueDepth};
+pub use job_views::{JobRow, QueueDepth};
+pub use jobs::{ClaimedJob, Closed, JOB_STATES, JobId, NewJob};
 pub use maintenance::{MAINTENANCE_CHANNEL, WriteInFlight};
 pub use reconcile::{Accepted, Placement, Round};
 pub use recovery::Interrupted;
