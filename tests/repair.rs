@@ -294,33 +294,19 @@ async fn accepting_data_loss_makes_the_one_stale_replica_left_the_truth() {
     let (code, text) = status(&cluster);
     assert_eq!(code, 2, "{text}");
 
-    let refused = admin(
-        &cluster,
-        &[
+    let accept = |storage| {
+        [
             "accept-dataloss",
             "default/lost.git",
             "--authoritative",
-            "storage-1",
-        ],
-    );
-    assert_eq!(refused.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("holds no replica"),
-        "{refused:?}"
-    );
-    let accepted = admin(
+            storage,
+        ]
+    };
+    admin_refuses(&cluster, &accept("storage-1"), "holds no replica");
+    admin_says(
         &cluster,
-        &[
-            "accept-dataloss",
-            "default/lost.git",
-            "--authoritative",
-            "storage-3",
-        ],
-    );
-    assert!(accepted.status.success(), "{accepted:?}");
-    assert!(
-        String::from_utf8_lossy(&accepted.stdout).contains("is the truth at generation 3"),
-        "{accepted:?}"
+        &accept("storage-3"),
+        "is the truth at generation 3",
     );
     wait_for(60, "every replica repaired from storage-3", || async {
         cluster.record("lost.git").await.up_to_date().count() == 3
@@ -404,15 +390,11 @@ async fn replication_factors_change_per_repository_and_by_the_reconcilers_sweep(
     );
 
     // Raised for this repository: a third replica is made.
-    let raised = admin(
+    let factor = |n| ["set-replication-factor", "default/factor.git", n];
+    admin_says(
         &cluster,
-        &["set-replication-factor", "default/factor.git", "3"],
-    );
-    assert!(raised.status.success(), "{raised:?}");
-    assert!(
-        String::from_utf8_lossy(&raised.stdout)
-            .contains("replication factor 3; assigned to storage-1, storage-2, storage-3"),
-        "{raised:?}"
+        &factor("3"),
+        "replication factor 3; assigned to storage-1, storage-2, storage-3",
     );
     wait_for(60, "a third replica", || async {
         cluster.record("factor.git").await.up_to_date().count() == 3
@@ -423,29 +405,14 @@ async fn replication_factors_change_per_repository_and_by_the_reconcilers_sweep(
         .await;
 
     // Lowered to one: the primary stays assigned.
-    let lowered = admin(
-        &cluster,
-        &["set-replication-factor", "default/factor.git", "1"],
-    );
-    assert!(lowered.status.success(), "{lowered:?}");
+    admin_says(&cluster, &factor("1"), "replication factor 1");
     let record = cluster.record("factor.git").await;
     assert_eq!(record.assigned, std::slice::from_ref(&record.primary));
-    let refused = admin(
-        &cluster,
-        &["set-replication-factor", "default/factor.git", "4"],
-    );
-    assert_eq!(refused.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("cannot keep 4 replicas"),
-        "{refused:?}"
-    );
+    admin_refuses(&cluster, &factor("4"), "cannot keep 4 replicas");
 
     // The virtual storage's factor goes up in the config: the sweep assigns every older
     // repository a third storage, and the copies follow.
-    admin(
-        &cluster,
-        &["set-replication-factor", "default/factor.git", "default"],
-    );
+    admin_says(&cluster, &factor("default"), "(the default)");
     cluster.create("older.git").await;
     cluster.push_main("older.git");
     let store = cluster.store();
@@ -491,37 +458,25 @@ async fn a_repository_found_on_disk_is_tracked_and_replicated() {
         &[JobType::Replicator],
         Hooks::default(),
     );
-    let missing = admin(
-        &cluster,
-        &[
+    let track = |name, path| {
+        [
             "track-repository",
-            "default/adopted.git",
+            name,
             "--storage",
             "storage-1",
             "--replica-path",
-            "imported/nothing.git",
-        ],
-    );
-    assert_eq!(missing.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&missing.stderr).contains("holds no repository at"),
-        "{missing:?}"
-    );
-    let tracked = admin(
+            path,
+        ]
+    };
+    admin_refuses(
         &cluster,
-        &[
-            "track-repository",
-            "default/adopted.git",
-            "--storage",
-            "storage-1",
-            "--replica-path",
-            "imported/found.git",
-        ],
+        &track("default/adopted.git", "imported/nothing.git"),
+        "holds no repository at",
     );
-    assert!(tracked.status.success(), "{tracked:?}");
-    assert!(
-        String::from_utf8_lossy(&tracked.stdout).contains("replicating to storage-2"),
-        "{tracked:?}"
+    admin_says(
+        &cluster,
+        &track("default/adopted.git", "imported/found.git"),
+        "replicating to storage-2",
     );
     let refs = run_git(work.path(), &["ls-remote", &cluster.url("adopted.git")]);
     assert!(refs.contains("refs/heads/main"), "{refs}");
@@ -532,21 +487,10 @@ async fn a_repository_found_on_disk_is_tracked_and_replicated() {
     cluster
         .agreed_checksum(&cluster.record("adopted.git").await)
         .await;
-    let twice = admin(
+    admin_refuses(
         &cluster,
-        &[
-            "track-repository",
-            "default/again.git",
-            "--storage",
-            "storage-1",
-            "--replica-path",
-            "imported/found.git",
-        ],
-    );
-    assert_eq!(twice.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&twice.stderr).contains("already the replica path"),
-        "{twice:?}"
+        &track("default/again.git", "imported/found.git"),
+        "already the replica path",
     );
     worker.stop().await;
 }

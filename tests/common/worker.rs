@@ -94,6 +94,28 @@ pub fn admin(cluster: &Cluster, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// Runs `gitfleet admin`, which must succeed and say `says` on stdout; returns stdout.
+pub fn admin_says(cluster: &Cluster, args: &[&str], says: &str) -> String {
+    let output = admin(cluster, args);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "{args:?}: {output:?}");
+    assert!(
+        stdout.contains(says),
+        "{args:?} did not say {says:?}: {output:?}"
+    );
+    stdout
+}
+
+/// Runs `gitfleet admin`, which must exit 1 and say `says` on stderr.
+pub fn admin_refuses(cluster: &Cluster, args: &[&str], says: &str) {
+    let output = admin(cluster, args);
+    assert_eq!(output.status.code(), Some(1), "{args:?}: {output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains(says),
+        "{args:?} did not say {says:?}: {output:?}"
+    );
+}
+
 /// Makes `count` minimal bare repositories on a storage, tracked in the catalog in one
 /// statement: for measuring a walk, not for serving.
 pub async fn bulk_repositories(store: &Store, root: &Path, count: usize) {
