@@ -8,6 +8,8 @@ mod common;
 use common::cluster::Cluster;
 use common::worker::*;
 use common::*;
+use gitfleet::proto::ref_service_client::RefServiceClient;
+use gitfleet::proto::{RefUpdate, UpdateRefsRequest};
 use gitfleet::store::RepositoryRecord;
 use gitfleet::worker::{Hooks, JobType};
 
@@ -211,4 +213,167 @@ async fn two_workers_recovering_at_once_do_no_harm() {
     assert_eq!(runs, 4, "each write recovered exactly once");
     one.stop().await;
     two.stop().await;
+}
+
+/// Makes every write's commit stall inside its transaction until the server restarts, so a
+/// test can cut the database off while a commit is in flight, with no way for it to finish.
+async fn hold_commits_until_restart(cluster: &Cluster) {
+    sqlx::raw_sql(
+        "CREATE TABLE hold_until_restart AS SELECT pg_postmaster_start_time() AS started;
+         CREATE FUNCTION hold_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF EXISTS (SELECT 1 FROM hold_until_restart
+                        WHERE started = pg_postmaster_start_time()) THEN
+                 PERFORM pg_sleep(600);
+             END IF;
+             RETURN OLD;
+         END $$;
+         CREATE TRIGGER hold_commit BEFORE DELETE ON write_intents
+             FOR EACH ROW EXECUTE FUNCTION hold_commit();",
+    )
+    .execute(cluster.store().pool())
+    .await
+    .unwrap();
+}
+
+/// Waits until a commit is held by [`hold_commits_until_restart`].
+async fn commit_held(cluster: &Cluster) {
+    wait_for(30, "a commit held", || async {
+        let held: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'",
+        )
+        .fetch_one(cluster.store().pool())
+        .await
+        .unwrap_or(0);
+        held > 0
+    })
+    .await;
+}
+
+/// Pushes a new commit on `branch` through the proxy's HTTP in the background.
+fn push_branch(
+    cluster: &Cluster,
+    work: &std::path::Path,
+    branch: &str,
+) -> (String, tokio::task::JoinHandle<std::process::Output>) {
+    commit_branch(work, branch);
+    let commit = run_git(work, &["rev-parse", branch]).trim().to_owned();
+    let url = cluster.git_url(common::cluster::WRITE_TOKEN, "restart.git");
+    let work = work.to_owned();
+    let branch = branch.to_owned();
+    let push = tokio::task::spawn_blocking(move || try_git(&work, &["push", &url, &branch]));
+    (commit, push)
+}
+
+fn branch_of(cluster: &Cluster, index: usize, record: &RepositoryRecord, branch: &str) -> String {
+    let output = try_git(
+        &cluster.replica_dir(index, record),
+        &[
+            "rev-parse",
+            "--verify",
+            "-q",
+            &format!("refs/heads/{branch}"),
+        ],
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_whose_commit_meets_a_database_restart_commits_once_it_is_back() {
+    let server = common::db::OwnServer::start().await;
+    let cluster = Cluster::start_on(server.url().to_owned(), 3, 3, "", "").await;
+    let (record, work, ..) = prepared(&cluster, "restart.git").await;
+    hold_commits_until_restart(&cluster).await;
+
+    let (commit, push) = push_branch(&cluster, work.path(), "during");
+    commit_held(&cluster).await;
+    // The commit's session is cut halfway.
+    server.restart();
+    let output = push.await.unwrap();
+    assert!(
+        output.status.success(),
+        "the push failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let after = cluster.record("restart.git").await;
+    assert_eq!(after.generation, record.generation + 1);
+    assert_eq!(after.up_to_date().count(), 3);
+    for index in 0..3 {
+        assert_eq!(branch_of(&cluster, index, &record, "during"), commit);
+    }
+    assert_eq!(intents(&cluster).await, 0);
+    let leased: Option<String> =
+        sqlx::query_scalar("SELECT lease_owner FROM repositories WHERE id = $1")
+            .bind(record.id.0)
+            .fetch_one(cluster.store().pool())
+            .await
+            .unwrap();
+    assert_eq!(leased, None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_that_cannot_commit_in_time_fails_and_is_rolled_back_by_recovery() {
+    let server = common::db::OwnServer::start().await;
+    let cluster = Cluster::start_on(
+        server.url().to_owned(),
+        3,
+        3,
+        "[writes]\nlease = \"2s\"\ncommit_retry = \"1s\"\n",
+        "",
+    )
+    .await;
+    let (record, _work, first, _) = prepared(&cluster, "restart.git").await;
+    hold_commits_until_restart(&cluster).await;
+
+    // An app server's write, so the caller's error can be read whole.
+    let mut refs = RefServiceClient::new(cluster.channel().await);
+    let write = tokio::spawn(async move {
+        refs.update_refs(UpdateRefsRequest {
+            repository: header("default", "restart.git"),
+            updates: vec![RefUpdate {
+                name: "refs/heads/during".into(),
+                old_target: "0".repeat(40),
+                new_target: first,
+            }],
+        })
+        .await
+    });
+    commit_held(&cluster).await;
+    server.stop();
+    let error = write.await.unwrap().unwrap_err();
+    assert_eq!(error.code(), tonic::Code::Unavailable, "{error:?}");
+    assert!(
+        error.message().contains("could not be recorded within 1s")
+            && error.message().contains("the recovery job rolls it back"),
+        "{}",
+        error.message()
+    );
+    // The write is on the replicas, and uncommitted.
+    assert!(!branch_of(&cluster, 0, &record, "during").is_empty());
+
+    server.start_again();
+    let worker = start_worker(
+        worker_config(&cluster),
+        &[JobType::Recovery],
+        Hooks::default(),
+    );
+    wait_for(30, "the intent closed", || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM write_intents")
+            .fetch_one(cluster.store().pool())
+            .await
+            .is_ok_and(|count| count == 0)
+    })
+    .await;
+    for index in 0..3 {
+        assert_eq!(
+            branch_of(&cluster, index, &record, "during"),
+            "",
+            "storage {index}"
+        );
+    }
+    let after = cluster.record("restart.git").await;
+    assert_eq!(after.generation, record.generation);
+    assert_eq!(after.up_to_date().count(), 3);
+    worker.stop().await;
 }

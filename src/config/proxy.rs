@@ -156,6 +156,11 @@ pub struct WritesConfig {
     /// The longest a write may take on the replicas, whatever deadline its caller gave.
     #[serde(default = "default_write_timeout")]
     pub timeout: Duration,
+    /// How long a write that has run on the replicas keeps trying to record its outcome while
+    /// PostgreSQL cannot be reached (a restart). After that the caller gets an error and the
+    /// recovery job rolls the write back.
+    #[serde(default = "default_commit_retry")]
+    pub commit_retry: Duration,
 }
 
 impl Default for WritesConfig {
@@ -164,6 +169,7 @@ impl Default for WritesConfig {
             lease: default_lease(),
             lease_wait: default_lease_wait(),
             timeout: default_write_timeout(),
+            commit_retry: default_commit_retry(),
         }
     }
 }
@@ -194,6 +200,9 @@ fn default_lease_wait() -> Duration {
 }
 fn default_write_timeout() -> Duration {
     secs(3600)
+}
+fn default_commit_retry() -> Duration {
+    secs(30)
 }
 fn default_node_connections() -> usize {
     4

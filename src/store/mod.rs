@@ -36,7 +36,7 @@ pub use status::{
 };
 pub use verify::{Finding, Identity, Recorded, Verdict, Verification};
 pub use walks::{Tracking, WalkRecord, WalkResults};
-pub use writes::{RefChange, StaleIntent, WriteLease, WriteOutcome, WriteStart};
+pub use writes::{RefChange, StaleIntent, Standing, WriteLease, WriteOutcome, WriteStart};
 
 use crate::model::StorageName;
 

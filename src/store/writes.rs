@@ -74,6 +74,22 @@ pub struct WriteOutcome {
     pub queued: Vec<StorageName>,
 }
 
+/// Where a write stands once the answer to its closing statement was lost (the database went
+/// away) or the statement was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// Committed under this lease: the token unchanged, the lease released, the intent closed
+    /// and the generation one past the write's.
+    Committed,
+    /// Released under this lease: as committed, with the generation unchanged.
+    Released,
+    /// The lease is still this owner's and the intent open.
+    Held,
+    /// Another owner took the lease (a recovery, or a later write after the lease ran out), or
+    /// the repository is gone: the intent is no longer this write's to close.
+    Lost,
+}
+
 impl Store {
     /// Takes the write lease of the repository at a path and records the write intent, in one
     /// statement. `healthy` lists the storages the proxy can reach now; the write targets the
@@ -368,5 +384,44 @@ impl Store {
             )
             .await?;
         Ok(released.is_some())
+    }
+
+    /// Reads where a write stands after its commit or release was refused, or its answer lost.
+    pub async fn write_standing(
+        &self,
+        lease: &WriteLease,
+        owner: &str,
+    ) -> Result<Standing, StoreError> {
+        let standing: Option<String> = self
+            .measure(
+                "write_standing",
+                sqlx::query_scalar(
+                    "SELECT CASE
+                         WHEN r.lease_token <> $2 THEN 'lost'
+                         WHEN r.lease_owner = $3 THEN
+                             CASE WHEN EXISTS (SELECT 1 FROM write_intents WHERE id = $5)
+                                  THEN 'held' ELSE 'lost' END
+                         WHEN r.lease_owner IS NOT NULL
+                              OR EXISTS (SELECT 1 FROM write_intents WHERE id = $5) THEN 'lost'
+                         WHEN r.generation = $4 + 1 THEN 'committed'
+                         WHEN r.generation = $4 THEN 'released'
+                         ELSE 'lost'
+                     END
+                     FROM repositories r WHERE r.id = $1",
+                )
+                .bind(lease.repository.0)
+                .bind(lease.token)
+                .bind(owner)
+                .bind(lease.generation)
+                .bind(lease.intent)
+                .fetch_optional(&self.pool),
+            )
+            .await?;
+        Ok(match standing.as_deref() {
+            Some("committed") => Standing::Committed,
+            Some("released") => Standing::Released,
+            Some("held") => Standing::Held,
+            _ => Standing::Lost,
+        })
     }
 }

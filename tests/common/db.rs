@@ -152,3 +152,128 @@ async fn drop_stale_databases(connection: &mut sqlx::PgConnection) {
         .await;
     }
 }
+
+/// A PostgreSQL server of a test's own, for tests that restart or stop it (the shared server
+/// must not be disturbed). It is owned by a thread of its own, which the server cannot outlive.
+pub struct OwnServer {
+    orders: std::sync::mpsc::Sender<(Order, std::sync::mpsc::Sender<Result<u32, String>>)>,
+    url: String,
+    _base: tempfile::TempDir,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Order {
+    /// A fast shutdown (clients disconnected), then a start on the same data.
+    Restart,
+    /// A fast shutdown, and nothing more until a start.
+    Stop,
+    Start,
+    /// The server's process id.
+    Pid,
+}
+
+impl OwnServer {
+    /// Starts a throwaway server and creates a database `gitfleet` on it.
+    pub async fn start() -> Self {
+        let base = tempfile::Builder::new()
+            .prefix("gitfleet-own-pg-")
+            .tempdir()
+            .unwrap();
+        // The server may run as another user (postgres, under root), who must reach it.
+        std::fs::set_permissions(
+            base.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let paths = (
+            base.path().join("data"),
+            base.path().join("socket"),
+            base.path().join("postgres.log"),
+        );
+        let (orders, received) =
+            std::sync::mpsc::channel::<(Order, std::sync::mpsc::Sender<Result<u32, String>>)>();
+        let (url_tx, url_rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("own-postgres".into())
+            .spawn(move || {
+                let (data, socket, log) = paths;
+                let start = || {
+                    PrivatePostgres::start(&data, &socket, &log, Durability::Throwaway)
+                        .map_err(|error| format!("{error:#}"))
+                };
+                let mut server = match start() {
+                    Ok(server) => server,
+                    Err(error) => return url_tx.send(Err(error)).unwrap(),
+                };
+                url_tx.send(Ok(server.url("postgres"))).unwrap();
+                // Ends, and stops the server, when the OwnServer is dropped.
+                for (order, reply) in received {
+                    if matches!(order, Order::Restart | Order::Stop) {
+                        server.stop();
+                    }
+                    let answer = match order {
+                        Order::Restart | Order::Start => start().map(|started| {
+                            server = started;
+                            server.pid()
+                        }),
+                        Order::Stop => Ok(0),
+                        Order::Pid => Ok(server.pid()),
+                    };
+                    let _ = reply.send(answer);
+                }
+            })
+            .unwrap();
+        let admin = url_rx
+            .recv()
+            .unwrap()
+            .unwrap_or_else(|error| panic!("cannot start a PostgreSQL server: {error}"));
+        let mut connection = sqlx::PgConnection::connect(&admin).await.unwrap();
+        sqlx::query("CREATE DATABASE gitfleet")
+            .execute(&mut connection)
+            .await
+            .unwrap();
+        connection.close().await.unwrap();
+        Self {
+            orders,
+            url: with_database(&admin, "gitfleet"),
+            _base: base,
+        }
+    }
+
+    /// The URL of the database `gitfleet`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Sends an order and waits for it to be carried out (from a multi-threaded runtime, or
+    /// from no runtime at all).
+    fn order(&self, order: Order) -> u32 {
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.orders.send((order, reply)).unwrap();
+        let wait = || answer.recv().unwrap();
+        let answer = match tokio::runtime::Handle::try_current() {
+            Ok(_) => tokio::task::block_in_place(wait),
+            Err(_) => wait(),
+        };
+        answer.unwrap_or_else(|error| panic!("{order:?} failed: {error}"))
+    }
+
+    /// Restarts the server as `pg_ctl restart -m fast` does: every session is cut, and the
+    /// server accepts connections again when this returns.
+    pub fn restart(&self) {
+        self.order(Order::Restart);
+    }
+
+    /// Stops the server (fast shutdown) until [`OwnServer::start_again`].
+    pub fn stop(&self) {
+        self.order(Order::Stop);
+    }
+
+    pub fn start_again(&self) {
+        self.order(Order::Start);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.order(Order::Pid)
+    }
+}

@@ -3,6 +3,7 @@
 //! up with, and committed as a new generation (second transaction) before the caller hears
 //! anything. Fewer than a majority in agreement and it is rolled back.
 
+mod close;
 mod fanout;
 pub(crate) mod undo;
 
@@ -23,6 +24,7 @@ use super::{Call, Proxy, majority, push};
 use crate::model::{ObjectId, RefName, RelativePath, StorageName};
 use crate::proto::{SetDefaultBranchRequest, UpdateRefsRequest};
 use crate::store::{RefChange, RepositoryRecord, WriteLease, WriteStart};
+use close::Commit;
 use fanout::checksums;
 
 const UPDATE_REFS: &str = "/gitfleet.v1.RefService/UpdateRefs";
@@ -177,10 +179,7 @@ impl Write {
 
         let needed = majority(lease.assigned.len());
         if lease.targets.len() < needed {
-            state
-                .store
-                .release_write(&lease, &state.instance_id)
-                .await?;
+            self.release(&lease).await?;
             return Err(self.not_enough(&lease, &lease.targets));
         }
 
@@ -243,7 +242,6 @@ impl Write {
     async fn apply(&mut self, lease: &WriteLease, needed: usize) -> Result<Answer, ProxyError> {
         let state = self.proxy.state.clone();
         let replica_path = lease.replica_path.clone();
-        let owner = state.instance_id.as_str();
 
         // Each replica's refs before: a replica that cannot say is left out, and repaired later.
         let before = checksums(&self.proxy, &lease.targets, &replica_path).await;
@@ -255,21 +253,19 @@ impl Write {
             .filter_map(|(storage, checksum)| checksum.map(|checksum| (storage, checksum)))
             .unzip();
         if targets.len() < needed {
-            state.store.release_write(lease, owner).await?;
+            self.release(lease).await?;
             return Err(self.not_enough(lease, &targets));
         }
 
         let mut replies = self.fan_out(&targets, &replica_path).await;
         let after = checksums(&self.proxy, &targets, &replica_path).await;
         if self.lease_lost.is_cancelled() {
-            // Another writer may hold the repository now: nothing may be committed, and what
-            // landed is undone.
-            for (index, (before, after)) in before.iter().zip(&after).enumerate() {
-                if after.as_deref() != Some(before.as_str()) {
-                    self.roll_back(&targets[index], &replica_path, before).await;
-                }
-            }
-            return Err(self.failed("the write lease was lost while the write ran; rolled back"));
+            // Another writer may hold the repository by now and have built on the same refs:
+            // nothing is committed and nothing undone from here. The intent stays open, and
+            // whoever takes the lease next undoes the write under that lease.
+            return Err(self.failed(
+                "the write lease was lost while the write ran; the recovery job rolls it back",
+            ));
         }
 
         // Group the replicas by what the write did to their refs.
@@ -291,18 +287,26 @@ impl Write {
 
         if agreeing.len() >= needed {
             let current: Vec<StorageName> = agreeing.iter().map(|&i| targets[i].clone()).collect();
-            let Some(outcome) = state
-                .store
-                .commit_write(lease, owner, &current, &current[0])
-                .await?
-            else {
-                for &index in &agreeing {
-                    self.roll_back(&targets[index], &replica_path, &before[index])
-                        .await;
+            let outcome = match self.commit(lease, &current, &current[0]).await? {
+                Commit::Done(outcome) => outcome,
+                Commit::Refused => {
+                    let mut undone = true;
+                    for &index in &agreeing {
+                        undone &= self
+                            .roll_back(&targets[index], &replica_path, &before[index])
+                            .await;
+                    }
+                    // A replica that could not be undone keeps the intent open for recovery.
+                    if undone {
+                        self.release(lease).await?;
+                    }
+                    return Err(self.failed("the replicas changed before the commit; rolled back"));
                 }
-                return Err(self.failed(
-                    "the write lease was lost or the replicas changed before the commit; rolled back",
-                ));
+                Commit::Lost => {
+                    return Err(self.failed(
+                        "the write lease was lost before the commit; the recovery job rolls it back",
+                    ));
+                }
             };
             tracing::info!(
                 generation = outcome.generation,
@@ -322,7 +326,7 @@ impl Write {
         if changed.is_empty() && unknown.is_empty() {
             // Nothing changed anywhere: the replicas refused the write (a stale old value, a
             // non-fast-forward push). Their answer is the caller's answer.
-            state.store.release_write(lease, owner).await?;
+            self.release(lease).await?;
             return Ok((targets[0].clone(), replies.swap_remove(0)));
         }
 
@@ -349,18 +353,14 @@ impl Write {
         );
         tracing::warn!(%reason, "write failed");
         if uncertain.is_empty() {
-            state.store.release_write(lease, owner).await?;
+            self.release(lease).await?;
         } else if let Some(source) = clean.first() {
             // The clean replicas hold the state before the write; they become the new
             // generation and the uncertain ones are repaired from them.
-            let committed = state
-                .store
-                .commit_write(lease, owner, &clean, source)
-                .await?;
-            if committed.is_none() {
+            if !matches!(self.commit(lease, &clean, source).await?, Commit::Done(_)) {
                 tracing::error!(
                     intent = lease.intent,
-                    "the lease was lost before the uncertain replicas could be marked: the intent stays open for recovery"
+                    "the uncertain replicas could not be marked: the intent stays open for recovery"
                 );
             }
             state.routing.invalidate(lease.repository);

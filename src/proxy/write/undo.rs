@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use super::Write;
+use super::close::Commit;
 use super::fanout::checksums;
 use crate::model::{RelativePath, StorageName};
 use crate::proto::ref_service_client::RefServiceClient;
@@ -66,13 +67,11 @@ impl Write {
                 "an interrupted write cannot be settled: no replica answered; it is retried when the lease runs out",
             ));
         };
-        let outcome = state
-            .store
-            .commit_write(lease, &state.instance_id, &current, &current[0])
-            .await?
-            .ok_or_else(|| {
-                self.failed("the lease was lost while an interrupted write was settled")
-            })?;
+        let Commit::Done(outcome) = self.commit(lease, &current, &current[0]).await? else {
+            return Err(self.failed(
+                "the lease was lost or the replicas changed while an interrupted write was settled",
+            ));
+        };
         state.routing.invalidate(lease.repository);
         tracing::info!(generation = outcome.generation, current = ?current, queued = ?outcome.queued, "interrupted write settled");
         Ok(())
