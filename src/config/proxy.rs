@@ -161,6 +161,10 @@ pub struct WritesConfig {
     /// recovery job rolls the write back.
     #[serde(default = "default_commit_retry")]
     pub commit_retry: Duration,
+    /// How long a write waits for the remaining replicas once a majority has answered. A
+    /// replica still busy then is left out of the write and repaired from the others.
+    #[serde(default = "default_straggler_timeout")]
+    pub straggler_timeout: Duration,
 }
 
 impl Default for WritesConfig {
@@ -170,6 +174,7 @@ impl Default for WritesConfig {
             lease_wait: default_lease_wait(),
             timeout: default_write_timeout(),
             commit_retry: default_commit_retry(),
+            straggler_timeout: default_straggler_timeout(),
         }
     }
 }
@@ -203,6 +208,9 @@ fn default_write_timeout() -> Duration {
 }
 fn default_commit_retry() -> Duration {
     secs(30)
+}
+fn default_straggler_timeout() -> Duration {
+    secs(10)
 }
 fn default_node_connections() -> usize {
     4

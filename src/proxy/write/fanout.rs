@@ -1,6 +1,12 @@
 //! Sending a write to every target at once, and asking each replica for its refs checksum.
+//! Once a majority has answered, the others get `writes.straggler_timeout` more: a node that
+//! hangs (stopped, or its disk stuck) is left out of the write and repaired later, rather than
+//! holding every write on its repositories until it comes back.
 
+use std::future::Future;
 use std::time::Duration;
+
+use futures_util::stream::FuturesUnordered;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -31,6 +37,7 @@ impl Write {
         &mut self,
         targets: &[StorageName],
         replica_path: &RelativePath,
+        needed: usize,
     ) -> Vec<Result<Reply, Status>> {
         let mut senders = Vec::with_capacity(targets.len());
         let mut calls = Vec::with_capacity(targets.len());
@@ -82,13 +89,19 @@ impl Write {
         };
         // The calls decide when the fan-out is over: a client may keep its side of the stream
         // open until it has the answer (git's full-duplex form does).
-        let calls = futures_util::future::join_all(calls);
+        let grace = self.proxy.state.config.writes.straggler_timeout;
+        let calls = quorum(calls, needed, grace.0);
         tokio::pin!(calls, tee);
         let mut teeing = true;
         let lease_lost = self.lease_lost.clone();
-        let replies = loop {
+        let replies: Vec<Result<Reply, Status>> = loop {
             tokio::select! {
-                replies = &mut calls => break replies,
+                replies = &mut calls => break replies
+                    .into_iter()
+                    .map(|reply| reply.unwrap_or_else(|| Err(Status::deadline_exceeded(format!(
+                        "the replica had not finished {grace} after a majority had"
+                    )))))
+                    .collect(),
                 () = &mut tee, if teeing => teeing = false,
                 () = lease_lost.cancelled() => {
                     // Dropping the calls cancels them on the nodes.
@@ -131,6 +144,17 @@ pub(super) async fn checksums(
     storages: &[StorageName],
     replica_path: &RelativePath,
 ) -> Vec<Option<String>> {
+    quorum_checksums(proxy, storages, replica_path, storages.len()).await
+}
+
+/// As [`checksums`], but once `needed` replicas have answered, the others get
+/// `writes.straggler_timeout` more.
+pub(super) async fn quorum_checksums(
+    proxy: &Proxy,
+    storages: &[StorageName],
+    replica_path: &RelativePath,
+    needed: usize,
+) -> Vec<Option<String>> {
     let asks = storages.iter().map(|storage| async move {
         let node = proxy.state.nodes.get(storage)?;
         let mut client = RefServiceClient::new(node.authed());
@@ -149,5 +173,80 @@ pub(super) async fn checksums(
             }
         }
     });
-    futures_util::future::join_all(asks).await
+    let grace = proxy.state.config.writes.straggler_timeout.0;
+    quorum(asks.collect(), needed, grace)
+        .await
+        .into_iter()
+        .map(Option::flatten)
+        .collect()
+}
+
+/// Runs every future to its end, except that once `needed` of them have finished, the rest
+/// get at most `grace` more: those still running are dropped (a gRPC call dropped is
+/// cancelled on its node) and come back as None. The results are in the futures' order.
+async fn quorum<F: Future>(
+    futures: Vec<F>,
+    needed: usize,
+    grace: Duration,
+) -> Vec<Option<F::Output>> {
+    let mut results: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    let mut running: FuturesUnordered<_> = futures
+        .into_iter()
+        .enumerate()
+        .map(|(index, future)| async move { (index, future.await) })
+        .collect();
+    let mut finished = 0;
+    let mut deadline = None;
+    loop {
+        let next = match deadline {
+            None => running.next().await,
+            Some(deadline) => match tokio::time::timeout_at(deadline, running.next()).await {
+                Ok(next) => next,
+                Err(_) => break,
+            },
+        };
+        let Some((index, output)) = next else { break };
+        results[index] = Some(output);
+        finished += 1;
+        if finished >= needed && deadline.is_none() {
+            deadline = Some(tokio::time::Instant::now() + grace);
+        }
+    }
+    results
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn once_a_majority_has_finished_the_rest_get_the_grace_and_no_more() {
+        let delays = [10u64, 3_000, 20];
+        let futures: Vec<_> = delays
+            .iter()
+            .map(|&millis| async move {
+                tokio::time::sleep(Duration::from_millis(millis)).await;
+                millis
+            })
+            .collect();
+        let started = std::time::Instant::now();
+        let results = quorum(futures, 2, Duration::from_millis(100)).await;
+        assert_eq!(results, vec![Some(10), None, Some(20)]);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+
+        // Until `needed` have finished, every future is waited for.
+        let futures: Vec<_> = [50u64, 10]
+            .iter()
+            .map(|&millis| async move {
+                tokio::time::sleep(Duration::from_millis(millis)).await;
+                millis
+            })
+            .collect();
+        let results = quorum(futures, 2, Duration::ZERO).await;
+        assert_eq!(results, vec![Some(50), Some(10)]);
+    }
 }

@@ -25,7 +25,7 @@ use crate::model::{ObjectId, RefName, RelativePath, StorageName};
 use crate::proto::{SetDefaultBranchRequest, UpdateRefsRequest};
 use crate::store::{RefChange, RepositoryRecord, WriteLease, WriteStart};
 use close::Commit;
-use fanout::checksums;
+use fanout::quorum_checksums;
 
 const UPDATE_REFS: &str = "/gitfleet.v1.RefService/UpdateRefs";
 const SET_DEFAULT_BRANCH: &str = "/gitfleet.v1.RefService/SetDefaultBranch";
@@ -244,7 +244,7 @@ impl Write {
         let replica_path = lease.replica_path.clone();
 
         // Each replica's refs before: a replica that cannot say is left out, and repaired later.
-        let before = checksums(&self.proxy, &lease.targets, &replica_path).await;
+        let before = quorum_checksums(&self.proxy, &lease.targets, &replica_path, needed).await;
         let (targets, before): (Vec<StorageName>, Vec<String>) = lease
             .targets
             .iter()
@@ -257,8 +257,8 @@ impl Write {
             return Err(self.not_enough(lease, &targets));
         }
 
-        let mut replies = self.fan_out(&targets, &replica_path).await;
-        let after = checksums(&self.proxy, &targets, &replica_path).await;
+        let mut replies = self.fan_out(&targets, &replica_path, needed).await;
+        let after = quorum_checksums(&self.proxy, &targets, &replica_path, needed).await;
         if self.lease_lost.is_cancelled() {
             // Another writer may hold the repository by now and have built on the same refs:
             // nothing is committed and nothing undone from here. The intent stays open, and
