@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod db;
+pub mod fleet;
 pub mod http;
 pub mod http_front;
 pub mod worker;
