@@ -150,6 +150,19 @@ impl Report {
                 }
             ));
         }
+        if figures.interrupted_writes > 0 {
+            let waited = figures.interrupted_oldest_seconds.unwrap_or(0.0);
+            let line = format!(
+                "interrupted writes waiting for recovery: {} (the oldest lease ran out {} ago)",
+                figures.interrupted_writes,
+                ago(waited)
+            );
+            if waited > stall {
+                attention.push(format!("{line}; is a worker running the recovery job?"));
+            } else {
+                repairing.push(line);
+            }
+        }
         let verdict = if !attention.is_empty() {
             Verdict::Attention
         } else if !repairing.is_empty() || jobs.ready > 0 {

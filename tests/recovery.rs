@@ -99,6 +99,14 @@ async fn an_interrupted_write_is_rolled_back_everywhere_with_the_generation_unch
     // The write reached storage-1 and storage-2, not storage-3.
     interrupt(&cluster, &record, &[0, 1], &first, &second).await;
     assert_eq!(main_of(&cluster, 0, &record), second);
+    // Not "everything is fine" while the write waits.
+    let status = admin(&cluster, &["status"]);
+    assert_eq!(status.status.code(), Some(2));
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains("interrupted writes waiting for recovery: 1"),
+        "{text}"
+    );
 
     let worker = start_worker(
         worker_config(&cluster),
@@ -123,6 +131,7 @@ async fn an_interrupted_write_is_rolled_back_everywhere_with_the_generation_unch
             .await
             .unwrap();
     assert_eq!(leased, None);
+    admin_says(&cluster, &["status"], "HEALTHY");
     // Not frozen: the next push goes through, and lands everywhere.
     std::fs::write(work.path().join("after.txt"), "after\n").unwrap();
     run_git(work.path(), &["add", "."]);

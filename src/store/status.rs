@@ -73,6 +73,10 @@ pub struct Figures {
     pub write_lock: WriteLock,
     /// The reconciler's last round, seconds ago.
     pub reconciled_ago_seconds: Option<f64>,
+    /// Write intents whose lease ran out: interrupted writes that wait for recovery.
+    pub interrupted_writes: i64,
+    /// How long ago the oldest of those leases ran out, in seconds.
+    pub interrupted_oldest_seconds: Option<f64>,
 }
 
 /// One replica, or one assigned storage without a replica, of a repository.
@@ -208,7 +212,12 @@ impl Store {
                             m.write_lock, m.reason, m.changed_by,
                             extract(epoch FROM now() - m.changed_at)::float8 AS lock_changed,
                             extract(epoch FROM now() - (SELECT last_round_at FROM reconciler))::float8
-                                AS reconciled
+                                AS reconciled,
+                            (SELECT count(*) FROM write_intents WHERE lease_expires_at < now())
+                                AS interrupted,
+                            extract(epoch FROM now() - (SELECT min(lease_expires_at)
+                                FROM write_intents WHERE lease_expires_at < now()))::float8
+                                AS interrupted_oldest
                      FROM maintenance m",
                 )
                 .fetch_one(&self.pool),
@@ -239,6 +248,8 @@ impl Store {
             changed_ago_seconds: row.try_get("lock_changed")?,
         };
         figures.reconciled_ago_seconds = row.try_get("reconciled")?;
+        figures.interrupted_writes = row.try_get("interrupted")?;
+        figures.interrupted_oldest_seconds = row.try_get("interrupted_oldest")?;
         Ok(figures)
     }
 
