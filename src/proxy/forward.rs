@@ -24,30 +24,110 @@ pub(super) async fn accessor(
         .metadata
         .get(ROUTE_HEADER)
         .is_some_and(|value| value.as_bytes() == b"primary");
-    let storage = choose(&proxy.state.nodes, &record, primary, &call.repository())?;
-    tracing::debug!(%storage, generation = record.generation, "routing read");
-    if let Some(node) = proxy.state.nodes.get(&storage) {
-        node.count_read();
-    }
     let deadline = call.deadline();
-    let first = header::rewrite(
-        &call.first,
-        &call.located,
-        storage.as_str(),
-        record.replica_path.as_str(),
-    );
-    let outbound = tokio_stream::once(first).chain(later_messages(call.inbound));
-    let mut request = Request::new(outbound);
-    if let Some(deadline) = deadline {
-        request.set_timeout(deadline);
+    let repository = call.repository();
+    let inbound = Replayable::new(later_messages(call.inbound));
+    let mut failed: Vec<StorageName> = Vec::new();
+    let mut last_failure = None;
+    loop {
+        let storage = match choose_among(&proxy.state.nodes, &record, primary, &repository, &failed)
+        {
+            Ok(storage) => storage,
+            // Every replica was tried: the caller gets the last one's answer.
+            Err(error) => return Err(last_failure.unwrap_or(error)),
+        };
+        tracing::debug!(%storage, generation = record.generation, "routing read");
+        if let Some(node) = proxy.state.nodes.get(&storage) {
+            node.count_read();
+        }
+        let first = header::rewrite(
+            &call.first,
+            &call.located,
+            storage.as_str(),
+            record.replica_path.as_str(),
+        );
+        let outbound = tokio_stream::once(first).chain(inbound.clone());
+        let mut request = Request::new(outbound);
+        if let Some(deadline) = deadline {
+            request.set_timeout(deadline);
+        }
+        let sent = send(proxy, &storage, call.info.path, request).await;
+        let Err(ProxyError::Node { status, .. }) = &sent else {
+            return sent.map(streamed);
+        };
+        let missing = is_missing_repository(status);
+        if missing {
+            suspect(proxy, &record, &storage);
+        }
+        // Another replica can answer as long as none of the caller's later messages went
+        // to this one.
+        if (missing || is_transport_failure(status)) && inbound.replayable() {
+            tracing::warn!(%storage, %status, "a replica could not serve a read; trying another");
+            failed.push(storage);
+            last_failure = sent.err();
+            continue;
+        }
+        return sent.map(streamed);
     }
-    let sent = send(proxy, &storage, call.info.path, request).await;
-    if let Err(ProxyError::Node { status, .. }) = &sent
-        && is_missing_repository(status)
-    {
-        suspect(proxy, &record, &storage);
+}
+
+/// Whether a call failed on the way (no connection, a connection that broke) rather than
+/// being answered by the node.
+fn is_transport_failure(status: &Status) -> bool {
+    is_unreachable(status)
+        || (matches!(status.code(), tonic::Code::Unknown | tonic::Code::Internal)
+            && status.metadata().get("content-type").is_none())
+}
+
+/// The caller's later messages, shared by every attempt at a read, so that a read can go to
+/// another replica when the first failed before any of them was sent on.
+#[derive(Clone)]
+struct Replayable {
+    inner: Arc<std::sync::Mutex<ReplayState>>,
+}
+
+struct ReplayState {
+    stream: std::pin::Pin<Box<dyn Stream<Item = Bytes> + Send>>,
+    yielded: bool,
+    ended: bool,
+}
+
+impl Replayable {
+    fn new(stream: impl Stream<Item = Bytes> + Send + 'static) -> Self {
+        Self {
+            inner: Arc::new(std::sync::Mutex::new(ReplayState {
+                stream: Box::pin(stream),
+                yielded: false,
+                ended: false,
+            })),
+        }
     }
-    sent.map(streamed)
+
+    /// True while no message has gone to a replica.
+    fn replayable(&self) -> bool {
+        !self.inner.lock().unwrap_or_else(|e| e.into_inner()).yielded
+    }
+}
+
+impl Stream for Replayable {
+    type Item = Bytes;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Bytes>> {
+        let mut state = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if state.ended {
+            return std::task::Poll::Ready(None);
+        }
+        let next = state.stream.as_mut().poll_next(cx);
+        match &next {
+            std::task::Poll::Ready(Some(_)) => state.yielded = true,
+            std::task::Poll::Ready(None) => state.ended = true,
+            std::task::Poll::Pending => {}
+        }
+        next
+    }
 }
 
 /// Whether a node answered that the repository itself is not there (rather than a revision
@@ -139,9 +219,20 @@ pub(super) fn choose(
     primary: bool,
     repository: &str,
 ) -> Result<StorageName, ProxyError> {
+    choose_among(nodes, record, primary, repository, &[])
+}
+
+/// As [`choose`], leaving out the replicas in `failed`.
+fn choose_among(
+    nodes: &Nodes,
+    record: &RepositoryRecord,
+    primary: bool,
+    repository: &str,
+    failed: &[StorageName],
+) -> Result<StorageName, ProxyError> {
     let candidates: Vec<&StorageName> = record
         .up_to_date()
-        .filter(|storage| nodes.is_healthy(storage))
+        .filter(|storage| nodes.is_healthy(storage) && !failed.contains(storage))
         .collect();
     if primary {
         return if candidates.contains(&&record.primary) {
