@@ -285,8 +285,7 @@ async fn run_round(
     let round = format!("{:?}-{seed}", fault).to_lowercase();
     let (repositories, clients, _dir) = prepare(fleet, &round);
     all.extend(repositories.iter().cloned());
-    let recovered_before =
-        fleet.logged("interrupted write rolled back") + fleet.logged("interrupted write settled");
+    let recovered_before = recovered_writes(fleet);
 
     let stop = Arc::new(AtomicBool::new(false));
     let pushers: Vec<_> = clients
@@ -318,18 +317,18 @@ async fn run_round(
 
     // Every push a client saw succeed is on every replica; the others either were kept whole
     // or are gone from every replica.
+    let mut replicas = Vec::new();
+    for repository in &repositories {
+        replicas.push(fleet.replica_dirs(repository).await);
+    }
     let (mut lost, mut rolled_back, mut kept) = (0, 0, 0);
     for (repository_index, attempt) in &attempts {
         let repository = &repositories[*repository_index];
-        let mut present = Vec::new();
-        for node in 0..fleet.nodes.len() {
-            let replica = fleet.replica_dir(node, repository).await;
-            present.push(is_ancestor(
-                &replica,
-                &attempt.commit,
-                &format!("refs/heads/{}", attempt.branch),
-            ));
-        }
+        let tip = format!("refs/heads/{}", attempt.branch);
+        let present: Vec<bool> = replicas[*repository_index]
+            .iter()
+            .map(|replica| is_ancestor(replica, &attempt.commit, &tip))
+            .collect();
         match (attempt.acknowledged, present.iter().all(|p| *p)) {
             (true, true) => {}
             (true, false) => lost += 1,
@@ -357,10 +356,8 @@ async fn run_round(
                 "a push to {url} ({branch}) failed after the scenario"
             ));
         }
-        let repository = &repositories[index / PUSHERS_PER_REPOSITORY];
-        for node in 0..fleet.nodes.len() {
-            let replica = fleet.replica_dir(node, repository).await;
-            let tip = rev_parse(&replica, &format!("refs/heads/{branch}"));
+        for (node, replica) in replicas[index / PUSHERS_PER_REPOSITORY].iter().enumerate() {
+            let tip = rev_parse(replica, &format!("refs/heads/{branch}"));
             if tip != commit {
                 return Err(format!(
                     "storage-{}: {branch} is at {tip} after a push of {commit}",
@@ -381,11 +378,14 @@ async fn run_round(
         lost,
         rolled_back,
         kept,
-        recovered: fleet.logged("interrupted write rolled back")
-            + fleet.logged("interrupted write settled")
-            - recovered_before,
+        recovered: recovered_writes(fleet) - recovered_before,
         converged,
     })
+}
+
+/// Interrupted writes settled so far, by the recovery job or by a proxy, as their logs say.
+fn recovered_writes(fleet: &Fleet) -> usize {
+    fleet.logged("interrupted write rolled back") + fleet.logged("interrupted write settled")
 }
 
 fn table(rows: &[Row]) -> String {

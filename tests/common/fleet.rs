@@ -233,27 +233,25 @@ impl Fleet {
             .unwrap()
     }
 
-    /// The replica directory of `relative_path` on node `index`.
-    pub async fn replica_dir(&self, index: usize, relative_path: &str) -> PathBuf {
-        let replica_path: String =
-            sqlx::query_scalar("SELECT replica_path FROM repositories WHERE relative_path = $1")
-                .bind(relative_path)
-                .fetch_one(&self.pool)
-                .await
-                .unwrap();
-        self.nodes[index].repo_path(STORAGES[index], &replica_path)
+    async fn replica_path(&self, relative_path: &str) -> Result<String, sqlx::Error> {
+        sqlx::query_scalar("SELECT replica_path FROM repositories WHERE relative_path = $1")
+            .bind(relative_path)
+            .fetch_one(&self.pool)
+            .await
+    }
+
+    /// The replica directories of `relative_path`, one per node.
+    pub async fn replica_dirs(&self, relative_path: &str) -> Vec<PathBuf> {
+        let replica_path = self.replica_path(relative_path).await.unwrap();
+        (0..self.nodes.len())
+            .map(|index| self.nodes[index].repo_path(STORAGES[index], &replica_path))
+            .collect()
     }
 
     /// The refs checksum of every replica of `relative_path`, asked of each node; None where
     /// a node does not answer.
     pub async fn checksums(&self, relative_path: &str) -> Vec<Option<String>> {
-        let Ok(replica_path) = sqlx::query_scalar::<_, String>(
-            "SELECT replica_path FROM repositories WHERE relative_path = $1",
-        )
-        .bind(relative_path)
-        .fetch_one(&self.pool)
-        .await
-        else {
+        let Ok(replica_path) = self.replica_path(relative_path).await else {
             return vec![None; self.nodes.len()];
         };
         let mut checksums = Vec::new();
