@@ -1,6 +1,7 @@
 //! The command line: one binary, one subcommand per role.
 
 mod admin;
+mod bench;
 mod bridge;
 mod dev;
 mod health;
@@ -43,6 +44,9 @@ enum Command {
     Bridge(bridge::BridgeArgs),
     /// Print a signed token for calling a node by hand (grpcurl and the like).
     Token(TokenArgs),
+    /// Measure a local cluster against plain git: clones, fetches, pushes and accessor calls,
+    /// each next to its baseline, printed as a table and written as JSON.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -149,6 +153,7 @@ pub fn main(cli: Cli) -> ExitCode {
                     .and_then(|rt| rt.block_on(migrate::run(args))),
             )
         }
+        Command::Bench(args) => report(bench::run(args)),
         Command::Admin(args) => report(
             runtime()
                 .map_err(anyhow::Error::from)

@@ -1,0 +1,109 @@
+//! `gitfleet bench` at a toy scale: every step runs (each clone, fetch and push is checked
+//! against the expected tip, every accessor call against its ref count), and the table and
+//! the JSON hold every figure.
+
+mod common;
+
+use std::process::Command;
+
+use common::BINARY;
+
+#[test]
+fn the_benchmark_measures_every_figure_next_to_its_baseline() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("results.json");
+    let output = Command::new(BINARY)
+        .arg("bench")
+        .arg("--dir")
+        .arg(dir.path().join("bench"))
+        .arg("--json")
+        .arg(&json)
+        .args(["--commits", "60", "--files", "30", "--pack-mib", "1"])
+        .args(["--runs", "1", "--rpc-runs", "1", "--rpc-duration", "300ms"])
+        .args(["--parallel-clones", "2"])
+        .env("GITFLEET_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+
+    let results: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(results["repositories"]["large_commits"], 60);
+    assert_eq!(results["repositories"]["small_refs"], 101);
+    let rows = results["rows"].as_array().unwrap();
+    let measures: Vec<&str> = rows
+        .iter()
+        .map(|row| row["measure"].as_str().unwrap())
+        .collect();
+    for wanted in [
+        "clone, large repository (--bare)",
+        "fetch, one new commit (3 files)",
+        "push, one commit (3 replicas)",
+        "ListRefs (101 refs), concurrency 1: p50",
+        "ListRefs (101 refs), concurrency 64: calls a second",
+        "ListRefs (101 refs), concurrency 64: database statements a call",
+        "ListRefs (101 refs), concurrency 64: proxy peak RSS",
+        "proxy peak RSS during the 2 clones",
+    ] {
+        assert!(
+            measures.contains(&wanted),
+            "{wanted} is missing: {measures:?}"
+        );
+        assert!(
+            stdout.contains(wanted),
+            "{wanted} is not in the table:\n{stdout}"
+        );
+    }
+    for row in rows {
+        let median = row["gitfleet"]["median"].as_f64().unwrap();
+        assert!(median.is_finite() && median >= 0.0, "{row}");
+        if let Some(baseline) = row["baseline"].as_object() {
+            assert!(baseline["median"].as_f64().unwrap().is_finite(), "{row}");
+        }
+    }
+    // The clone rows stand beside both baselines.
+    let clone = &rows[0];
+    assert_eq!(clone["baseline_name"], "git daemon");
+    assert!(clone["limit"]["median"].as_f64().unwrap() > 0.0, "{clone}");
+    // An accessor through the proxy sends no statement to the database.
+    let statements = rows
+        .iter()
+        .find(|row| {
+            row["measure"] == "ListRefs (101 refs), concurrency 64: database statements a call"
+        })
+        .unwrap();
+    assert_eq!(statements["met"], true, "{statements}");
+
+    // A second run reuses the repositories of the same shape.
+    let again = Command::new(BINARY)
+        .arg("bench")
+        .arg("--dir")
+        .arg(dir.path().join("bench"))
+        .arg("--json")
+        .arg(&json)
+        .args(["--commits", "60", "--files", "30", "--pack-mib", "1"])
+        .args(["--runs", "1", "--rpc-runs", "1", "--rpc-duration", "100ms"])
+        .args(["--parallel-clones", "1"])
+        .env("GITFLEET_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "{stderr}");
+    assert!(stderr.contains("reusing the repositories"), "{stderr}");
+}
+
+#[test]
+fn the_benchmark_refuses_bad_sizes_before_it_starts_anything() {
+    let output = Command::new(BINARY)
+        .args(["bench", "--commits", "1"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("--commits"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
