@@ -228,6 +228,18 @@ async fn default_branch_and_checksum() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
+
+    // HEAD is read from its file only when that holds a symbolic reference: a detached HEAD
+    // is git's to judge, and it is no default branch.
+    let head_file = node.storage_path("s1").join("repo.git/HEAD");
+    std::fs::write(&head_file, format!("{}\n", rev(&work, "main"))).unwrap();
+    refs.find_default_branch(FindDefaultBranchRequest {
+        repository: header("s1", "repo.git"),
+    })
+    .await
+    .unwrap_err();
+    std::fs::write(&head_file, "ref: refs/heads/feature\n").unwrap();
+    assert_eq!(checksum(&mut refs).await, moved);
 }
 
 #[tokio::test]

@@ -32,8 +32,18 @@ impl Node {
             .collect())
     }
 
-    /// HEAD's symbolic target, such as `refs/heads/main`.
+    /// HEAD's symbolic target, such as `refs/heads/main`. Read straight from the HEAD file
+    /// when it is a plain symbolic reference (a write reads it on every replica, before and
+    /// after, and a process start costs more than the rest of the checksum). Anything else, a
+    /// detached HEAD or the reftable backend's placeholder, is left to `git symbolic-ref`,
+    /// which answers or fails as it always did.
     pub(super) async fn head(&self, path: &Path) -> Result<String, NodeError> {
+        if let Ok(contents) = tokio::fs::read_to_string(path.join("HEAD")).await
+            && let Some(target) = contents.strip_prefix("ref: ")
+            && let Ok(name) = RefName::parse(target.trim_end_matches('\n'))
+        {
+            return Ok(name.as_str().to_owned());
+        }
         let output = self
             .state
             .git
