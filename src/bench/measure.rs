@@ -64,10 +64,18 @@ pub fn all(
         repositories,
     )?);
     let Setup {
-        cluster, daemon, ..
+        cluster,
+        daemon,
+        scratch,
+        ..
     } = setup;
     daemon.stop();
+    let cluster_dir = cluster.dir.clone();
     cluster.stop();
+    // The replicas and the clones take room; the repositories and the cluster's log stay.
+    for path in [cluster_dir, scratch] {
+        std::fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
+    }
     Ok(rows)
 }
 

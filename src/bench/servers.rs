@@ -25,7 +25,11 @@ fn die_with_parent(command: &mut Command) {
     }
 }
 
+/// SIGTERM, then SIGKILL after `grace`; nothing for a child already reaped.
 fn terminate(child: &mut Child, grace: Duration) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
     let deadline = Instant::now() + grace;
@@ -173,8 +177,14 @@ impl DevCluster {
             .with_context(|| format!("{name} is not in the proxy's /metrics"))
     }
 
-    pub fn stop(mut self) {
-        // The proxy drains, then the nodes and PostgreSQL stop.
+    /// The proxy drains, then the nodes and PostgreSQL stop.
+    pub fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for DevCluster {
+    fn drop(&mut self) {
         terminate(&mut self.child, Duration::from_secs(60));
     }
 }
@@ -218,7 +228,13 @@ impl Daemon {
         format!("git://127.0.0.1:{}/{}", self.port, relative.display())
     }
 
-    pub fn stop(mut self) {
+    pub fn stop(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
         terminate(&mut self.child, Duration::from_secs(5));
     }
 }
