@@ -58,7 +58,13 @@ fn the_benchmark_measures_every_figure_next_to_its_baseline() {
     }
     for row in rows {
         let median = row["gitfleet"]["median"].as_f64().unwrap();
-        assert!(median.is_finite() && median >= 0.0, "{row}");
+        assert!(median.is_finite(), "{row}");
+        // Statements beyond the idle rate may come out below zero; nothing else may.
+        let excess = row["measure"]
+            .as_str()
+            .unwrap()
+            .contains("database statements");
+        assert!(excess || median >= 0.0, "{row}");
         if let Some(baseline) = row["baseline"].as_object() {
             assert!(baseline["median"].as_f64().unwrap().is_finite(), "{row}");
         }
@@ -67,14 +73,18 @@ fn the_benchmark_measures_every_figure_next_to_its_baseline() {
     let clone = &rows[0];
     assert_eq!(clone["baseline_name"], "git daemon");
     assert!(clone["limit"]["median"].as_f64().unwrap() > 0.0, "{clone}");
-    // An accessor through the proxy sends no statement to the database.
-    let statements = rows
-        .iter()
-        .find(|row| {
-            row["measure"] == "ListRefs (101 refs), concurrency 64: database statements a call"
-        })
-        .unwrap();
-    assert_eq!(statements["met"], true, "{statements}");
+    // An accessor through the proxy sends no statement to the database: one per call would
+    // show as 1 or more. (The exact figure moves with the proxy's background polls, which a
+    // toy run's few calls cannot average out.)
+    for concurrency in [1, 64] {
+        let measure =
+            format!("ListRefs (101 refs), concurrency {concurrency}: database statements a call");
+        let row = rows
+            .iter()
+            .find(|row| row["measure"] == measure.as_str())
+            .unwrap();
+        assert!(row["gitfleet"]["median"].as_f64().unwrap() < 0.5, "{row}");
+    }
 
     // A second run reuses the repositories of the same shape.
     let again = Command::new(BINARY)

@@ -28,10 +28,6 @@ impl Git {
         Ok(Self { home })
     }
 
-    pub fn home(&self) -> &Path {
-        &self.home
-    }
-
     /// `git` in `dir` (a git directory or a work tree), with stdout and stderr captured.
     pub fn command(&self, dir: Option<&Path>) -> Command {
         let mut command = Command::new("git");

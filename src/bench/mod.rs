@@ -2,12 +2,13 @@
 //! repositories, starts a `gitfleet dev` cluster (3 nodes) and a plain `git daemon` on the same
 //! machine, and measures clones, fetches, pushes and accessor calls each way in one run.
 
-pub mod generate;
-pub mod git;
+mod generate;
+mod git;
+mod load;
 mod measure;
-pub mod report;
-pub mod rpc;
-pub mod servers;
+mod report;
+mod rpc;
+mod servers;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -93,11 +94,15 @@ impl Machine {
 #[derive(Debug, serde::Serialize)]
 struct Results {
     gitfleet: &'static str,
+    /// When the run started, RFC 3339.
+    started_at: String,
     machine: Machine,
     repositories: generate::Repositories,
     runs: usize,
     rpc_runs: usize,
     rpc_seconds: f64,
+    rpc_warmup_seconds: f64,
+    rpc_concurrency: [usize; 2],
     parallel_clones: usize,
     rows: Vec<report::Row>,
     seconds: f64,
@@ -105,6 +110,7 @@ struct Results {
 
 pub fn run(options: Options) -> anyhow::Result<()> {
     let started = Instant::now();
+    let started_at = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
     progress(format_args!("gitfleet bench in {}", options.dir.display()));
     std::fs::create_dir_all(&options.dir)
         .with_context(|| format!("creating {}", options.dir.display()))?;
@@ -121,11 +127,14 @@ pub fn run(options: Options) -> anyhow::Result<()> {
     let table = report::table(&rows);
     let results = Results {
         gitfleet: env!("CARGO_PKG_VERSION"),
+        started_at,
         machine,
         repositories,
         runs: options.runs,
         rpc_runs: options.rpc_runs,
         rpc_seconds: options.rpc_duration.as_secs_f64(),
+        rpc_warmup_seconds: load::WARMUP.as_secs_f64(),
+        rpc_concurrency: load::CONCURRENCY,
         parallel_clones: options.parallel_clones,
         rows,
         seconds: started.elapsed().as_secs_f64(),

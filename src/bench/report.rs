@@ -63,11 +63,11 @@ fn number(value: f64) -> String {
 #[serde(rename_all = "snake_case")]
 pub enum Target {
     /// gitfleet's median at most this many times the baseline's (a time).
-    AtMostTimes(f64),
+    RatioAtMost(f64),
     /// gitfleet's median at least this many times the baseline's (a rate).
-    AtLeastTimes(f64),
+    RatioAtLeast(f64),
     /// gitfleet's median at most this value.
-    AtMost(f64),
+    ValueAtMost(f64),
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -122,9 +122,9 @@ impl Row {
 
     fn judge(mut self) -> Self {
         self.met = match (self.target, self.ratio) {
-            (Some(Target::AtMostTimes(times)), Some(ratio)) => Some(ratio <= times),
-            (Some(Target::AtLeastTimes(times)), Some(ratio)) => Some(ratio >= times),
-            (Some(Target::AtMost(value)), _) => Some(self.gitfleet.median <= value),
+            (Some(Target::RatioAtMost(times)), Some(ratio)) => Some(ratio <= times),
+            (Some(Target::RatioAtLeast(times)), Some(ratio)) => Some(ratio >= times),
+            (Some(Target::ValueAtMost(value)), _) => Some(self.gitfleet.median <= value),
             _ => None,
         };
         self
@@ -133,9 +133,9 @@ impl Row {
 
 fn target_text(target: Option<Target>) -> String {
     match target {
-        Some(Target::AtMostTimes(times)) => format!("<= {times:.2}x"),
-        Some(Target::AtLeastTimes(times)) => format!(">= {times:.2}x"),
-        Some(Target::AtMost(value)) => format!("<= {}", number(value)),
+        Some(Target::RatioAtMost(times)) => format!("<= {times:.2}x"),
+        Some(Target::RatioAtLeast(times)) => format!(">= {times:.2}x"),
+        Some(Target::ValueAtMost(value)) => format!("<= {}", number(value)),
         None => String::new(),
     }
 }
@@ -213,13 +213,13 @@ mod tests {
     fn rows_are_judged_by_their_ratio_or_their_value() {
         let slow = Row::new("clone", "s", &[1.2])
             .against("git daemon", &[1.0])
-            .target(Target::AtMostTimes(1.10));
+            .target(Target::RatioAtMost(1.10));
         assert_eq!(slow.met, Some(false));
         let fast = Row::new("rate", "1/s", &[90.0])
             .against("node", &[100.0])
-            .target(Target::AtLeastTimes(0.8));
+            .target(Target::RatioAtLeast(0.8));
         assert_eq!(fast.met, Some(true));
-        let rss = Row::new("rss", "MB", &[250.0]).target(Target::AtMost(200.0));
+        let rss = Row::new("rss", "MB", &[250.0]).target(Target::ValueAtMost(200.0));
         assert_eq!(rss.met, Some(false));
         let table = table(&[slow, fast, rss]);
         assert!(table.contains("1.20x"), "{table}");

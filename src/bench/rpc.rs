@@ -21,10 +21,13 @@ pub struct Target {
 /// One load run.
 #[derive(Debug, Clone)]
 pub struct Load {
-    /// Seconds a call took, sorted.
+    /// Seconds each call begun in the measured window took, sorted.
     pub latencies: Vec<f64>,
+    /// Every call made, warm-up and the calls still running at the window's end included.
+    pub all_calls: usize,
     pub failures: usize,
     pub first_failure: Option<String>,
+    /// The measured window.
     pub seconds: f64,
 }
 
@@ -78,30 +81,39 @@ async fn list_refs(
 }
 
 /// Runs `concurrency` callers for `duration` (after `warmup`, whose calls are not counted).
+/// Each caller takes the targets in turn, starting from a different one, so the load spreads
+/// over them the way the proxy spreads reads over replicas.
 pub async fn run(
-    target: &Target,
+    targets: &[Target],
     concurrency: usize,
     warmup: Duration,
     duration: Duration,
 ) -> anyhow::Result<Load> {
-    let channel =
-        crate::client::connect(&target.address, Signer::from_secret(&target.secret)).await?;
+    let mut clients = Vec::new();
+    for target in targets {
+        let channel =
+            crate::client::connect(&target.address, Signer::from_secret(&target.secret)).await?;
+        clients.push((RefServiceClient::new(channel), target.clone()));
+    }
+    anyhow::ensure!(!clients.is_empty(), "no target to call");
     let started = Instant::now();
     let counting_from = started + warmup;
     let until = counting_from + duration;
     let mut callers = tokio::task::JoinSet::new();
-    for _ in 0..concurrency {
-        let mut client = RefServiceClient::new(channel.clone());
-        let target = target.clone();
+    for caller in 0..concurrency {
+        let mut clients = clients.clone();
+        let count = clients.len();
+        clients.rotate_left(caller % count);
         callers.spawn(async move {
-            let mut latencies = Vec::new();
-            let mut failures = Vec::new();
-            loop {
+            let (mut latencies, mut failures, mut calls) = (Vec::new(), Vec::new(), 0);
+            for turn in 0.. {
                 let begun = Instant::now();
                 if begun >= until {
                     break;
                 }
-                let outcome = list_refs(&mut client, &target).await;
+                let (client, target) = &mut clients[turn % count];
+                let outcome = list_refs(client, target).await;
+                calls += 1;
                 if begun >= counting_from {
                     match outcome {
                         Ok(()) => latencies.push(begun.elapsed().as_secs_f64()),
@@ -109,25 +121,27 @@ pub async fn run(
                     }
                 }
             }
-            (latencies, failures)
+            (latencies, failures, calls)
         });
     }
     let mut load = Load {
         latencies: Vec::new(),
+        all_calls: 0,
         failures: 0,
         first_failure: None,
-        seconds: 0.0,
+        // Calls begun in the window count, and the window is their time: a way with a slower
+        // tail is not charged for the calls it is still finishing.
+        seconds: duration.as_secs_f64(),
     };
     while let Some(joined) = callers.join_next().await {
-        let (latencies, failures) = joined?;
+        let (latencies, failures, calls) = joined?;
         load.latencies.extend(latencies);
+        load.all_calls += calls;
         load.failures += failures.len();
         if load.first_failure.is_none() {
             load.first_failure = failures.into_iter().next();
         }
     }
-    // Calls begun before the deadline finish after it; they count, and so does their time.
-    load.seconds = counting_from.elapsed().as_secs_f64();
     load.latencies.sort_by(f64::total_cmp);
     Ok(load)
 }

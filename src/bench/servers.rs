@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -13,35 +12,15 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use super::git::Git;
+use crate::dev::cluster::{die_with_parent, read_env, stop_children};
 
-/// Kills the child when this process dies, so an interrupted benchmark leaves nothing running.
-fn die_with_parent(command: &mut Command) {
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        command.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
-                .map_err(std::io::Error::from)
-        });
-    }
-}
-
-/// SIGTERM, then SIGKILL after `grace`; nothing for a child already reaped.
+/// SIGTERM, then SIGKILL after `grace`.
 fn terminate(child: &mut Child, grace: Duration) {
-    if let Ok(Some(_)) = child.try_wait() {
-        return;
-    }
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
+    stop_children(&mut [child], grace);
 }
+
+/// How long `gitfleet dev` may take to say it is ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A `gitfleet dev` cluster: PostgreSQL and the nodes are its children, the proxy (and an
 /// idle worker) run in its own process, which is the one measured.
@@ -71,34 +50,41 @@ impl DevCluster {
                 "--http-listen",
                 "127.0.0.1:0",
             ])
+            // What is measured is the default configuration at the default log level, whatever
+            // the operator's shell says.
+            .env("GITFLEET_LOG", "info")
+            .env_remove("GITFLEET_LOG_FORMAT")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("GITFLEET__") {
+                command.env_remove(key);
+            }
+        }
         die_with_parent(&mut command);
         let mut child = command.spawn().context("starting gitfleet dev")?;
         let stdout = child.stdout.take().expect("piped");
-        let mut lines = BufReader::new(stdout).lines();
-        loop {
-            match lines.next() {
-                Some(Ok(line)) if line.trim() == "gitfleet dev: ready" => break,
-                Some(Ok(_)) => {}
-                _ => {
-                    terminate(&mut child, Duration::from_secs(5));
-                    bail!(
-                        "gitfleet dev did not start: see {}",
-                        dir.with_extension("log").display()
-                    );
+        // Its stdout is read in a thread, so a start that hangs is given up on.
+        let (ready, waiting) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut said_ready = false;
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if !said_ready && line.trim() == "gitfleet dev: ready" {
+                    said_ready = true;
+                    let _ = ready.send(());
                 }
             }
+        });
+        if waiting.recv_timeout(READY_TIMEOUT).is_err() {
+            terminate(&mut child, Duration::from_secs(5));
+            bail!(
+                "gitfleet dev was not ready within {READY_TIMEOUT:?}: see {}",
+                dir.with_extension("log").display()
+            );
         }
-        // The rest of its output is not read; it says nothing more on stdout.
-        std::thread::spawn(move || lines.for_each(drop));
-        let env = std::fs::read_to_string(dir.join("env"))?
-            .lines()
-            .filter_map(|line| line.strip_prefix("export "))
-            .filter_map(|line| line.split_once('='))
-            .map(|(key, value)| (key.to_owned(), value.trim_matches('\'').to_owned()))
-            .collect();
+        let env = read_env(dir)?;
         Ok(Self {
             child,
             dir: dir.to_owned(),
@@ -123,40 +109,6 @@ impl DevCluster {
         url.rsplit_once('@')
             .map(|(_, address)| address.to_owned())
             .context("GITFLEET_HTTP_URL has no address")
-    }
-
-    /// The node processes: storage name → pid.
-    pub fn nodes(&self) -> HashMap<String, u32> {
-        let mut nodes = HashMap::new();
-        let Ok(entries) = std::fs::read_dir("/proc") else {
-            return nodes;
-        };
-        for entry in entries.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            let Some(stat) = ProcessStat::read(pid) else {
-                continue;
-            };
-            if stat.parent != self.pid() {
-                continue;
-            }
-            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-            let cmdline = String::from_utf8_lossy(&cmdline);
-            if let Some(index) = cmdline.split('\0').find_map(|arg| {
-                arg.rsplit('/')
-                    .next()?
-                    .strip_prefix("node-")?
-                    .strip_suffix(".toml")
-            }) {
-                nodes.insert(format!("storage-{index}"), pid);
-            }
-        }
-        nodes
     }
 
     /// One counter from the proxy's /metrics.
@@ -204,6 +156,8 @@ impl Daemon {
         command
             .arg("daemon")
             .args(["--reuseaddr", "--listen=127.0.0.1", "--export-all"])
+            // Its default of 32 would refuse the parallel clones past that.
+            .arg("--max-connections=0")
             .arg(format!("--port={port}"))
             .arg("--enable=receive-pack")
             .arg("--informative-errors")
@@ -239,41 +193,30 @@ impl Drop for Daemon {
     }
 }
 
-/// What /proc/PID/stat tells of a process.
-#[derive(Debug, Clone, Copy)]
-pub struct ProcessStat {
-    pub parent: u32,
-    /// User and system CPU time, in clock ticks.
-    pub cpu_ticks: u64,
+/// A process's user and system CPU time in clock ticks, from /proc/PID/stat.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: fields follow the last ')',
+    // starting with the third (state); utime and stime are the 14th and 15th.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+    Some(field(14)? + field(15)?)
 }
 
-impl ProcessStat {
-    pub fn read(pid: u32) -> Option<Self> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // The command name is in parentheses and may hold spaces: fields follow the last ')'.
-        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-        let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
-        Some(Self {
-            parent: field(4)? as u32,
-            cpu_ticks: field(14)? + field(15)?,
-        })
-    }
-}
-
-/// Clock ticks a second, for [`ProcessStat::cpu_ticks`].
-pub fn ticks_per_second() -> f64 {
+/// Clock ticks a second, for [`cpu_ticks`].
+fn ticks_per_second() -> f64 {
     nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
         .flatten()
         .map_or(100.0, |ticks| ticks as f64)
 }
 
-/// A process's resident memory in bytes, from /proc/PID/status.
-pub fn rss_bytes(pid: u32) -> Option<u64> {
+/// A line of /proc/PID/status in bytes, such as `VmRSS` or `VmHWM`.
+fn status_bytes(pid: u32, key: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kib: u64 = status
         .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))?
+        .find_map(|line| line.strip_prefix(key)?.strip_prefix(':'))?
         .trim()
         .strip_suffix("kB")?
         .trim()
@@ -282,8 +225,16 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// Samples a process's resident memory every 20 ms, in a thread, until stopped; keeps the peak.
+/// A process's resident memory now, in bytes.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    status_bytes(pid, "VmRSS")
+}
+
+/// A process's peak resident memory over a stretch of time. The kernel's own peak (VmHWM) is
+/// reset at the start, where it allows it; a reading every 20 ms backs it up.
 pub struct RssSampler {
+    pid: u32,
+    kernel_peak: bool,
     stop: Arc<AtomicBool>,
     peak: Arc<AtomicU64>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -291,6 +242,7 @@ pub struct RssSampler {
 
 impl RssSampler {
     pub fn start(pid: u32) -> Self {
+        let kernel_peak = std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok();
         let stop = Arc::new(AtomicBool::new(false));
         let peak = Arc::new(AtomicU64::new(rss_bytes(pid).unwrap_or(0)));
         let thread = std::thread::spawn({
@@ -305,6 +257,8 @@ impl RssSampler {
             }
         });
         Self {
+            pid,
+            kernel_peak,
             stop,
             peak,
             thread: Some(thread),
@@ -317,7 +271,11 @@ impl RssSampler {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
-        self.peak.load(Ordering::Relaxed)
+        let sampled = self.peak.load(Ordering::Relaxed);
+        match self.kernel_peak.then(|| status_bytes(self.pid, "VmHWM")) {
+            Some(Some(kernel)) => kernel.max(sampled),
+            _ => sampled,
+        }
     }
 }
 
@@ -331,12 +289,12 @@ impl CpuMeter {
     pub fn start(pid: u32) -> Self {
         Self {
             pid,
-            ticks: ProcessStat::read(pid).map_or(0, |stat| stat.cpu_ticks),
+            ticks: cpu_ticks(pid).unwrap_or(0),
         }
     }
 
     pub fn seconds(&self) -> f64 {
-        let now = ProcessStat::read(self.pid).map_or(self.ticks, |stat| stat.cpu_ticks);
+        let now = cpu_ticks(self.pid).unwrap_or(self.ticks);
         now.saturating_sub(self.ticks) as f64 / ticks_per_second()
     }
 }

@@ -89,32 +89,66 @@ pub struct NodeChild {
     child: Child,
 }
 
-/// Stops the nodes together: SIGTERM to all, then up to 15 s for them to finish their calls,
-/// then SIGKILL for any left.
-fn stop_nodes(nodes: &mut [NodeChild]) {
-    for node in nodes.iter() {
-        let pid = nix::unistd::Pid::from_raw(node.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+/// Stops children together: SIGTERM to all, then up to `grace` for them to finish, then
+/// SIGKILL for any left. Children already reaped are left alone.
+pub fn stop_children(children: &mut [&mut Child], grace: Duration) {
+    for child in children.iter_mut() {
+        if let Ok(None) = child.try_wait() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        }
     }
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let deadline = Instant::now() + grace;
     while Instant::now() < deadline
-        && nodes
+        && children
             .iter_mut()
-            .any(|node| matches!(node.child.try_wait(), Ok(None)))
+            .any(|child| matches!(child.try_wait(), Ok(None)))
     {
         std::thread::sleep(Duration::from_millis(20));
     }
-    for node in nodes {
-        if let Ok(None) = node.child.try_wait() {
-            let _ = node.child.kill();
-            let _ = node.child.wait();
+    for child in children {
+        if let Ok(None) = child.try_wait() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 }
 
+/// Asks the kernel to send the child SIGTERM when the thread that starts it ends, so a cluster
+/// never outlives whoever started it.
+pub fn die_with_parent(command: &mut Command) {
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+                .map_err(std::io::Error::from)
+        });
+    }
+}
+
+/// Where node `index` (from 1) of a dev cluster in `dir` keeps its storage, `storage-INDEX`.
+pub fn storage_dir(dir: &Path, index: usize) -> PathBuf {
+    dir.join(format!("node-{index}"))
+}
+
+/// `DIR/env` of a running dev cluster, as KEY → value.
+pub fn read_env(dir: &Path) -> anyhow::Result<std::collections::HashMap<String, String>> {
+    let path = dir.join("env");
+    Ok(std::fs::read_to_string(&path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .lines()
+        .filter_map(|line| line.strip_prefix("export "))
+        .filter_map(|line| line.split_once('='))
+        .map(|(key, value)| (key.to_owned(), value.trim_matches('\'').to_owned()))
+        .collect())
+}
+
 impl Drop for DevProcesses {
     fn drop(&mut self) {
-        stop_nodes(&mut self.nodes);
+        let mut children: Vec<&mut Child> =
+            self.nodes.iter_mut().map(|node| &mut node.child).collect();
+        // Up to 15 s for the nodes to finish their calls.
+        stop_children(&mut children, Duration::from_secs(15));
         self.postgres.stop();
     }
 }
@@ -145,7 +179,7 @@ pub fn start_processes(options: &DevOptions) -> anyhow::Result<DevProcesses> {
     let mut nodes = Vec::new();
     for index in 1..=options.nodes {
         let storage = format!("storage-{index}");
-        let storage_dir = dir.join(format!("node-{index}"));
+        let storage_dir = storage_dir(&dir, index);
         std::fs::create_dir_all(&storage_dir)?;
         let config_path = dir.join(format!("node-{index}.toml"));
         write_private(
@@ -320,13 +354,7 @@ fn spawn_node(config: &Path, storage: String) -> anyhow::Result<NodeChild> {
         // Out of the terminal's process group: Ctrl-C reaches `gitfleet dev`, which stops the
         // nodes after the proxy has drained.
         .process_group(0);
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        command.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
-                .map_err(std::io::Error::from)
-        });
-    }
+    die_with_parent(&mut command);
     let mut child = command.spawn().context("starting a node")?;
     let mut line = String::new();
     BufReader::new(child.stdout.take().expect("piped"))
