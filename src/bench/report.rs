@@ -47,7 +47,9 @@ impl Spread {
 /// A number with as many digits as it deserves.
 fn number(value: f64) -> String {
     let magnitude = value.abs();
-    if magnitude >= 100.0 || value == 0.0 {
+    if magnitude < 0.0005 {
+        "0".to_owned()
+    } else if magnitude >= 100.0 {
         format!("{value:.0}")
     } else if magnitude >= 10.0 {
         format!("{value:.1}")
