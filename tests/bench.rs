@@ -4,26 +4,39 @@
 
 mod common;
 
-use std::process::Command;
+use std::path::Path;
+use std::process::{Command, Output};
 
 use common::BINARY;
+
+/// `gitfleet bench` at a toy shape into `dir`, writing `json`.
+fn toy_bench(dir: &Path, json: &Path, rpc_duration: &str, clones: &str) -> Output {
+    Command::new(BINARY)
+        .arg("bench")
+        .arg("--dir")
+        .arg(dir)
+        .arg("--json")
+        .arg(json)
+        .args(["--commits", "60", "--files", "30", "--pack-mib", "1"])
+        .args([
+            "--runs",
+            "1",
+            "--rpc-runs",
+            "1",
+            "--rpc-duration",
+            rpc_duration,
+        ])
+        .args(["--parallel-clones", clones])
+        .env("GITFLEET_LOG", "warn")
+        .output()
+        .unwrap()
+}
 
 #[test]
 fn the_benchmark_measures_every_figure_next_to_its_baseline() {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("results.json");
-    let output = Command::new(BINARY)
-        .arg("bench")
-        .arg("--dir")
-        .arg(dir.path().join("bench"))
-        .arg("--json")
-        .arg(&json)
-        .args(["--commits", "60", "--files", "30", "--pack-mib", "1"])
-        .args(["--runs", "1", "--rpc-runs", "1", "--rpc-duration", "300ms"])
-        .args(["--parallel-clones", "2"])
-        .env("GITFLEET_LOG", "warn")
-        .output()
-        .unwrap();
+    let output = toy_bench(&dir.path().join("bench"), &json, "300ms", "2");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stdout}\n{stderr}");
@@ -87,18 +100,7 @@ fn the_benchmark_measures_every_figure_next_to_its_baseline() {
     }
 
     // A second run reuses the repositories of the same shape.
-    let again = Command::new(BINARY)
-        .arg("bench")
-        .arg("--dir")
-        .arg(dir.path().join("bench"))
-        .arg("--json")
-        .arg(&json)
-        .args(["--commits", "60", "--files", "30", "--pack-mib", "1"])
-        .args(["--runs", "1", "--rpc-runs", "1", "--rpc-duration", "100ms"])
-        .args(["--parallel-clones", "1"])
-        .env("GITFLEET_LOG", "warn")
-        .output()
-        .unwrap();
+    let again = toy_bench(&dir.path().join("bench"), &json, "100ms", "1");
     let stderr = String::from_utf8_lossy(&again.stderr);
     assert!(again.status.success(), "{stderr}");
     assert!(stderr.contains("reusing the repositories"), "{stderr}");
