@@ -423,3 +423,62 @@ async fn a_commit_is_refused_when_a_replica_changed_under_the_write() {
     // The lease is still this writer's to release.
     assert!(store.release_write(&lease, "proxy-a").await.unwrap());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_statement_undone_to_break_a_deadlock_is_worth_trying_again() {
+    use gitfleet::store::StoreError;
+    use sqlx::Connection as _;
+
+    let url = common::db::fresh_database().await;
+    let mut setup = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query("CREATE TABLE pair (id int PRIMARY KEY, value int)")
+        .execute(&mut setup)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO pair VALUES (1, 0), (2, 0)")
+        .execute(&mut setup)
+        .await
+        .unwrap();
+    // Two transactions take the two rows in opposite orders: PostgreSQL undoes one of them.
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(2));
+    let take = |first: i32, second: i32| {
+        let (url, barrier) = (url.clone(), barrier.clone());
+        tokio::spawn(async move {
+            let mut connection = sqlx::PgConnection::connect(&url).await.unwrap();
+            let mut transaction = connection.begin().await.unwrap();
+            let lock = "UPDATE pair SET value = value + 1 WHERE id = $1";
+            sqlx::query(lock)
+                .bind(first)
+                .execute(&mut *transaction)
+                .await
+                .unwrap();
+            barrier.wait().await;
+            let outcome = sqlx::query(lock)
+                .bind(second)
+                .execute(&mut *transaction)
+                .await;
+            match outcome {
+                Ok(_) => transaction
+                    .commit()
+                    .await
+                    .map(drop)
+                    .map_err(StoreError::from),
+                Err(error) => Err(StoreError::from(error)),
+            }
+        })
+    };
+    let (one, two) = (take(1, 2), take(2, 1));
+    let outcomes = [one.await.unwrap(), two.await.unwrap()];
+    let refused: Vec<&StoreError> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
+    assert_eq!(refused.len(), 1, "{outcomes:?}");
+    assert!(
+        matches!(refused[0], StoreError::Unavailable(_)),
+        "{:?}",
+        refused[0]
+    );
+    assert!(
+        refused[0].to_string().contains("deadlock"),
+        "{}",
+        refused[0]
+    );
+}

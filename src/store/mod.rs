@@ -52,7 +52,9 @@ pub const JOB_NOOP: &str = "noop";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("the database is unavailable: {0}")]
+    /// Worth trying again: the database is out of reach, restarting or short of resources, or
+    /// it rolled the statement back whole to break a deadlock or a serialization conflict.
+    #[error("the database cannot take the statement now: {0}")]
     Unavailable(sqlx::Error),
     #[error("the database refused a statement: {0}")]
     Failed(sqlx::Error),
@@ -68,9 +70,14 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::Tls(_) => Self::Unavailable(error),
             sqlx::Error::Database(db)
                 // Class 08: connection exceptions; 57P0x: the server is shutting down or
-                // restarting; 53: out of resources.
+                // restarting; 53: out of resources; 40001 and 40P01: a serialization failure
+                // or a deadlock, for which PostgreSQL undid the statement.
                 if db.code().is_some_and(|code| {
-                    code.starts_with("08") || code.starts_with("57P") || code.starts_with("53")
+                    code.starts_with("08")
+                        || code.starts_with("57P")
+                        || code.starts_with("53")
+                        || code == "40001"
+                        || code == "40P01"
                 }) =>
             {
                 Self::Unavailable(error)
