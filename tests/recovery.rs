@@ -84,6 +84,15 @@ async fn prepared(
     (cluster.record(name).await, work, first, second)
 }
 
+/// Who holds the repository's write lease, if anyone.
+async fn lease_owner(cluster: &Cluster, record: &RepositoryRecord) -> Option<String> {
+    sqlx::query_scalar("SELECT lease_owner FROM repositories WHERE id = $1")
+        .bind(record.id.0)
+        .fetch_one(cluster.store().pool())
+        .await
+        .unwrap()
+}
+
 async fn intents(cluster: &Cluster) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM write_intents")
         .fetch_one(cluster.store().pool())
@@ -124,13 +133,7 @@ async fn an_interrupted_write_is_rolled_back_everywhere_with_the_generation_unch
     assert_eq!(after.generation, record.generation, "the generation moved");
     assert_eq!(after.up_to_date().count(), 3);
     assert_eq!(cluster.agreed_checksum(&after).await, good);
-    let leased: Option<String> =
-        sqlx::query_scalar("SELECT lease_owner FROM repositories WHERE id = $1")
-            .bind(record.id.0)
-            .fetch_one(cluster.store().pool())
-            .await
-            .unwrap();
-    assert_eq!(leased, None);
+    assert_eq!(lease_owner(&cluster, &record).await, None);
     admin_says(&cluster, &["status"], "HEALTHY");
     // Not frozen: the next push goes through, and lands everywhere.
     std::fs::write(work.path().join("after.txt"), "after\n").unwrap();
@@ -312,13 +315,7 @@ async fn a_write_whose_commit_meets_a_database_restart_commits_once_it_is_back()
         assert_eq!(branch_of(&cluster, index, &record, "during"), commit);
     }
     assert_eq!(intents(&cluster).await, 0);
-    let leased: Option<String> =
-        sqlx::query_scalar("SELECT lease_owner FROM repositories WHERE id = $1")
-            .bind(record.id.0)
-            .fetch_one(cluster.store().pool())
-            .await
-            .unwrap();
-    assert_eq!(leased, None);
+    assert_eq!(lease_owner(&cluster, &record).await, None);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -55,11 +55,7 @@ pub struct BenchArgs {
 
 /// Under /var/tmp, which the cluster's PostgreSQL (another user, when run as root) can reach.
 fn default_dir() -> PathBuf {
-    let user = nix::unistd::User::from_uid(nix::unistd::geteuid())
-        .ok()
-        .flatten()
-        .map_or_else(|| nix::unistd::geteuid().to_string(), |user| user.name);
-    PathBuf::from(format!("/var/tmp/gitfleet-bench-{user}"))
+    PathBuf::from(format!("/var/tmp/gitfleet-bench-{}", super::user_name()))
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {

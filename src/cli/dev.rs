@@ -40,11 +40,7 @@ pub struct DevArgs {
 /// `/var/tmp/gitfleet-dev-USER`: outlives a reboot, and the PostgreSQL server can reach it
 /// even when it runs as another user.
 fn default_dir() -> PathBuf {
-    let user = nix::unistd::User::from_uid(nix::unistd::geteuid())
-        .ok()
-        .flatten()
-        .map_or_else(|| nix::unistd::geteuid().to_string(), |user| user.name);
-    PathBuf::from(format!("/var/tmp/gitfleet-dev-{user}"))
+    PathBuf::from(format!("/var/tmp/gitfleet-dev-{}", super::user_name()))
 }
 
 /// Starts the processes from this (the main) thread, which lives as long as they do, then

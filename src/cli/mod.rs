@@ -92,6 +92,14 @@ pub(crate) fn say(to_stderr: bool, line: std::fmt::Arguments<'_>) {
     };
 }
 
+/// Who runs us, for per-user default directories: the user's name, else the uid.
+fn user_name() -> String {
+    nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .ok()
+        .flatten()
+        .map_or_else(|| nix::unistd::geteuid().to_string(), |user| user.name)
+}
+
 /// A token cancelled by the first SIGTERM or SIGINT: how long-running roles learn to stop.
 fn shutdown_on_signals() -> std::io::Result<tokio_util::sync::CancellationToken> {
     use tokio::signal::unix::{SignalKind, signal};
