@@ -40,7 +40,7 @@ pub struct Options {
 pub fn progress(line: std::fmt::Arguments<'_>) {
     static START: OnceLock<Instant> = OnceLock::new();
     let elapsed = START.get_or_init(Instant::now).elapsed().as_secs();
-    crate::cli::say(
+    crate::toolkit::say(
         true,
         format_args!("[{:02}:{:02}] {line}", elapsed / 60, elapsed % 60),
     );
@@ -146,7 +146,7 @@ pub fn run(options: Options) -> anyhow::Result<()> {
         started.elapsed(),
         options.json.display()
     ));
-    crate::cli::say(
+    crate::toolkit::say(
         false,
         format_args!(
             "{} cores ({}), {} GiB, Linux {}, {}, gitfleet {} ({} build)\n\

@@ -59,23 +59,23 @@ enum AdminCommand {
     },
     /// The cluster's health: nodes, replicas by state per storage, jobs, the last walks and
     /// verifications, the write lock; and in words, whatever needs attention.
-    Status(super::health::StatusArgs),
+    Status(super::repair::StatusArgs),
     /// One repository's replicas: generation, state, checksum, verification, assignment and
     /// pending jobs of each.
-    Replicas(super::health::ReplicasArgs),
+    Replicas(super::repair::ReplicasArgs),
     /// Repositories with no up-to-date replica on a healthy node (unavailable), or fewer than
     /// assigned (degraded). Exits 2 when there are any.
-    Dataloss(super::health::DatalossArgs),
+    Dataloss(super::repair::DatalossArgs),
     /// Make one replica of a repository the truth, at a new generation, and repair the others
     /// from it: for when every up-to-date replica is lost for good.
-    AcceptDataloss(super::health::AcceptDatalossArgs),
+    AcceptDataloss(super::repair::AcceptDatalossArgs),
     /// Adopt a repository that already lies on a storage, under a name, and replicate it to
     /// the other storages its replication factor asks for.
-    TrackRepository(super::health::TrackRepositoryArgs),
+    TrackRepository(super::repair::TrackRepositoryArgs),
     /// Set how many replicas one repository keeps.
-    SetReplicationFactor(super::health::SetReplicationFactorArgs),
+    SetReplicationFactor(super::repair::SetReplicationFactorArgs),
     /// Put a repository's replicas, or a storage's, first in the verifier's line.
-    Verify(super::health::VerifyArgs),
+    Verify(super::repair::VerifyArgs),
     /// The cluster-wide write lock for maintenance: enable (optionally waiting for the writes
     /// in flight), disable, status.
     WriteLock {
@@ -126,24 +126,24 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
             return super::quarantine::run(&config, action).await;
         }
         AdminCommand::Status(status) => {
-            return exit_with(super::health::status(&config, status).await?);
+            return exit_with(super::repair::status(&config, status).await?);
         }
         AdminCommand::Replicas(replicas) => {
-            return super::health::replicas(&config, replicas).await;
+            return super::repair::replicas(&config, replicas).await;
         }
         AdminCommand::Dataloss(dataloss) => {
-            return exit_with(super::health::dataloss(&config, dataloss).await?);
+            return exit_with(super::repair::dataloss(&config, dataloss).await?);
         }
         AdminCommand::AcceptDataloss(accept) => {
-            return super::health::accept_dataloss(&config, accept).await;
+            return super::repair::accept_dataloss(&config, accept).await;
         }
         AdminCommand::TrackRepository(track) => {
-            return super::health::track_repository(&config, track).await;
+            return super::repair::track_repository(&config, track).await;
         }
         AdminCommand::SetReplicationFactor(set) => {
-            return super::health::set_replication_factor(&config, set).await;
+            return super::repair::set_replication_factor(&config, set).await;
         }
-        AdminCommand::Verify(verify) => return super::health::verify(&config, verify).await,
+        AdminCommand::Verify(verify) => return super::repair::verify(&config, verify).await,
         AdminCommand::WriteLock { action } => {
             return exit_with(super::write_lock::run(&config, action).await?);
         }

@@ -111,22 +111,22 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
         let working = tokio::spawn(worker.run(None, shutdown.clone()));
         let dir = options.dir.canonicalize()?;
         processes.write_env(&dir, grpc_address, http_address)?;
-        crate::cli::say(
+        crate::toolkit::say(
             true,
             format_args!(
                 "gitfleet dev: gRPC on {grpc_address}, git over HTTP on http://{http_address}"
             ),
         );
-        crate::cli::say(
+        crate::toolkit::say(
             true,
             format_args!(
                 "gitfleet dev: . {}/env, then git clone \"$GITFLEET_HTTP_URL/default/demo.git\"",
                 dir.display()
             ),
         );
-        crate::cli::say(false, format_args!("gitfleet dev: ready"));
+        crate::toolkit::say(false, format_args!("gitfleet dev: ready"));
         shutdown.cancelled().await;
-        crate::cli::say(true, format_args!("gitfleet dev: stopping"));
+        crate::toolkit::say(true, format_args!("gitfleet dev: stopping"));
         // The proxy drains its calls and lets writes in flight commit; the worker finishes or
         // hands back its jobs.
         let served = serving.await?;
@@ -136,6 +136,6 @@ pub fn run(args: DevArgs) -> anyhow::Result<()> {
     // The proxy's tasks end with the runtime; then the nodes, then PostgreSQL.
     runtime.shutdown_timeout(Duration::from_secs(30));
     drop(processes);
-    crate::cli::say(true, format_args!("gitfleet dev: stopped"));
+    crate::toolkit::say(true, format_args!("gitfleet dev: stopped"));
     served
 }

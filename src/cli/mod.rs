@@ -4,11 +4,11 @@ mod admin;
 mod bench;
 mod bridge;
 mod dev;
-mod health;
 mod migrate;
 mod node;
 mod proxy;
 mod quarantine;
+mod repair;
 mod storage;
 mod worker;
 mod write_lock;
@@ -80,16 +80,6 @@ fn init_logging() {
     } else {
         builder.init();
     }
-}
-
-/// Prints a line for whoever runs us; a closed stdout or stderr is not an error worth dying of.
-pub(crate) fn say(to_stderr: bool, line: std::fmt::Arguments<'_>) {
-    use std::io::Write as _;
-    let _ = if to_stderr {
-        writeln!(std::io::stderr(), "{line}")
-    } else {
-        writeln!(std::io::stdout(), "{line}")
-    };
 }
 
 /// Who runs us, for per-user default directories: the user's name, else the uid.

@@ -25,7 +25,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let address = listener.local_addr()?;
-    crate::cli::say(false, format_args!("gitfleet node: listening on {address}"));
+    crate::toolkit::say(false, format_args!("gitfleet node: listening on {address}"));
     tracing::info!(%address, storages = config.storages.len(), "node started");
 
     let shutdown = super::shutdown_on_signals()?;

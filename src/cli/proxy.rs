@@ -43,12 +43,12 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let announce = ready.clone();
     tokio::spawn(async move {
         announce.cancelled().await;
-        crate::cli::say(
+        crate::toolkit::say(
             false,
             format_args!("gitfleet proxy: listening on {address}"),
         );
         if let Some(http_address) = http_address {
-            crate::cli::say(
+            crate::toolkit::say(
                 false,
                 format_args!("gitfleet proxy: http on {http_address}"),
             );

@@ -8,8 +8,8 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context as _, bail};
 
 use crate::config::ProxyConfig;
+use crate::fleet::Nodes;
 use crate::model::{RepositoryName, StorageName};
-use crate::proxy::Nodes;
 use crate::store::{Store, WalkResults, Which};
 use crate::worker::walker::{Found, Mode, Walk, WalkLease};
 
@@ -186,7 +186,7 @@ pub async fn walk(config: &ProxyConfig, args: WalkArgs) -> anyhow::Result<()> {
         Mode::Act
     };
     let walk = context.walk(config.walker.grace_period.0, mode);
-    let owner = format!("admin:{}", std::process::id());
+    let owner = crate::toolkit::owner_id("admin");
     let progress = Progress::new();
     let mut reports = Vec::new();
     for storage in context.storages(args.storage.as_deref())? {
@@ -195,6 +195,7 @@ pub async fn walk(config: &ProxyConfig, args: WalkArgs) -> anyhow::Result<()> {
         let lease = if args.dry_run {
             None
         } else {
+            let taken_at = tokio::time::Instant::now();
             let Some(token) = context
                 .store
                 .take_storage_walk(&storage, &owner, ADMIN_WALK_LEASE, Duration::ZERO)
@@ -209,6 +210,7 @@ pub async fn walk(config: &ProxyConfig, args: WalkArgs) -> anyhow::Result<()> {
             Some(WalkLease {
                 token,
                 duration: ADMIN_WALK_LEASE,
+                taken_at,
             })
         };
         let json = args.json;

@@ -44,12 +44,12 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let http_address = http.as_ref().map(TcpListener::local_addr).transpose()?;
     let worker = Worker::new(config, &args.jobs)?;
     let shutdown = super::shutdown_on_signals()?;
-    crate::cli::say(
+    crate::toolkit::say(
         false,
         format_args!("gitfleet worker: running as {}", worker.instance()),
     );
     if let Some(address) = http_address {
-        crate::cli::say(false, format_args!("gitfleet worker: http on {address}"));
+        crate::toolkit::say(false, format_args!("gitfleet worker: http on {address}"));
     }
     worker.run(http, shutdown).await
 }

@@ -37,11 +37,7 @@ pub enum WriteLockAction {
 /// Who changed the lock, for the record: user@host.
 fn operator() -> String {
     let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
-    let host = nix::unistd::gethostname()
-        .ok()
-        .and_then(|name| name.into_string().ok())
-        .unwrap_or_else(|| "unknown".into());
-    format!("{user}@{host}")
+    format!("{user}@{}", crate::toolkit::host_name())
 }
 
 /// Runs the command; returns the exit code.

@@ -6,6 +6,13 @@ use serde::{Deserialize, Deserializer};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Duration(pub std::time::Duration);
 
+impl Duration {
+    /// A whole number of seconds, for defaults.
+    pub const fn secs(seconds: u64) -> Self {
+        Self(std::time::Duration::from_secs(seconds))
+    }
+}
+
 impl<'de> Deserialize<'de> for Duration {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;

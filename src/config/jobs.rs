@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use serde::Deserialize;
 
 use super::Duration;
-use super::proxy::secs;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -73,10 +72,10 @@ impl Default for WorkerConfig {
 }
 
 fn default_job_lease() -> Duration {
-    secs(30)
+    Duration::secs(30)
 }
 fn default_poll_interval() -> Duration {
-    secs(1)
+    Duration::secs(1)
 }
 fn default_job_concurrency() -> usize {
     4
@@ -85,22 +84,22 @@ fn default_max_attempts() -> i32 {
     8
 }
 fn default_retry_backoff() -> Duration {
-    secs(5)
+    Duration::secs(5)
 }
 fn default_max_backoff() -> Duration {
-    secs(600)
+    Duration::secs(600)
 }
 fn default_restart_backoff() -> Duration {
-    secs(1)
+    Duration::secs(1)
 }
 fn default_worker_shutdown_grace() -> Duration {
-    secs(30)
+    Duration::secs(30)
 }
 fn default_keep_finished() -> Duration {
-    secs(7 * 24 * 3600)
+    Duration::secs(7 * 24 * 3600)
 }
 fn default_replication_timeout() -> Duration {
-    secs(3600)
+    Duration::secs(3600)
 }
 fn default_max_jobs_per_target() -> usize {
     4
@@ -130,7 +129,7 @@ impl Default for VerifierConfig {
 }
 
 fn default_verify_interval() -> Duration {
-    secs(7 * 86_400)
+    Duration::secs(7 * 86_400)
 }
 fn default_verify_batch() -> usize {
     100
@@ -164,7 +163,7 @@ impl Default for ReconcilerConfig {
 }
 
 fn default_reconcile_interval() -> Duration {
-    secs(5)
+    Duration::secs(5)
 }
 fn default_reconcile_batch() -> usize {
     1000
@@ -191,7 +190,7 @@ impl Default for StatusConfig {
 }
 
 fn default_stall_after() -> Duration {
-    secs(300)
+    Duration::secs(300)
 }
 
 /// The storage walker: finds replicas on the nodes that nothing references and moves them to
@@ -223,13 +222,13 @@ impl Default for WalkerConfig {
 }
 
 fn default_walk_interval() -> Duration {
-    secs(3600)
+    Duration::secs(3600)
 }
 
 fn default_grace_period() -> Duration {
-    secs(3600)
+    Duration::secs(3600)
 }
 
 fn default_quarantine_retention() -> Duration {
-    secs(7 * 86_400)
+    Duration::secs(7 * 86_400)
 }

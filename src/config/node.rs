@@ -74,15 +74,15 @@ fn default_git_binary() -> PathBuf {
 }
 
 fn default_shutdown_delay() -> Duration {
-    Duration(std::time::Duration::from_secs(1))
+    Duration::secs(1)
 }
 
 fn default_shutdown_grace() -> Duration {
-    Duration(std::time::Duration::from_secs(10))
+    Duration::secs(10)
 }
 
 pub fn default_token_validity() -> Duration {
-    Duration(std::time::Duration::from_secs(60))
+    Duration::secs(60)
 }
 
 /// The shortest shared secret accepted, in bytes.

@@ -179,9 +179,6 @@ impl Default for WritesConfig {
     }
 }
 
-pub(super) fn secs(seconds: u64) -> Duration {
-    Duration(std::time::Duration::from_secs(seconds))
-}
 fn default_true() -> bool {
     true
 }
@@ -189,28 +186,28 @@ fn default_max_connections() -> u32 {
     16
 }
 fn default_acquire_timeout() -> Duration {
-    secs(2)
+    Duration::secs(2)
 }
 fn default_health_interval() -> Duration {
-    secs(2)
+    Duration::secs(2)
 }
 fn default_health_timeout() -> Duration {
-    secs(1)
+    Duration::secs(1)
 }
 fn default_lease() -> Duration {
-    secs(60)
+    Duration::secs(60)
 }
 fn default_lease_wait() -> Duration {
-    secs(60)
+    Duration::secs(60)
 }
 fn default_write_timeout() -> Duration {
-    secs(3600)
+    Duration::secs(3600)
 }
 fn default_commit_retry() -> Duration {
-    secs(30)
+    Duration::secs(30)
 }
 fn default_straggler_timeout() -> Duration {
-    secs(10)
+    Duration::secs(10)
 }
 fn default_node_connections() -> usize {
     4
@@ -219,10 +216,10 @@ fn default_max_message_bytes() -> usize {
     4 << 20
 }
 fn default_shutdown_delay() -> Duration {
-    secs(1)
+    Duration::secs(1)
 }
 fn default_shutdown_grace() -> Duration {
-    secs(30)
+    Duration::secs(30)
 }
 
 impl ProxyConfig {

@@ -160,7 +160,7 @@ pub fn start_processes(options: &DevOptions) -> anyhow::Result<DevProcesses> {
     let dir = own_directory(dir)?;
     let secrets = Secrets::load_or_create(&dir)?;
 
-    crate::cli::say(
+    crate::toolkit::say(
         true,
         format_args!(
             "gitfleet dev: starting PostgreSQL in {}",
@@ -193,7 +193,7 @@ pub fn start_processes(options: &DevOptions) -> anyhow::Result<DevProcesses> {
                 storage_dir.display()
             ),
         )?;
-        crate::cli::say(
+        crate::toolkit::say(
             true,
             format_args!("gitfleet dev: starting node {index} ({storage})"),
         );

@@ -4,18 +4,17 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message as _;
-use rand::seq::SliceRandom as _;
 use tonic::{Request, Response};
 
 use super::error::ProxyError;
 use super::forward::{lookup, send};
 use super::service::{ResponseStream, single};
-use super::{Call, Proxy, header, majority, replica_header};
+use super::{Call, Proxy, header};
+use crate::fleet::{NewPlacement, majority};
 use crate::model::{RelativePath, StorageName};
-use crate::proto::repository_service_client::RepositoryServiceClient;
 use crate::proto::{
-    RemoveRepositoryRequest, RemoveRepositoryResponse, RenameRepositoryRequest,
-    RenameRepositoryResponse, RepositoryExistsResponse,
+    RemoveRepositoryResponse, RenameRepositoryRequest, RenameRepositoryResponse,
+    RepositoryExistsResponse,
 };
 use crate::store::{Deleted, Deletion, NewRepository, RemovedRepository, Renamed, Which};
 
@@ -54,24 +53,10 @@ pub(super) async fn create(
         .virtual_storage(call.virtual_storage.as_str())
         .ok_or_else(|| ProxyError::UnknownVirtualStorage(call.virtual_storage.to_string()))?;
     let factor = virtual_storage.replication_factor;
-    let (mut healthy, mut unhealthy): (Vec<StorageName>, Vec<StorageName>) = virtual_storage
-        .storages
-        .iter()
-        .cloned()
-        .partition(|storage| state.nodes.is_healthy(storage));
-    healthy.shuffle(&mut rand::rng());
-    unhealthy.shuffle(&mut rand::rng());
-    let assigned: Vec<StorageName> = healthy
-        .iter()
-        .chain(&unhealthy)
-        .take(factor)
-        .cloned()
-        .collect();
-    let reachable: Vec<StorageName> = assigned
-        .iter()
-        .filter(|storage| healthy.contains(storage))
-        .cloned()
-        .collect();
+    let NewPlacement {
+        assigned,
+        reachable,
+    } = virtual_storage.place_new(|storage| state.nodes.is_healthy(storage));
     if reachable.len() < majority(factor) {
         return Err(ProxyError::not_enough(
             call.repository(),
@@ -184,16 +169,12 @@ pub(super) async fn remove(
 async fn remove_replicas(proxy: &Proxy, removed: &RemovedRepository) {
     let replica_path = &removed.replica_path;
     let removals = removed.storages.iter().map(|storage| async move {
-        let node = proxy.state.nodes.get(storage)?;
-        if !node.is_healthy() {
+        let replica = proxy.state.nodes.replica(storage, replica_path)?;
+        if !replica.node.is_healthy() {
             tracing::info!(%storage, %replica_path, "node is down: the replica is left to its removal job");
             return None;
         }
-        let mut client = RepositoryServiceClient::new(node.authed());
-        let request = RemoveRepositoryRequest {
-            repository: Some(replica_header(storage, replica_path)),
-        };
-        match tokio::time::timeout(REMOVE_TIMEOUT, client.remove_repository(request)).await {
+        match tokio::time::timeout(REMOVE_TIMEOUT, replica.remove()).await {
             Ok(Ok(_)) => Some(storage.clone()),
             Ok(Err(status)) if status.code() == tonic::Code::NotFound => Some(storage.clone()),
             Ok(Err(status)) => {

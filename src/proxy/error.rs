@@ -72,7 +72,7 @@ impl ProxyError {
     ) -> Self {
         ProxyError::NotEnoughReplicas {
             repository: repository.into(),
-            needed: super::majority(assigned.len()),
+            needed: crate::fleet::majority(assigned.len()),
             assigned: assigned.len(),
             missing: assigned
                 .iter()

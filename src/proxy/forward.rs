@@ -9,9 +9,9 @@ use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status};
 
 use super::error::ProxyError;
-use super::nodes::Nodes;
 use super::service::{ResponseStream, streamed};
 use super::{Call, Proxy, ROUTE_HEADER, header};
+use crate::fleet::Nodes;
 use crate::model::StorageName;
 use crate::store::RepositoryRecord;
 

@@ -2,12 +2,10 @@
 //! keeps the replicas of every repository in agreement through PostgreSQL.
 
 mod catalog;
-mod codec;
 mod error;
 mod forward;
 mod header;
 mod http;
-mod nodes;
 mod push;
 mod routing;
 mod service;
@@ -28,10 +26,10 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 
 pub use error::ProxyError;
-pub use nodes::{NodeHandle, Nodes, VirtualStorage};
 pub use routing::RoutingCache;
 
 use crate::config::ProxyConfig;
+use crate::fleet::Nodes;
 use crate::model::{RelativePath, StorageName};
 use crate::proto::routing::RpcInfo;
 use crate::store::Store;
@@ -109,22 +107,6 @@ fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
-/// Names a replica on its node, for the calls the proxy makes itself.
-pub(crate) fn replica_header(
-    storage: &StorageName,
-    replica_path: &RelativePath,
-) -> crate::proto::RepositoryHeader {
-    crate::proto::RepositoryHeader {
-        storage: storage.to_string(),
-        relative_path: replica_path.to_string(),
-    }
-}
-
-/// How many of `assigned` replicas make a majority.
-pub fn majority(assigned: usize) -> usize {
-    assigned / 2 + 1
-}
-
 impl Proxy {
     /// Builds the proxy: a lazily connected pool, the nodes, an empty routing cache. Nothing
     /// runs until [`serve`].
@@ -136,15 +118,7 @@ impl Proxy {
         )?;
         let nodes = Arc::new(Nodes::new(&config)?);
         let routing = Arc::new(RoutingCache::new(store.clone()));
-        let instance_id = format!(
-            "{}-{}-{:08x}",
-            nix::unistd::gethostname()
-                .ok()
-                .and_then(|name| name.into_string().ok())
-                .unwrap_or_else(|| "proxy".into()),
-            std::process::id(),
-            rand::random::<u32>()
-        );
+        let instance_id = crate::toolkit::owner_id("proxy");
         Ok(Self {
             state: Arc::new(ProxyState {
                 config,
@@ -326,13 +300,5 @@ mod tests {
         assert_eq!(parse_grpc_timeout("S"), None);
         assert_eq!(parse_grpc_timeout("12x"), None);
         assert_eq!(parse_grpc_timeout("1234567890S"), None);
-    }
-
-    #[test]
-    fn a_majority_is_more_than_half() {
-        assert_eq!(majority(1), 1);
-        assert_eq!(majority(2), 2);
-        assert_eq!(majority(3), 2);
-        assert_eq!(majority(5), 3);
     }
 }

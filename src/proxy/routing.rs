@@ -5,13 +5,11 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::model::{RelativePath, RepositoryId, StorageName};
-use crate::store::{ROUTING_CHANNEL, RepositoryRecord, Store, StoreError};
+use crate::store::{Notice, ROUTING_CHANNEL, RepositoryRecord, Store, StoreError};
 
 type Key = (StorageName, RelativePath);
 
@@ -140,55 +138,27 @@ impl RoutingCache {
         }
     }
 
-    /// Receives notifications until `cancel`, reconnecting with a pause when the connection
-    /// drops; the cache is emptied at every (re)connection.
+    /// Follows the routing announcements until `cancel`; the cache is emptied at every
+    /// (re)connection and unused while the connection is down.
     pub async fn run_listener(self: Arc<Self>, cancel: CancellationToken) {
+        let mut notices = self.store.listen(&[ROUTING_CHANNEL], cancel.clone());
         loop {
-            let connected = tokio::select! {
+            let notice = tokio::select! {
                 _ = cancel.cancelled() => return,
-                connected = self.listen() => connected,
+                notice = notices.recv() => notice,
             };
-            let mut listener = match connected {
-                Ok(listener) => listener,
-                Err(error) => {
-                    tracing::debug!(%error, "cannot listen for routing notifications");
-                    self.set_listening(false);
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+            match notice {
+                Some(Notice::Listening) => self.set_listening(true),
+                Some(Notice::Deaf(_)) => self.set_listening(false),
+                Some(Notice::Notified { payload, .. }) => {
+                    match payload.parse::<i64>() {
+                        Ok(id) => self.invalidate(RepositoryId(id)),
+                        Err(_) => self.clear(),
                     }
+                    self.received.fetch_add(1, Ordering::Relaxed);
                 }
-            };
-            self.set_listening(true);
-            loop {
-                let received = tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    received = listener.try_recv() => received,
-                };
-                match received {
-                    Ok(Some(notification)) => {
-                        match notification.payload().parse::<i64>() {
-                            Ok(id) => self.invalidate(RepositoryId(id)),
-                            Err(_) => self.clear(),
-                        }
-                        self.received.fetch_add(1, Ordering::Relaxed);
-                    }
-                    // The connection dropped and was made again: what was said in between is
-                    // lost.
-                    Ok(None) => self.set_listening(true),
-                    Err(error) => {
-                        tracing::debug!(%error, "routing notifications interrupted");
-                        self.set_listening(false);
-                        break;
-                    }
-                }
+                None => return,
             }
         }
-    }
-
-    async fn listen(&self) -> Result<PgListener, sqlx::Error> {
-        let mut listener = PgListener::connect_with(self.store.pool()).await?;
-        listener.listen(ROUTING_CHANNEL).await?;
-        Ok(listener)
     }
 }

@@ -14,10 +14,10 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status, Streaming};
 use tower::ServiceExt as _;
 
-use super::codec::RawCodec;
 use super::error::ProxyError;
 use super::{Call, Proxy, catalog, forward, header, write};
 use crate::auth::Verifier;
+use crate::fleet::codec::RawCodec;
 use crate::model::RelativePath;
 use crate::proto::routing::{HeaderScope, RpcInfo, RpcKind, rpc_info};
 

@@ -35,7 +35,10 @@ pub(super) async fn receive_pack(
         .map_err(|_| ProxyError::Undecodable("SshRequest"))?;
     let first = Bytes::from(
         SshRequest {
-            repository: Some(super::replica_header(&advertiser, &record.replica_path)),
+            repository: Some(crate::fleet::replica_header(
+                &advertiser,
+                &record.replica_path,
+            )),
             git_protocol: opening.git_protocol,
             ..Default::default()
         }

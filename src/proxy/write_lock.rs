@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{MAINTENANCE_CHANNEL, Store};
+use crate::store::{MAINTENANCE_CHANNEL, Notice, Store};
 
 /// How often the lock is read while notifications flow, and while they do not.
 const POLL_LISTENING: Duration = Duration::from_secs(5);
@@ -48,36 +48,22 @@ impl WriteLockWatch {
         }
     }
 
-    /// Keeps the copy current until `stop`.
+    /// Keeps the copy current until `stop`: read again at every announcement and every
+    /// (re)connection of the listener, and polled, more often while it hears nothing.
     pub async fn run(self: std::sync::Arc<Self>, store: Store, stop: CancellationToken) {
+        let mut notices = store.listen(&[MAINTENANCE_CHANNEL], stop.clone());
+        let mut listening = false;
         loop {
             self.refresh(&store).await;
-            let listening = async {
-                let mut listener = sqlx::postgres::PgListener::connect_with(store.pool()).await?;
-                listener.listen(MAINTENANCE_CHANNEL).await?;
-                // Read again now that nothing can be missed.
-                self.refresh(&store).await;
-                loop {
-                    tokio::select! {
-                        received = listener.recv() => { received?; }
-                        _ = tokio::time::sleep(POLL_LISTENING) => {}
-                    }
-                    self.refresh(&store).await;
-                }
-                #[allow(unreachable_code)]
-                Ok::<(), sqlx::Error>(())
-            };
+            let poll = if listening { POLL_LISTENING } else { POLL_DEAF };
             tokio::select! {
                 _ = stop.cancelled() => return,
-                result = listening => {
-                    if let Err(error) = result {
-                        tracing::debug!(%error, "not listening for the write lock; polling");
-                    }
-                }
-            }
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(POLL_DEAF) => {}
+                _ = tokio::time::sleep(poll) => {}
+                notice = notices.recv() => match notice {
+                    Some(Notice::Listening | Notice::Notified { .. }) => listening = true,
+                    Some(Notice::Deaf(_)) => listening = false,
+                    None => return,
+                },
             }
         }
     }

@@ -4,9 +4,6 @@ use sqlx::Row as _;
 
 use super::{Store, StoreError, WriteLock};
 
-/// The channel on which the database announces a change of the write lock.
-pub const MAINTENANCE_CHANNEL: &str = "gitfleet_maintenance";
-
 /// A write holding its repository's lease now.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct WriteInFlight {

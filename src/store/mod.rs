@@ -5,6 +5,7 @@
 mod job_views;
 mod jobs;
 mod maintenance;
+mod notify;
 mod reconcile;
 mod recovery;
 mod replica_paths;
@@ -23,7 +24,8 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 pub use job_views::{JobRow, QueueDepth};
 pub use jobs::{ClaimedJob, Closed, JOB_STATES, JobId, NewJob};
-pub use maintenance::{MAINTENANCE_CHANNEL, WriteInFlight};
+pub use maintenance::WriteInFlight;
+pub use notify::{JOBS_CHANNEL, MAINTENANCE_CHANNEL, Notice, ROUTING_CHANNEL};
 pub use reconcile::{Accepted, Placement, Round};
 pub use recovery::Interrupted;
 pub use replica_paths::ReplicaPathLock;
@@ -40,9 +42,6 @@ pub use writes::{RefChange, StaleIntent, Standing, WriteLease, WriteOutcome, Wri
 
 use crate::model::StorageName;
 
-/// The channel on which routing changes are announced, with a repository id as payload.
-pub const ROUTING_CHANNEL: &str = "gitfleet_routing";
-
 /// Job kinds queued by the proxy.
 pub const JOB_REPLICATE: &str = "replicate";
 /// Removes one replica of a removed repository; the job carries its replica path.
@@ -58,6 +57,13 @@ pub enum StoreError {
     Unavailable(sqlx::Error),
     #[error("the database refused a statement: {0}")]
     Failed(sqlx::Error),
+}
+
+impl StoreError {
+    /// Whether trying the statement again may help.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
 }
 
 impl From<sqlx::Error> for StoreError {

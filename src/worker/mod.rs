@@ -18,19 +18,17 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use futures_util::future::BoxFuture;
-use rand::Rng as _;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 pub use self::metrics::Metrics;
 use crate::config::ProxyConfig;
-use crate::proxy::Nodes;
-use crate::store::{ClaimedJob, Closed, JOB_NOOP, JOB_REMOVE, JOB_REPLICATE, Store};
-
-/// The channel on which the database announces jobs that became ready, with the kind as
-/// payload.
-pub const JOBS_CHANNEL: &str = "gitfleet_jobs";
+use crate::fleet::Nodes;
+use crate::store::{
+    ClaimedJob, Closed, JOB_NOOP, JOB_REMOVE, JOB_REPLICATE, JOBS_CHANNEL, Notice, Store,
+};
+use crate::toolkit::Backoff;
 
 /// A type of job a worker can run: its name on the command line, and the queue kinds it takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -153,7 +151,7 @@ struct Inner {
     config: ProxyConfig,
     store: Store,
     nodes: Arc<Nodes>,
-    /// This process's name in job leases: host, pid and a random part.
+    /// This process's name in job leases: [`crate::toolkit::owner_id`].
     instance: String,
     metrics: Arc<Metrics>,
     hooks: Hooks,
@@ -173,15 +171,8 @@ impl Inner {
     /// A retry's or a wait's delay: `base` doubled `times` times, at most `max`, then between
     /// half and all of that (jitter, so that jobs that failed together do not retry together).
     fn backoff(&self, times: i32, max: Duration) -> Duration {
-        backoff(self.config.worker.retry_backoff.0, times, max)
+        Backoff::new(self.config.worker.retry_backoff.0, max).delay(times.max(0) as u32)
     }
-}
-
-pub(crate) fn backoff(base: Duration, times: i32, max: Duration) -> Duration {
-    let exponent = times.clamp(0, 30) as u32;
-    let full = base.saturating_mul(1u32 << exponent.min(20)).min(max);
-    let half = full / 2;
-    half + full.mul_f64(rand::rng().random_range(0.0..=0.5))
 }
 
 /// A worker, ready to run.
@@ -207,15 +198,7 @@ impl Worker {
             jobs.dedup();
             jobs
         };
-        let host = nix::unistd::gethostname()
-            .ok()
-            .and_then(|name| name.into_string().ok())
-            .unwrap_or_else(|| "unknown".into());
-        let instance = format!(
-            "{host}:{}:{:06x}",
-            std::process::id(),
-            rand::random::<u32>() & 0xff_ffff
-        );
+        let instance = crate::toolkit::owner_id("worker");
         let wakeups = jobs.iter().map(|job| (*job, Notify::new())).collect();
         Ok(Self {
             inner: Arc::new(Inner {
@@ -311,32 +294,13 @@ async fn listen_for_jobs(inner: Arc<Inner>, stop: CancellationToken) {
         .keys()
         .flat_map(|job| job.kinds().iter().map(move |kind| (*kind, *job)))
         .collect();
-    loop {
-        let connected = async {
-            let mut listener = sqlx::postgres::PgListener::connect_with(inner.store.pool()).await?;
-            listener.listen(JOBS_CHANNEL).await?;
-            loop {
-                let notification = listener.recv().await?;
-                if let Some(job) = kinds.get(notification.payload())
-                    && let Some(wakeup) = inner.wakeups.get(job)
-                {
-                    wakeup.notify_one();
-                }
-            }
-            #[allow(unreachable_code)]
-            Ok::<(), sqlx::Error>(())
-        };
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            result = connected => {
-                if let Err(error) = result {
-                    tracing::debug!(%error, "not listening for jobs; polling until it comes back");
-                }
-            }
-        }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+    let mut notices = inner.store.listen(&[JOBS_CHANNEL], stop);
+    while let Some(notice) = notices.recv().await {
+        if let Notice::Notified { payload, .. } = notice
+            && let Some(job) = kinds.get(payload.as_str())
+            && let Some(wakeup) = inner.wakeups.get(job)
+        {
+            wakeup.notify_one();
         }
     }
 }
@@ -364,18 +328,6 @@ async fn forget_finished_jobs(inner: Arc<Inner>, stop: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_with_jitter_and_stays_under_its_cap() {
-        let base = Duration::from_secs(1);
-        let max = Duration::from_secs(60);
-        for times in 0..40 {
-            let full = base.saturating_mul(1 << times.min(20)).min(max);
-            let delay = backoff(base, times, max);
-            assert!(delay >= full / 2 && delay <= full, "{times}: {delay:?}");
-        }
-        assert!(backoff(base, 3, max) >= Duration::from_secs(4));
-    }
 
     #[test]
     fn job_types_parse_by_name() {

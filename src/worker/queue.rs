@@ -12,9 +12,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Inner, JobType, Outcome};
 use crate::store::{ClaimedJob, Closed, StoreError};
+use crate::toolkit::{Backoff, LeaseKeeper, Retry, retry};
 
 /// Attempts at a closing statement while the database is unreachable, within the lease.
 const CLOSE_ATTEMPTS: u32 = 5;
+/// The pause after the first failed attempt; it doubles up to a quarter of the lease.
+const FIRST_CLOSE_PAUSE: Duration = Duration::from_millis(200);
 
 /// Runs `job`'s queue until `shutdown`. Returns an error, or panics, only when the loop itself
 /// must be restarted by its supervisor.
@@ -42,6 +45,8 @@ pub(super) async fn run(
         let free = worker.concurrency.saturating_sub(running.len());
         let mut full = false;
         if free > 0 {
+            // The leases run from the moment the claim was sent.
+            let claim_sent = tokio::time::Instant::now();
             match inner
                 .store
                 .claim_jobs(&kinds, &inner.instance, worker.lease.0, free, per_target)
@@ -54,6 +59,7 @@ pub(super) async fn run(
                             inner.clone(),
                             job,
                             claimed_job.clone(),
+                            claim_sent,
                             give_up.clone(),
                         ));
                         claimed.insert(task.id(), claimed_job);
@@ -147,25 +153,30 @@ pub(super) fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
 }
 
 /// Runs one job under its lease: heartbeats while it works, then closes it.
-async fn execute(inner: Arc<Inner>, job: JobType, claimed: ClaimedJob, give_up: CancellationToken) {
+async fn execute(
+    inner: Arc<Inner>,
+    job: JobType,
+    claimed: ClaimedJob,
+    claim_sent: tokio::time::Instant,
+    give_up: CancellationToken,
+) {
     let _in_flight = inner.metrics.in_flight(job);
     if let Some(on_start) = &inner.hooks.on_start {
         on_start(&claimed);
     }
     let started = Instant::now();
-    let lost = CancellationToken::new();
-    let heartbeat = tokio::spawn(heartbeat(inner.clone(), claimed.clone(), lost.clone()));
+    let keeper = heartbeat(&inner, &claimed, claim_sent);
     let outcome = tokio::select! {
         outcome = job.run(&inner, &claimed) => Some(outcome),
-        _ = lost.cancelled() => None,
+        _ = keeper.lost().cancelled() => None,
         _ = give_up.cancelled() => {
-            heartbeat.abort();
+            drop(keeper);
             let closed = close(&inner, &claimed, || inner.store.release_job(claimed.id, claimed.lease_token)).await;
             tracing::info!(job = job.name(), id = %claimed.id, ?closed, "handed back at shutdown");
             return;
         }
     };
-    heartbeat.abort();
+    drop(keeper);
     let Some(outcome) = outcome else {
         inner.metrics.count_lost(job);
         tracing::warn!(job = job.name(), id = %claimed.id, "lease lost (cancelled or taken over): stopped, nothing recorded");
@@ -232,51 +243,41 @@ async fn execute(inner: Arc<Inner>, job: JobType, claimed: ClaimedJob, give_up: 
 /// be run; the lease then expires and another run redoes the job, which is safe.
 async fn close<F, Fut>(inner: &Inner, claimed: &ClaimedJob, statement: F) -> Option<Closed>
 where
-    F: Fn() -> Fut,
+    F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<Closed, StoreError>>,
 {
-    let mut delay = Duration::from_millis(200);
-    for attempt in 1..=CLOSE_ATTEMPTS {
-        match statement().await {
-            Ok(closed) => return Some(closed),
-            Err(StoreError::Unavailable(error)) if attempt < CLOSE_ATTEMPTS => {
-                tracing::debug!(id = %claimed.id, %error, "cannot close a job yet");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(inner.config.worker.lease.0 / 4);
-            }
-            Err(error) => {
-                tracing::warn!(id = %claimed.id, %error, "cannot close a job: its lease will expire and it will run again");
-                return None;
-            }
+    let backoff = Backoff::exact(FIRST_CLOSE_PAUSE, inner.config.worker.lease.0 / 4);
+    let policy = Retry::attempts(backoff, CLOSE_ATTEMPTS);
+    match retry(
+        &policy,
+        "closing a job",
+        None,
+        StoreError::is_unavailable,
+        statement,
+    )
+    .await
+    {
+        Ok(closed) => Some(closed),
+        Err(stop) => {
+            let error = stop.into_error().map(|error| error.to_string());
+            tracing::warn!(id = %claimed.id, ?error, "cannot close a job: its lease will expire and it will run again");
+            None
         }
     }
-    None
 }
 
-/// Renews the job's lease every third of it. Cancels `lost` when the lease is gone, or when
-/// the database could not be reached for as long as the lease lasts.
-async fn heartbeat(inner: Arc<Inner>, claimed: ClaimedJob, lost: CancellationToken) {
+/// Renews the job's lease every third of it while it runs; the keeper's `lost` is cancelled
+/// when the lease is gone or may have run out.
+fn heartbeat(
+    inner: &Arc<Inner>,
+    claimed: &ClaimedJob,
+    claim_sent: tokio::time::Instant,
+) -> LeaseKeeper {
     let lease = inner.config.worker.lease.0;
-    let mut renewed = Instant::now();
-    loop {
-        tokio::time::sleep(lease / 3).await;
-        match inner
-            .store
-            .renew_job(claimed.id, claimed.lease_token, lease, None)
-            .await
-        {
-            Ok(true) => renewed = Instant::now(),
-            Ok(false) => {
-                lost.cancel();
-                return;
-            }
-            Err(error) => {
-                tracing::debug!(id = %claimed.id, %error, "cannot renew a job's lease");
-                if renewed.elapsed() >= lease {
-                    lost.cancel();
-                    return;
-                }
-            }
-        }
-    }
+    let store = inner.store.clone();
+    let (id, token) = (claimed.id, claimed.lease_token);
+    LeaseKeeper::start("job", lease, claim_sent, move || {
+        let store = store.clone();
+        async move { store.renew_job(id, token, lease, None).await }
+    })
 }

@@ -14,7 +14,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Inner, JobType};
 use crate::model::StorageName;
-use crate::proxy::write::undo::{refs_at_old, reverse_changes};
 use crate::store::Interrupted;
 
 pub(super) async fn run(inner: Arc<Inner>, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -47,12 +46,13 @@ async fn recover(inner: &Inner, write: &Interrupted) -> bool {
     let nodes = &inner.nodes;
     let mut outdated: Vec<StorageName> = Vec::new();
     for storage in &write.targets {
-        if !nodes.is_healthy(storage) {
+        let replica = nodes.replica(storage, &write.replica_path);
+        let Some(replica) = replica.filter(|replica| replica.node.is_healthy()) else {
             outdated.push(storage.clone());
             continue;
-        }
-        reverse_changes(nodes, storage, &write.replica_path, &write.changes).await;
-        if refs_at_old(nodes, storage, &write.replica_path, &write.changes).await != Some(true) {
+        };
+        replica.reverse_changes(&write.changes).await;
+        if replica.refs_at_old(&write.changes).await != Some(true) {
             outdated.push(storage.clone());
         }
     }

@@ -5,8 +5,7 @@
 use tonic::Code;
 
 use super::{Inner, Outcome};
-use crate::proto::repository_service_client::RepositoryServiceClient;
-use crate::proto::{RemoveRepositoryRequest, RepositoryHeader};
+use crate::model::RelativePath;
 use crate::store::{ClaimedJob, StoreError};
 
 pub(super) async fn run(inner: &Inner, job: &ClaimedJob) -> Outcome {
@@ -28,21 +27,17 @@ pub(super) async fn run(inner: &Inner, job: &ClaimedJob) -> Outcome {
         Err(error @ StoreError::Unavailable(_)) => return Outcome::Postponed(error.to_string()),
         Err(error) => return Outcome::Failed(error.to_string()),
     };
-    let Some(node) = inner.nodes.get(&job.target) else {
+    let replica_path = match RelativePath::parse(replica_path) {
+        Ok(replica_path) => replica_path,
+        Err(error) => return Outcome::Failed(error.to_string()),
+    };
+    let Some(replica) = inner.nodes.replica(&job.target, &replica_path) else {
         return Outcome::Failed(format!("storage {} is not configured", job.target));
     };
-    if !node.is_healthy() {
+    if !replica.node.is_healthy() {
         return Outcome::Postponed(format!("{} is down", job.target));
     }
-    let request = RemoveRepositoryRequest {
-        repository: Some(RepositoryHeader {
-            storage: job.target.to_string(),
-            relative_path: replica_path.to_owned(),
-        }),
-    };
-    let removed = RepositoryServiceClient::new(node.authed())
-        .remove_repository(request)
-        .await;
+    let removed = replica.remove().await;
     if let Err(error) = lock.release().await {
         return Outcome::Postponed(error.to_string());
     }

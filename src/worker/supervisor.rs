@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{Inner, JobType, backoff, queue, reconcile, recover, verify, walker};
+use super::{Inner, JobType, queue, reconcile, recover, verify, walker};
+use crate::toolkit::Backoff;
 
 /// The longest wait between restarts.
 const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(60);
@@ -16,7 +17,7 @@ const STABLE: Duration = Duration::from_secs(60);
 
 pub(super) async fn supervise(inner: Arc<Inner>, job: JobType, shutdown: CancellationToken) {
     let kinds: Vec<String> = job.kinds().iter().map(|kind| kind.to_string()).collect();
-    let mut failures = 0;
+    let mut failures = 0u32;
     loop {
         let started = Instant::now();
         let run = match job {
@@ -55,11 +56,8 @@ pub(super) async fn supervise(inner: Arc<Inner>, job: JobType, shutdown: Cancell
         if started.elapsed() > STABLE {
             failures = 0;
         }
-        let delay = backoff(
-            inner.config.worker.restart_backoff.0,
-            failures,
-            MAX_RESTART_BACKOFF,
-        );
+        let delay = Backoff::new(inner.config.worker.restart_backoff.0, MAX_RESTART_BACKOFF)
+            .delay(failures);
         failures += 1;
         tokio::select! {
             _ = shutdown.cancelled() => return,

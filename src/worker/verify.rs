@@ -15,15 +15,10 @@ use futures_util::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 
 use super::{Inner, JobType};
+use crate::fleet::Nodes;
 use crate::model::{RelativePath, StorageName};
 use crate::proto::node_service_client::NodeServiceClient;
-use crate::proto::ref_service_client::RefServiceClient;
-use crate::proto::repository_service_client::RepositoryServiceClient;
-use crate::proto::{
-    RefsChecksumRequest, RepositoryExistsRequest, RepositoryHeader, StorageHeader,
-    StorageIdentityRequest,
-};
-use crate::proxy::Nodes;
+use crate::proto::{StorageHeader, StorageIdentityRequest};
 use crate::store::{Finding, Identity, Verdict, Verification};
 
 /// The longest one question to a node may take.
@@ -251,26 +246,15 @@ async fn look(
     replica_path: &RelativePath,
     checksum: bool,
 ) -> Seen {
-    let Some(node) = nodes.get(storage) else {
+    let Some(replica) = nodes.replica(storage, replica_path) else {
         return Seen::Unknown(Some(format!("storage {storage} is not configured")));
     };
-    if !node.is_healthy() {
+    if !replica.node.is_healthy() {
         return Seen::Unknown(None);
     }
-    let header = RepositoryHeader {
-        storage: storage.to_string(),
-        relative_path: replica_path.to_string(),
-    };
-    let exists = tokio::time::timeout(
-        CALL_TIMEOUT,
-        RepositoryServiceClient::new(node.authed()).repository_exists(RepositoryExistsRequest {
-            repository: Some(header.clone()),
-        }),
-    )
-    .await;
-    match exists {
-        Ok(Ok(response)) if !response.get_ref().exists => return Seen::Missing,
-        Ok(Ok(_)) => {}
+    match tokio::time::timeout(CALL_TIMEOUT, replica.exists()).await {
+        Ok(Ok(false)) => return Seen::Missing,
+        Ok(Ok(true)) => {}
         Ok(Err(status)) => {
             return Seen::Unknown(Some(format!("{storage}: {}", status.message())));
         }
@@ -279,16 +263,9 @@ async fn look(
     if !checksum {
         return Seen::Present { checksum: None };
     }
-    let sum = tokio::time::timeout(
-        CALL_TIMEOUT,
-        RefServiceClient::new(node.authed()).refs_checksum(RefsChecksumRequest {
-            repository: Some(header),
-        }),
-    )
-    .await;
-    match sum {
-        Ok(Ok(response)) => Seen::Present {
-            checksum: Some(response.into_inner().checksum),
+    match tokio::time::timeout(CALL_TIMEOUT, replica.refs_checksum()).await {
+        Ok(Ok(checksum)) => Seen::Present {
+            checksum: Some(checksum),
         },
         Ok(Err(status)) if status.code() == tonic::Code::NotFound => Seen::Missing,
         Ok(Err(status)) => Seen::Unknown(Some(format!("{storage}: {}", status.message()))),

@@ -13,14 +13,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
 
 use super::{Inner, JobType};
+use crate::fleet::Nodes;
 use crate::model::StorageName;
 use crate::proto::node_service_client::NodeServiceClient;
 use crate::proto::{
     PurgeQuarantineRequest, QuarantineRepositoryRequest, RepositoryHeader, StorageHeader,
     WalkStorageRequest,
 };
-use crate::proxy::Nodes;
 use crate::store::{Store, StoreError, Tracking, WalkResults};
+use crate::toolkit::LeaseKeeper;
 
 /// The walker's idea of now: the system clock, or a test's.
 pub type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
@@ -62,11 +63,13 @@ pub enum WalkError {
     Store(#[from] StoreError),
 }
 
-/// The lease a walk renews as it goes.
+/// The lease a walk holds on its storage, kept alive while it goes.
 #[derive(Debug, Clone, Copy)]
 pub struct WalkLease {
     pub token: i64,
     pub duration: Duration,
+    /// When the statement that took it was sent.
+    pub taken_at: tokio::time::Instant,
 }
 
 /// One walk's settings and what it talks to.
@@ -101,7 +104,7 @@ impl Walk<'_> {
             .get(storage)
             .ok_or_else(|| WalkError::UnknownStorage(storage.clone()))?;
         let started = Instant::now();
-        let mut renewed = Instant::now();
+        let keeper = lease.map(|lease| self.keep(storage, lease));
         let mut results = WalkResults::default();
         let mut client = NodeServiceClient::new(node.authed());
         let header = StorageHeader {
@@ -160,13 +163,13 @@ impl Walk<'_> {
                         Mode::Act => {
                             self.remove(&mut client, storage, tracking, &mut found, &mut results)
                                 .await?;
-                            self.renew(storage, lease, &mut renewed).await?;
+                            still_held(storage, keeper.as_ref())?;
                         }
                     }
                 }
                 on_found(&found);
             }
-            self.renew(storage, lease, &mut renewed).await?;
+            still_held(storage, keeper.as_ref())?;
             on_batch(&results);
         }
         if self.mode == Mode::Act {
@@ -238,25 +241,26 @@ impl Walk<'_> {
         Ok(lock.release().await?)
     }
 
-    async fn renew(
-        &self,
-        storage: &StorageName,
-        lease: Option<WalkLease>,
-        renewed: &mut Instant,
-    ) -> Result<(), WalkError> {
-        let Some(lease) = lease else { return Ok(()) };
-        if renewed.elapsed() < lease.duration / 3 {
-            return Ok(());
-        }
-        if !self
-            .store
-            .renew_storage_walk(storage, lease.token, lease.duration)
-            .await?
-        {
-            return Err(WalkError::LeaseLost(storage.clone()));
-        }
-        *renewed = Instant::now();
-        Ok(())
+    /// Keeps the walk's lease while it runs.
+    fn keep(&self, storage: &StorageName, lease: WalkLease) -> LeaseKeeper {
+        let (store, storage) = (self.store.clone(), storage.clone());
+        LeaseKeeper::start("storage walk", lease.duration, lease.taken_at, move || {
+            let (store, storage) = (store.clone(), storage.clone());
+            async move {
+                store
+                    .renew_storage_walk(&storage, lease.token, lease.duration)
+                    .await
+            }
+        })
+    }
+}
+
+/// Fails once the walk's lease is lost: checked between removals, so that no removal is cut
+/// halfway.
+fn still_held(storage: &StorageName, keeper: Option<&LeaseKeeper>) -> Result<(), WalkError> {
+    match keeper {
+        Some(keeper) if keeper.is_lost() => Err(WalkError::LeaseLost(storage.clone())),
+        _ => Ok(()),
     }
 }
 
@@ -288,6 +292,7 @@ pub(super) async fn run(inner: Arc<Inner>, shutdown: CancellationToken) -> anyho
                 continue;
             }
             let lease = inner.config.worker.lease.0;
+            let taken_at = tokio::time::Instant::now();
             let token = match inner
                 .store
                 .take_storage_walk(storage, &inner.instance, lease, config.interval.0)
@@ -311,6 +316,7 @@ pub(super) async fn run(inner: Arc<Inner>, shutdown: CancellationToken) -> anyho
             let walk_lease = Some(WalkLease {
                 token,
                 duration: lease,
+                taken_at,
             });
             let _in_flight = inner.metrics.in_flight(JobType::Walker);
             let outcome = tokio::select! {

@@ -12,8 +12,9 @@ use tonic::codegen::http::{HeaderMap, Method, StatusCode, Uri};
 use tonic::service::interceptor::InterceptedService;
 use tower::Layer as _;
 
-use super::{Proxy, majority};
+use super::Proxy;
 use crate::auth::{CallPathLayer, RecordCallPath, Signer};
+use crate::fleet::majority;
 use crate::http::{metric, text};
 use crate::model::StorageName;
 use crate::proto::repository_service_client::RepositoryServiceClient;
@@ -196,7 +197,7 @@ fn metrics(gateway: &Gateway) -> Response {
     let one = |value: String| vec![(String::new(), value)];
     let mut nodes: Vec<_> = state.nodes.storages().collect();
     nodes.sort_by(|a, b| a.storage.cmp(&b.storage));
-    let per_node = |value: &dyn Fn(&super::NodeHandle) -> String| -> Vec<(String, String)> {
+    let per_node = |value: &dyn Fn(&crate::fleet::NodeHandle) -> String| -> Vec<(String, String)> {
         nodes
             .iter()
             .map(|node| (format!("{{storage=\"{}\"}}", node.storage), value(node)))

@@ -3,12 +3,13 @@
 //! an answer was lost on the way back, since the statement may have landed.
 
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::Write;
 use crate::model::StorageName;
 use crate::proxy::error::ProxyError;
 use crate::store::{Standing, StoreError, WriteLease, WriteOutcome};
+use crate::toolkit::{Backoff, Retry, Stop, retry};
 
 /// The first pause before a closing statement is tried again; it doubles up to the next.
 const FIRST_PAUSE: Duration = Duration::from_millis(100);
@@ -78,30 +79,23 @@ impl Write {
 
     /// Runs one closing statement, again and again while the database is unavailable, until
     /// `writes.commit_retry` has passed since the first try.
-    async fn retrying<T, F, Fut>(&self, what: &str, mut statement: F) -> Result<T, ProxyError>
+    async fn retrying<T, F, Fut>(&self, what: &str, statement: F) -> Result<T, ProxyError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
     {
         let configured = self.proxy.state.config.writes.commit_retry;
-        let limit = configured.0;
-        let started = Instant::now();
-        let mut pause = FIRST_PAUSE;
-        loop {
-            match statement().await {
-                Err(StoreError::Unavailable(error)) if started.elapsed() < limit => {
-                    tracing::warn!(%error, what, "cannot record the write's outcome yet; trying again");
-                    let left = limit.saturating_sub(started.elapsed());
-                    tokio::time::sleep(pause.min(left)).await;
-                    pause = (pause * 2).min(LONGEST_PAUSE);
-                }
-                Err(StoreError::Unavailable(error)) => {
-                    return Err(self.failed(&format!(
-                        "its outcome could not be recorded within {configured}: {error}; the recovery job rolls it back"
-                    )));
-                }
-                other => return other.map_err(ProxyError::from),
-            }
+        let deadline = tokio::time::Instant::now() + configured.0;
+        let policy =
+            Retry::until(Backoff::exact(FIRST_PAUSE, LONGEST_PAUSE), deadline).warn_after(0);
+        let description = format!("recording the write's {what}");
+        match retry(&policy, &description, None, StoreError::is_unavailable, statement).await {
+            Ok(value) => Ok(value),
+            Err(Stop::Permanent(error)) => Err(error.into()),
+            Err(stop) => Err(self.failed(&format!(
+                "its outcome could not be recorded within {configured}{}; the recovery job rolls it back",
+                stop.into_error().map(|error| format!(": {error}")).unwrap_or_default()
+            ))),
         }
     }
 }

@@ -16,11 +16,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{Reply, Write};
 use crate::model::{RelativePath, StorageName};
-use crate::proto::RefsChecksumRequest;
-use crate::proto::ref_service_client::RefServiceClient;
 use crate::proxy::error::ProxyError;
 use crate::proxy::forward::{later_messages, send};
-use crate::proxy::replica_header;
 use crate::proxy::{Proxy, header};
 
 /// The most response bytes kept per replica while the write is judged.
@@ -156,13 +153,9 @@ pub(super) async fn quorum_checksums(
     needed: usize,
 ) -> Vec<Option<String>> {
     let asks = storages.iter().map(|storage| async move {
-        let node = proxy.state.nodes.get(storage)?;
-        let mut client = RefServiceClient::new(node.authed());
-        let request = RefsChecksumRequest {
-            repository: Some(replica_header(storage, replica_path)),
-        };
-        match tokio::time::timeout(CHECKSUM_TIMEOUT, client.refs_checksum(request)).await {
-            Ok(Ok(response)) => Some(response.into_inner().checksum),
+        let replica = proxy.state.nodes.replica(storage, replica_path)?;
+        match tokio::time::timeout(CHECKSUM_TIMEOUT, replica.refs_checksum()).await {
+            Ok(Ok(checksum)) => Some(checksum),
             Ok(Err(status)) => {
                 tracing::warn!(%storage, %status, "no refs checksum");
                 None

@@ -5,7 +5,7 @@
 
 mod close;
 mod fanout;
-pub(crate) mod undo;
+mod undo;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -20,16 +20,21 @@ use tracing::Instrument as _;
 use super::error::{ProxyError, list};
 use super::header::Located;
 use super::service::ResponseStream;
-use super::{Call, Proxy, majority, push};
+use super::{Call, Proxy, push};
+use crate::fleet::majority;
 use crate::model::{ObjectId, RefName, RelativePath, StorageName};
 use crate::proto::{SetDefaultBranchRequest, UpdateRefsRequest};
-use crate::store::{RefChange, RepositoryRecord, WriteLease, WriteStart};
+use crate::store::{RefChange, RepositoryRecord, StoreError, WriteLease, WriteStart};
+use crate::toolkit::{Backoff, LeaseKeeper, Retry, Stop, retry};
 use close::Commit;
 use fanout::quorum_checksums;
 
 const UPDATE_REFS: &str = "/gitfleet.v1.RefService/UpdateRefs";
 const SET_DEFAULT_BRANCH: &str = "/gitfleet.v1.RefService/SetDefaultBranch";
 const POST_RECEIVE_PACK: &str = "/gitfleet.v1.SmartHttpService/PostReceivePack";
+/// The pause after a write found the lease taken; it doubles up to the next.
+const FIRST_BUSY_PAUSE: Duration = Duration::from_millis(10);
+const LONGEST_BUSY_PAUSE: Duration = Duration::from_millis(250);
 
 pub(super) async fn mutator(
     proxy: &Proxy,
@@ -174,7 +179,7 @@ impl Write {
         let _turn = tokio::time::timeout(wait, queue.lock_owned())
             .await
             .map_err(|_| self.busy(started))?;
-        let lease = self.begin(started).await?;
+        let (lease, begin_sent) = self.begin(started).await?;
         tracing::Span::current().record("generation", lease.generation);
 
         let needed = majority(lease.assigned.len());
@@ -183,24 +188,44 @@ impl Write {
             return Err(self.not_enough(&lease, &lease.targets));
         }
 
-        // Renewal stops when the write ends, however it ends (a panic included).
-        let renewing = CancellationToken::new();
-        let _stop_renewing = renewing.clone().drop_guard();
-        tokio::spawn(renew(
-            self.proxy.clone(),
-            lease.clone(),
-            renewing,
-            self.lease_lost.clone(),
-        ));
+        // Renewal stops when the keeper is dropped: when the write ends, however it ends (a
+        // panic included).
+        let keeper = self.keep(&lease, begin_sent);
+        self.lease_lost = keeper.lost().clone();
         self.apply(&lease, needed).await
     }
 
-    /// Takes the lease and records the intent, waiting while another write holds it.
-    async fn begin(&self, started: Instant) -> Result<WriteLease, ProxyError> {
+    /// Keeps the write's lease while it runs.
+    fn keep(&self, lease: &WriteLease, begin_sent: tokio::time::Instant) -> LeaseKeeper {
         let state = &self.proxy.state;
-        let mut pause = Duration::from_millis(10);
-        loop {
-            let start = state
+        let duration = state.config.writes.lease.0;
+        let (store, owner, lease) = (
+            state.store.clone(),
+            state.instance_id.clone(),
+            lease.clone(),
+        );
+        LeaseKeeper::start("write", duration, begin_sent, move || {
+            let (store, owner, lease) = (store.clone(), owner.clone(), lease.clone());
+            async move { store.renew_write(&lease, &owner, duration).await }
+        })
+    }
+
+    /// Takes the lease and records the intent, waiting while another write holds it, up to
+    /// `writes.lease_wait` from `started`. Returns the lease and when the statement that took
+    /// it was sent.
+    async fn begin(
+        &self,
+        started: Instant,
+    ) -> Result<(WriteLease, tokio::time::Instant), ProxyError> {
+        let state = &self.proxy.state;
+        let deadline = tokio::time::Instant::from_std(started) + state.config.writes.lease_wait.0;
+        let policy = Retry::until(
+            Backoff::exact(FIRST_BUSY_PAUSE, LONGEST_BUSY_PAUSE),
+            deadline,
+        );
+        let attempt = || async {
+            let sent = tokio::time::Instant::now();
+            match state
                 .store
                 .begin_write(
                     &self.virtual_storage,
@@ -211,9 +236,29 @@ impl Write {
                     &self.changes,
                     &state.nodes.healthy(),
                 )
-                .await?;
+                .await
+            {
+                Ok(WriteStart::Busy) => Err(Begin::Busy),
+                Ok(start) => Ok((start, sent)),
+                Err(error) => Err(Begin::Store(error)),
+            }
+        };
+        loop {
+            let (start, sent) = match retry(
+                &policy,
+                "waiting for the write lease",
+                None,
+                Begin::is_busy,
+                attempt,
+            )
+            .await
+            {
+                Ok(started) => started,
+                Err(Stop::Permanent(Begin::Store(error))) => return Err(error.into()),
+                Err(_) => return Err(self.busy(started)),
+            };
             match start {
-                WriteStart::Leased(lease) => return Ok(lease),
+                WriteStart::Leased(lease) => return Ok((lease, sent)),
                 WriteStart::Recover(lease, stale) => self.recover(&lease, &stale).await?,
                 WriteStart::NotFound => return Err(ProxyError::NotFound(self.repository.clone())),
                 WriteStart::Locked(reason) => return Err(ProxyError::WriteLocked(reason)),
@@ -227,13 +272,7 @@ impl Write {
                         &reachable,
                     ));
                 }
-                WriteStart::Busy if started.elapsed() >= state.config.writes.lease_wait.0 => {
-                    return Err(self.busy(started));
-                }
-                WriteStart::Busy => {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(250));
-                }
+                WriteStart::Busy => return Err(self.busy(started)),
             }
         }
     }
@@ -392,38 +431,18 @@ impl Write {
     }
 }
 
-/// Keeps the lease alive while a long write runs; cancels `lost` when it is taken away or
-/// cannot be renewed before it runs out.
-async fn renew(proxy: Proxy, lease: WriteLease, stop: CancellationToken, lost: CancellationToken) {
-    let state = &proxy.state;
-    let duration = state.config.writes.lease.0;
-    let mut renewed_at = tokio::time::Instant::now();
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(duration / 3) => {}
-        }
-        match state
-            .store
-            .renew_write(&lease, &state.instance_id, duration)
-            .await
-        {
-            Ok(true) => renewed_at = tokio::time::Instant::now(),
-            Ok(false) => {
-                tracing::error!("the write lease was taken away while the write ran");
-                lost.cancel();
-                return;
-            }
-            Err(error) => {
-                tracing::warn!(%error, "cannot renew the write lease");
-                // Give up a little before the lease runs out, so no other writer overlaps.
-                if renewed_at.elapsed() > duration.mul_f64(0.9) {
-                    tracing::error!("the write lease ran out while the write ran");
-                    lost.cancel();
-                    return;
-                }
-            }
-        }
+/// Why taking the write lease did not work this time.
+#[derive(Debug, thiserror::Error)]
+enum Begin {
+    #[error("another write holds the lease")]
+    Busy,
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl Begin {
+    fn is_busy(&self) -> bool {
+        matches!(self, Begin::Busy)
     }
 }
 

@@ -1,6 +1,6 @@
-//! The nodes behind the proxy: a small pool of HTTP/2 connections per node, each multiplexing
-//! many calls and reconnected by tonic when it drops, and a health prober that routes around
-//! the nodes that do not answer.
+//! The storage nodes: a small pool of HTTP/2 connections per node, each multiplexing many calls
+//! and reconnected by tonic when it drops, and a health prober that routes around the nodes
+//! that do not answer.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -135,7 +135,7 @@ pub struct VirtualStorage {
     pub storages: Vec<StorageName>,
 }
 
-/// Every node the proxy knows.
+/// Every node in the configuration.
 #[derive(Debug)]
 pub struct Nodes {
     nodes: HashMap<StorageName, Arc<NodeHandle>>,
@@ -200,17 +200,6 @@ impl Nodes {
         StorageName::parse(name)
             .ok()
             .and_then(|name| self.virtual_storages.get(&name))
-    }
-
-    /// Where each virtual storage places its repositories, as the reconciler needs it.
-    pub fn placements(&self) -> Vec<crate::store::Placement> {
-        self.virtual_storages()
-            .map(|vs| crate::store::Placement {
-                virtual_storage: vs.name.clone(),
-                storages: vs.storages.clone(),
-                replication_factor: vs.replication_factor,
-            })
-            .collect()
     }
 
     pub fn virtual_storages(&self) -> impl Iterator<Item = &VirtualStorage> {

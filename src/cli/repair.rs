@@ -10,9 +10,6 @@ use anyhow::{Context as _, bail};
 use super::storage::Context;
 use crate::config::ProxyConfig;
 use crate::model::{RelativePath, RepositoryName, StorageName};
-use crate::proto::ref_service_client::RefServiceClient;
-use crate::proto::repository_service_client::RepositoryServiceClient;
-use crate::proto::{RefsChecksumRequest, RepositoryExistsRequest, RepositoryHeader};
 use crate::status::{NodeState, Report, ago};
 use crate::store::Accepted;
 
@@ -199,20 +196,13 @@ fn state(report: &crate::store::ReplicaReport, replica: &serde_json::Value) -> &
 }
 
 async fn checksum(context: &Context, storage: &str, replica_path: &str) -> Option<String> {
-    let node = context.nodes.get(&StorageName::parse(storage).ok()?)?;
-    if !node.is_healthy() {
+    let storage = StorageName::parse(storage).ok()?;
+    let replica_path = RelativePath::parse(replica_path).ok()?;
+    let replica = context.nodes.replica(&storage, &replica_path)?;
+    if !replica.node.is_healthy() {
         return None;
     }
-    let response = RefServiceClient::new(node.authed())
-        .refs_checksum(RefsChecksumRequest {
-            repository: Some(RepositoryHeader {
-                storage: storage.to_owned(),
-                relative_path: replica_path.to_owned(),
-            }),
-        })
-        .await
-        .ok()?;
-    Some(response.into_inner().checksum)
+    replica.refs_checksum().await.ok()
 }
 
 /// `admin dataloss`: exits 0 when there is none.
@@ -316,15 +306,7 @@ pub async fn track_repository(
         .expect("one storage");
     let replica_path = RelativePath::parse(&args.replica_path)?;
     let virtual_storage = belongs(&context, &name, &storage)?;
-    let mut assigned = vec![storage.clone()];
-    assigned.extend(
-        virtual_storage
-            .storages
-            .iter()
-            .filter(|s| **s != storage)
-            .take(virtual_storage.replication_factor.saturating_sub(1))
-            .cloned(),
-    );
+    let assigned = virtual_storage.place_around(&storage);
     // Held from the look at the disk to the commit of the row: no walk quarantines it between.
     let mut lock = context
         .store
@@ -450,7 +432,7 @@ fn belongs<'a>(
     context: &'a Context,
     name: &RepositoryName,
     storage: &StorageName,
-) -> anyhow::Result<&'a crate::proxy::VirtualStorage> {
+) -> anyhow::Result<&'a crate::fleet::VirtualStorage> {
     let virtual_storage = context
         .nodes
         .virtual_storage(name.storage.as_str())
@@ -469,18 +451,11 @@ async fn exists_on(
     storage: &StorageName,
     replica_path: &RelativePath,
 ) -> anyhow::Result<bool> {
-    let node = context
+    context
         .nodes
-        .get(storage)
-        .context("storage not configured")?;
-    let response = RepositoryServiceClient::new(node.authed())
-        .repository_exists(RepositoryExistsRequest {
-            repository: Some(RepositoryHeader {
-                storage: storage.to_string(),
-                relative_path: replica_path.to_string(),
-            }),
-        })
+        .replica(storage, replica_path)
+        .context("storage not configured")?
+        .exists()
         .await
-        .map_err(|status| anyhow::anyhow!("asking {storage}: {}", status.message()))?;
-    Ok(response.into_inner().exists)
+        .map_err(|status| anyhow::anyhow!("asking {storage}: {}", status.message()))
 }

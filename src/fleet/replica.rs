@@ -1,0 +1,134 @@
+//! The calls every role makes on one replica: its refs checksum, whether it exists, its
+//! removal, and reversing a write's ref updates. The proxy, the worker and the admin commands
+//! all go through here, so a replica is named on its node in one way.
+
+use std::collections::HashMap;
+
+use tonic::Status;
+
+use super::nodes::{NodeHandle, Nodes};
+use crate::model::{RelativePath, StorageName};
+use crate::proto::ref_service_client::RefServiceClient;
+use crate::proto::repository_service_client::RepositoryServiceClient;
+use crate::proto::{
+    ListRefsRequest, RefUpdate, RefsChecksumRequest, RemoveRepositoryRequest,
+    RepositoryExistsRequest, RepositoryHeader, UpdateRefsRequest,
+};
+use crate::store::RefChange;
+
+/// Names a replica on its node.
+pub fn replica_header(storage: &StorageName, replica_path: &RelativePath) -> RepositoryHeader {
+    RepositoryHeader {
+        storage: storage.to_string(),
+        relative_path: replica_path.to_string(),
+    }
+}
+
+/// One replica: a repository's copy on one storage.
+#[derive(Debug, Clone, Copy)]
+pub struct Replica<'a> {
+    pub node: &'a NodeHandle,
+    pub replica_path: &'a RelativePath,
+}
+
+impl Nodes {
+    /// The replica at `replica_path` on `storage`; None when the storage is not configured.
+    pub fn replica<'a>(
+        &'a self,
+        storage: &StorageName,
+        replica_path: &'a RelativePath,
+    ) -> Option<Replica<'a>> {
+        Some(Replica {
+            node: self.get(storage)?,
+            replica_path,
+        })
+    }
+}
+
+impl Replica<'_> {
+    pub fn storage(&self) -> &StorageName {
+        &self.node.storage
+    }
+
+    pub fn header(&self) -> RepositoryHeader {
+        replica_header(&self.node.storage, self.replica_path)
+    }
+
+    /// The checksum of the replica's refs, as its node computes it.
+    pub async fn refs_checksum(&self) -> Result<String, Status> {
+        let request = RefsChecksumRequest {
+            repository: Some(self.header()),
+        };
+        let response = RefServiceClient::new(self.node.authed())
+            .refs_checksum(request)
+            .await?;
+        Ok(response.into_inner().checksum)
+    }
+
+    /// Whether the node holds the replica.
+    pub async fn exists(&self) -> Result<bool, Status> {
+        let request = RepositoryExistsRequest {
+            repository: Some(self.header()),
+        };
+        let response = RepositoryServiceClient::new(self.node.authed())
+            .repository_exists(request)
+            .await?;
+        Ok(response.into_inner().exists)
+    }
+
+    /// Removes the replica from its node; a replica already gone answers NotFound.
+    pub async fn remove(&self) -> Result<(), Status> {
+        let request = RemoveRepositoryRequest {
+            repository: Some(self.header()),
+        };
+        RepositoryServiceClient::new(self.node.authed())
+            .remove_repository(request)
+            .await?;
+        Ok(())
+    }
+
+    /// Reverses ref updates, one compare-and-swap per ref: a ref the replica did not move
+    /// refuses the swap, which is what is wanted. HEAD is not reversed.
+    pub async fn reverse_changes(&self, changes: &[RefChange]) {
+        let mut client = RefServiceClient::new(self.node.authed());
+        for change in changes.iter().rev().filter(|change| change.name != "HEAD") {
+            let request = UpdateRefsRequest {
+                repository: Some(self.header()),
+                updates: vec![RefUpdate {
+                    name: change.name.clone(),
+                    old_target: change.new.clone(),
+                    new_target: change.old.clone(),
+                }],
+            };
+            if let Err(status) = client.update_refs(request).await {
+                tracing::debug!(storage = %self.node.storage, reference = %change.name, %status, "not reversed");
+            }
+        }
+    }
+
+    /// Whether every ref a write changed (HEAD aside) is back where the write found it: at its
+    /// old value, or absent where the write created it. None when the replica cannot be read.
+    pub async fn refs_at_old(&self, changes: &[RefChange]) -> Option<bool> {
+        let changes: Vec<&RefChange> = changes.iter().filter(|c| c.name != "HEAD").collect();
+        let request = ListRefsRequest {
+            repository: Some(self.header()),
+            prefixes: changes.iter().map(|change| change.name.clone()).collect(),
+        };
+        let mut stream = RefServiceClient::new(self.node.authed())
+            .list_refs(request)
+            .await
+            .ok()?
+            .into_inner();
+        let mut found: HashMap<String, String> = HashMap::new();
+        while let Some(batch) = stream.message().await.ok()? {
+            found.extend(batch.refs.into_iter().map(|r| (r.name, r.target)));
+        }
+        Some(changes.iter().all(|change| {
+            let absent = change.old.bytes().all(|b| b == b'0');
+            match found.get(&change.name) {
+                None => absent,
+                Some(target) => !absent && *target == change.old,
+            }
+        }))
+    }
+}
