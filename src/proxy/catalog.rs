@@ -8,7 +8,7 @@ use tonic::{Request, Response};
 
 use super::error::ProxyError;
 use super::forward::{lookup, send};
-use super::service::{ResponseStream, single};
+use super::response::{ResponseStream, single};
 use super::{Call, Proxy, header};
 use crate::fleet::{NewPlacement, majority};
 use crate::model::{RelativePath, StorageName};

@@ -9,7 +9,7 @@ use tokio_stream::{Stream, StreamExt as _};
 use tonic::{Request, Response, Status};
 
 use super::error::ProxyError;
-use super::service::{ResponseStream, streamed};
+use super::response::{ResponseStream, streamed};
 use super::{Call, Proxy, ROUTE_HEADER, header};
 use crate::fleet::Nodes;
 use crate::model::StorageName;

@@ -6,10 +6,9 @@ mod error;
 mod forward;
 mod header;
 mod http;
-mod push;
+mod response;
 mod routing;
 mod service;
-mod ssh_push;
 pub(crate) mod write;
 pub mod write_lock;
 

@@ -2,12 +2,10 @@
 //! Messages stay raw bytes; only the first message's header is read here.
 
 use std::convert::Infallible;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
-use tokio_stream::Stream;
 use tonic::codegen::http;
 use tonic::server::{Grpc, StreamingService};
 use tonic::service::interceptor::InterceptedService;
@@ -15,13 +13,12 @@ use tonic::{Request, Response, Status, Streaming};
 use tower::ServiceExt as _;
 
 use super::error::ProxyError;
+use super::response::ResponseStream;
 use super::{Call, Proxy, catalog, forward, header, write};
 use crate::auth::Verifier;
 use crate::fleet::codec::RawCodec;
 use crate::model::RelativePath;
 use crate::proto::routing::{HeaderScope, RpcInfo, RpcKind, rpc_info};
-
-pub type ResponseStream = Pin<Box<dyn Stream<Item = Result<Bytes, Status>> + Send>>;
 
 /// The gRPC services the proxy serves: every service with an RPC that is not node-internal.
 pub fn public_services() -> Vec<&'static str> {
@@ -156,6 +153,9 @@ async fn handle(
     }
     match info.kind {
         RpcKind::Accessor => forward::accessor(&proxy, call).await,
+        RpcKind::Mutator if info.path == write::SSH_RECEIVE_PACK => {
+            write::ssh_receive_pack(&proxy, call).await
+        }
         RpcKind::Mutator => write::mutator(&proxy, call).await,
         RpcKind::Creator => catalog::create(&proxy, call).await,
         RpcKind::Remover => catalog::remove(&proxy, call).await,
@@ -164,15 +164,4 @@ async fn handle(
             Err(ProxyError::NotServed(info.path.to_owned()))
         }
     }
-}
-
-/// A response of one message.
-pub fn single(message: impl prost::Message) -> Response<ResponseStream> {
-    let bytes = Bytes::from(message.encode_to_vec());
-    Response::new(Box::pin(tokio_stream::once(Ok(bytes))))
-}
-
-/// A node's response, passed on as it streams.
-pub fn streamed(response: Response<Streaming<Bytes>>) -> Response<ResponseStream> {
-    response.map(|stream| Box::pin(stream) as ResponseStream)
 }

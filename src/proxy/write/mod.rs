@@ -5,9 +5,11 @@
 
 mod close;
 mod fanout;
+mod judge;
+mod push;
+mod ssh_push;
 mod undo;
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -19,8 +21,8 @@ use tracing::Instrument as _;
 
 use super::error::{ProxyError, list};
 use super::header::Located;
-use super::service::ResponseStream;
-use super::{Call, Proxy, push};
+use super::response::ResponseStream;
+use super::{Call, Proxy};
 use crate::fleet::majority;
 use crate::model::{ObjectId, RefName, RelativePath, StorageName};
 use crate::proto::{SetDefaultBranchRequest, UpdateRefsRequest};
@@ -28,6 +30,8 @@ use crate::store::{RefChange, RepositoryRecord, StoreError, WriteLease, WriteSta
 use crate::toolkit::{Backoff, LeaseKeeper, Retry, Stop, retry};
 use close::Commit;
 use fanout::quorum_checksums;
+use judge::{Settle, Verdict, judge, settle};
+pub(super) use ssh_push::{SSH_RECEIVE_PACK, receive_pack as ssh_receive_pack};
 
 const UPDATE_REFS: &str = "/gitfleet.v1.RefService/UpdateRefs";
 const SET_DEFAULT_BRANCH: &str = "/gitfleet.v1.RefService/SetDefaultBranch";
@@ -40,9 +44,6 @@ pub(super) async fn mutator(
     proxy: &Proxy,
     mut call: Call,
 ) -> Result<Response<ResponseStream>, ProxyError> {
-    if call.info.path == super::ssh_push::SSH_RECEIVE_PACK {
-        return super::ssh_push::receive_pack(proxy, call).await;
-    }
     // From memory only: a write never reads the catalog before its first transaction.
     let cached = proxy
         .state
@@ -307,72 +308,29 @@ impl Write {
             ));
         }
 
-        // Group the replicas by what the write did to their refs.
-        let mut changed: HashMap<&str, Vec<usize>> = HashMap::new();
-        let mut unchanged = Vec::new();
-        let mut unknown = Vec::new();
-        for (index, (before, after)) in before.iter().zip(&after).enumerate() {
-            match after {
-                Some(after) if after == before => unchanged.push(index),
-                Some(after) => changed.entry(after.as_str()).or_default().push(index),
-                None => unknown.push(index),
+        let (agreeing, changed, unchanged, unknown) = match judge(&before, &after, needed) {
+            Verdict::Commit { agreeing } => {
+                return self
+                    .commit_agreeing(lease, &targets, &before, &agreeing, replies)
+                    .await;
             }
-        }
-        let agreeing = changed
-            .values()
-            .max_by_key(|group| group.len())
-            .cloned()
-            .unwrap_or_default();
-
-        if agreeing.len() >= needed {
-            let current: Vec<StorageName> = agreeing.iter().map(|&i| targets[i].clone()).collect();
-            let outcome = match self.commit(lease, &current, &current[0]).await? {
-                Commit::Done(outcome) => outcome,
-                Commit::Refused => {
-                    let mut undone = true;
-                    for &index in &agreeing {
-                        undone &= self
-                            .roll_back(&targets[index], &replica_path, &before[index])
-                            .await;
-                    }
-                    // A replica that could not be undone keeps the intent open for recovery.
-                    if undone {
-                        self.release(lease).await?;
-                    }
-                    return Err(self.failed("the replicas changed before the commit; rolled back"));
-                }
-                Commit::Lost => {
-                    return Err(self.failed(
-                        "the write lease was lost before the commit; the recovery job rolls it back",
-                    ));
-                }
-            };
-            tracing::info!(
-                generation = outcome.generation,
-                current = ?current,
-                queued = ?outcome.queued,
-                "write committed"
-            );
-            state.routing.invalidate(lease.repository);
-            let answer = agreeing
-                .iter()
-                .position(|&i| replies[i].is_ok())
-                .map(|position| agreeing[position])
-                .unwrap_or(agreeing[0]);
-            return Ok((targets[answer].clone(), replies.swap_remove(answer)));
-        }
-
-        if changed.is_empty() && unknown.is_empty() {
-            // Nothing changed anywhere: the replicas refused the write (a stale old value, a
-            // non-fast-forward push). Their answer is the caller's answer.
-            self.release(lease).await?;
-            return Ok((targets[0].clone(), replies.swap_remove(0)));
-        }
+            Verdict::Refused => {
+                // Their answer is the caller's answer.
+                self.release(lease).await?;
+                return Ok((targets[0].clone(), replies.swap_remove(0)));
+            }
+            Verdict::RollBack {
+                agreeing,
+                changed,
+                unchanged,
+                unknown,
+            } => (agreeing, changed, unchanged, unknown),
+        };
 
         // Not acknowledged: undo it where it landed.
         let mut clean: Vec<StorageName> = unchanged.iter().map(|&i| targets[i].clone()).collect();
         let mut uncertain: Vec<StorageName> = unknown.iter().map(|&i| targets[i].clone()).collect();
-        for index in changed.values().flatten().copied() {
+        for index in changed {
             let storage = &targets[index];
             if self.roll_back(storage, &replica_path, &before[index]).await {
                 clean.push(storage.clone());
@@ -381,8 +339,7 @@ impl Write {
             }
         }
         let reason = format!(
-            "{} of {} assigned replicas applied it in agreement, {needed} are needed; rolled back on the others{}",
-            agreeing.len(),
+            "{agreeing} of {} assigned replicas applied it in agreement, {needed} are needed; rolled back on the others{}",
             lease.assigned.len(),
             if uncertain.is_empty() {
                 String::new()
@@ -391,25 +348,79 @@ impl Write {
             }
         );
         tracing::warn!(%reason, "write failed");
-        if uncertain.is_empty() {
-            self.release(lease).await?;
-        } else if let Some(source) = clean.first() {
-            // The clean replicas hold the state before the write; they become the new
-            // generation and the uncertain ones are repaired from them.
-            if !matches!(self.commit(lease, &clean, source).await?, Commit::Done(_)) {
-                tracing::error!(
-                    intent = lease.intent,
-                    "the uncertain replicas could not be marked: the intent stays open for recovery"
-                );
+        match settle(clean.len(), uncertain.len()) {
+            Settle::Release => {
+                self.release(lease).await?;
             }
-            state.routing.invalidate(lease.repository);
-        } else {
-            tracing::error!(
+            Settle::CommitClean => {
+                // The clean replicas hold the state before the write; they become the new
+                // generation and the uncertain ones are repaired from them.
+                if !matches!(
+                    self.commit(lease, &clean, &clean[0]).await?,
+                    Commit::Done(_)
+                ) {
+                    tracing::error!(
+                        intent = lease.intent,
+                        "the uncertain replicas could not be marked: the intent stays open for recovery"
+                    );
+                }
+                state.routing.invalidate(lease.repository);
+            }
+            Settle::LeaveOpen => tracing::error!(
                 intent = lease.intent,
                 "no replica is known to be clean: the intent stays open for recovery"
-            );
+            ),
         }
         Err(self.failed(&reason))
+    }
+
+    /// Commits the replicas that agree as the next generation, and answers with one of them;
+    /// rolls them back if the commit is refused.
+    async fn commit_agreeing(
+        &self,
+        lease: &WriteLease,
+        targets: &[StorageName],
+        before: &[String],
+        agreeing: &[usize],
+        mut replies: Vec<Result<Reply, Status>>,
+    ) -> Result<Answer, ProxyError> {
+        let state = &self.proxy.state;
+        let replica_path = &lease.replica_path;
+        let current: Vec<StorageName> = agreeing.iter().map(|&i| targets[i].clone()).collect();
+        let outcome = match self.commit(lease, &current, &current[0]).await? {
+            Commit::Done(outcome) => outcome,
+            Commit::Refused => {
+                let mut undone = true;
+                for &index in agreeing {
+                    undone &= self
+                        .roll_back(&targets[index], replica_path, &before[index])
+                        .await;
+                }
+                // A replica that could not be undone keeps the intent open for recovery.
+                if undone {
+                    self.release(lease).await?;
+                }
+                return Err(self.failed("the replicas changed before the commit; rolled back"));
+            }
+            Commit::Lost => {
+                return Err(self.failed(
+                    "the write lease was lost before the commit; the recovery job rolls it back",
+                ));
+            }
+        };
+        tracing::info!(
+            generation = outcome.generation,
+            current = ?current,
+            queued = ?outcome.queued,
+            "write committed"
+        );
+        state.routing.invalidate(lease.repository);
+        let answer = agreeing
+            .iter()
+            .copied()
+            .find(|&i| replies[i].is_ok())
+            .unwrap_or(agreeing[0]);
+        Ok((targets[answer].clone(), replies.swap_remove(answer)))
     }
 
     fn busy(&self, started: Instant) -> ProxyError {

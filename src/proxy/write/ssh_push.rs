@@ -11,18 +11,18 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
-use super::error::ProxyError;
-use super::forward::{choose, later_messages, lookup, send};
-use super::service::ResponseStream;
-use super::write::{Answer, Write, check_reachable};
-use super::{Call, Proxy, push};
+use super::{Answer, Write, check_reachable, push};
 use crate::git::pktline::{Decoder, Packet};
 use crate::model::StorageName;
 use crate::proto::{SshRequest, SshResponse};
+use crate::proxy::error::ProxyError;
+use crate::proxy::forward::{choose, later_messages, lookup, send};
+use crate::proxy::response::ResponseStream;
+use crate::proxy::{Call, Proxy};
 
-pub(super) const SSH_RECEIVE_PACK: &str = "/gitfleet.v1.SshService/SshReceivePack";
+pub(in crate::proxy) const SSH_RECEIVE_PACK: &str = "/gitfleet.v1.SshService/SshReceivePack";
 
-pub(super) async fn receive_pack(
+pub(in crate::proxy) async fn receive_pack(
     proxy: &Proxy,
     call: Call,
 ) -> Result<Response<ResponseStream>, ProxyError> {

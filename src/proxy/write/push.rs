@@ -5,8 +5,8 @@ use bytes::Bytes;
 use prost::Message as _;
 use tonic::Streaming;
 
-use super::error::ProxyError;
 use crate::git::pktline::{Decoder, Packet};
+use crate::proxy::error::ProxyError;
 use crate::store::RefChange;
 
 /// The most command bytes a push may send before its pack: room for ~40,000 ref updates.
@@ -65,7 +65,7 @@ async fn read_commands(
             Some(next) => next,
             None => return Err(bad("the push ended before its command list did")),
         };
-        super::header::check_not_first(&message)?;
+        crate::proxy::header::check_not_first(&message)?;
         held += message.len();
         if held > 2 * MAX_COMMAND_BYTES || messages.len() >= MAX_HEAD_MESSAGES {
             return Err(bad("the push sent too much before its command list ended"));
