@@ -7,18 +7,17 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::response::Response;
 use bytes::Bytes;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt as _};
-use tonic::codegen::http::{HeaderMap, StatusCode};
+use tonic::codegen::http::HeaderMap;
 
-use super::text;
+use super::error::GatewayError;
 
 /// The largest piece of a request body sent in one gRPC message.
 const CHUNK: usize = 256 << 10;
 /// How long a request body may send nothing before it is given up.
-const BODY_IDLE: Duration = Duration::from_secs(120);
+pub(super) const BODY_IDLE: Duration = Duration::from_secs(120);
 
 /// Body bytes as they arrive, or the error that ended them.
 pub(super) type DataStream = Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> + Send>>;
@@ -29,28 +28,6 @@ pub(super) enum BodyFault {
     TooLarge(usize),
     BrokeOff,
     Stalled,
-}
-
-impl BodyFault {
-    pub(super) fn response(self) -> Response {
-        match self {
-            BodyFault::TooLarge(limit) => text(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &format!("the request is larger than {} MiB", limit >> 20),
-            ),
-            BodyFault::BrokeOff => text(
-                StatusCode::BAD_REQUEST,
-                "the request body broke off, or its gzip is damaged",
-            ),
-            BodyFault::Stalled => text(
-                StatusCode::REQUEST_TIMEOUT,
-                &format!(
-                    "the request body sent nothing for {} s",
-                    BODY_IDLE.as_secs()
-                ),
-            ),
-        }
-    }
 }
 
 /// Set by [`pump`] when the body ended early, before the request stream ends.
@@ -115,7 +92,7 @@ fn split(chunk: Bytes) -> Vec<Bytes> {
 }
 
 /// The request body as a stream of bytes, gunzipped when git compressed it.
-pub(super) fn request_body(headers: &HeaderMap, body: Body) -> Result<DataStream, Box<Response>> {
+pub(super) fn request_body(headers: &HeaderMap, body: Body) -> Result<DataStream, GatewayError> {
     let stream = body
         .into_data_stream()
         .map(|chunk| chunk.map_err(std::io::Error::other));
@@ -131,10 +108,7 @@ pub(super) fn request_body(headers: &HeaderMap, body: Body) -> Result<DataStream
                 decoder, CHUNK,
             )))
         }
-        Some(other) => Err(Box::new(text(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            &format!("content encoding {other:?} is not supported"),
-        ))),
+        Some(other) => Err(GatewayError::ContentEncoding(other.to_owned())),
     }
 }
 

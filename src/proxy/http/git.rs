@@ -1,16 +1,19 @@
 //! git's smart HTTP protocol, served by calling the proxy's own gRPC router in process: a
 //! clone or a push over HTTP takes exactly the routes, write intents and fan-out of gRPC.
+//! The request is read and admitted in `request.rs`; every failure before the answer starts
+//! is a [`GatewayError`].
 
 use axum::body::Body;
 use axum::response::Response;
 use bytes::Bytes;
 use tokio_stream::StreamExt as _;
-use tonic::codegen::http::{HeaderMap, Method, StatusCode, Uri};
+use tonic::codegen::http::{HeaderMap, Method, Uri};
 
-use super::auth::{Caller, authenticate};
+use super::Gateway;
+use super::auth::Caller;
 use super::body::{DataStream, FaultCell, pump, request_body};
-use super::{Gateway, text};
-use crate::config::TokenScope;
+use super::error::GatewayError;
+use super::request::{Endpoint, GitRequest, Service, admit, parse};
 use crate::git::pktline;
 use crate::model::RepositoryName;
 use crate::proto::{
@@ -21,26 +24,6 @@ use crate::proto::{
 /// The largest fetch negotiation a client may send (the haves and wants of a clone or fetch).
 /// A push's size is bounded by the nodes (`git.max_push_bytes`).
 const MAX_FETCH_REQUEST: usize = 64 << 20;
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Service {
-    UploadPack,
-    ReceivePack,
-}
-
-impl Service {
-    fn name(self) -> &'static str {
-        match self {
-            Service::UploadPack => "git-upload-pack",
-            Service::ReceivePack => "git-receive-pack",
-        }
-    }
-}
-
-/// What a request asks for.
-enum Endpoint {
-    Advertise(Service),
-    Post(Service),
-}
 
 /// Serves one smart HTTP request.
 pub async fn serve(
@@ -50,113 +33,48 @@ pub async fn serve(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let decoded = match percent_decode(uri.path()) {
-        Ok(decoded) => decoded,
-        Err(reason) => return text(StatusCode::BAD_REQUEST, reason),
-    };
-    let path = decoded.trim_start_matches('/');
-    let (repository, endpoint) = match (&method, path) {
-        (&Method::GET, _) if path.ends_with("/info/refs") => {
-            let service = match uri.query() {
-                Some("service=git-upload-pack") => Service::UploadPack,
-                Some("service=git-receive-pack") => Service::ReceivePack,
-                _ => {
-                    return text(
-                        StatusCode::FORBIDDEN,
-                        "only the smart protocol is served: ask for ?service=git-upload-pack or git-receive-pack",
-                    );
-                }
-            };
-            (
-                &path[..path.len() - "/info/refs".len()],
-                Endpoint::Advertise(service),
-            )
-        }
-        (&Method::POST, _) if path.ends_with("/git-upload-pack") => (
-            &path[..path.len() - "/git-upload-pack".len()],
-            Endpoint::Post(Service::UploadPack),
-        ),
-        (&Method::POST, _) if path.ends_with("/git-receive-pack") => (
-            &path[..path.len() - "/git-receive-pack".len()],
-            Endpoint::Post(Service::ReceivePack),
-        ),
-        _ => return text(StatusCode::NOT_FOUND, "no such endpoint"),
-    };
-    let name = match RepositoryName::parse(repository) {
-        Ok(name) => name,
-        Err(error) => return text(StatusCode::BAD_REQUEST, &error.to_string()),
-    };
-    let caller = authenticate(&gateway.proxy.state().config.access_tokens, &headers);
-    let Some(caller) = caller else {
-        let mut response = text(StatusCode::UNAUTHORIZED, "an access token is needed");
-        response.headers_mut().insert(
-            "www-authenticate",
-            "Basic realm=\"gitfleet\"".parse().expect("a valid header"),
-        );
-        return response;
-    };
-    let service = match endpoint {
-        Endpoint::Advertise(service) | Endpoint::Post(service) => service,
-    };
-    if let Endpoint::Post(service) = endpoint {
-        // As git's own http-backend does: a POST that is not git's is not taken (nor is a
-        // form a web page might send with the user's stored credentials).
-        let expected = format!("application/x-{}-request", service.name());
-        let content_type = headers
-            .get("content-type")
-            .and_then(|value| value.to_str().ok());
-        if content_type != Some(expected.as_str()) {
-            return text(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                &format!("expected Content-Type: {expected}"),
-            );
-        }
+    match answer_request(gateway, &method, &uri, &headers, body).await {
+        Ok(response) => response,
+        Err(error) => error.response(),
     }
-    if service == Service::ReceivePack && caller.scope != TokenScope::ReadWrite {
-        return text(
-            StatusCode::FORBIDDEN,
-            &format!("the token of {} may read but not push", caller.name),
-        );
-    }
-    // Turned away before the pack is sent, with the reason git shows its user.
-    if service == Service::ReceivePack
-        && let Some(reason) = gateway.proxy.state().write_lock.locked()
-    {
-        return text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!("writes are locked for maintenance: {reason}"),
-        );
-    }
-    tracing::debug!(repository = %name, caller = %caller.name, service = service.name(), "git over http");
-    let git_protocol = headers
-        .get("git-protocol")
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
+}
+
+async fn answer_request(
+    gateway: Gateway,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, GatewayError> {
+    let request = parse(method, uri, headers)?;
+    let state = gateway.proxy.state();
+    let caller = admit(
+        &state.config.access_tokens,
+        headers,
+        &request,
+        state.write_lock.locked(),
+    )?;
+    let GitRequest {
+        name,
+        endpoint,
+        git_protocol,
+    } = request;
+    tracing::debug!(repository = %name, caller = %caller.name, service = endpoint.service().name(), "git over http");
     let header = Some(RepositoryHeader {
         storage: name.storage.to_string(),
         relative_path: name.relative_path.to_string(),
     });
-    let result = match endpoint {
+    let (content_type, stream) = match endpoint {
         Endpoint::Advertise(service) => {
-            advertise(gateway, caller, name, service, header, git_protocol).await
+            advertise(gateway, caller, name, service, header, git_protocol).await?
         }
         Endpoint::Post(service) => {
-            let body = match request_body(&headers, body) {
-                Ok(body) => body,
-                Err(response) => return *response,
-            };
-            if service == Service::ReceivePack
-                && let Err(status) = create_for_push(&gateway, &caller, &name, &header).await
-            {
-                return status_response(&status);
+            let body = request_body(headers, body)?;
+            if service == Service::ReceivePack {
+                create_for_push(&gateway, &caller, &name, &header).await?;
             }
-            post(gateway, service, header, git_protocol, body).await
+            post(gateway, service, header, git_protocol, body).await?
         }
-    };
-    let (content_type, stream) = match result {
-        Ok(answer) => answer,
-        Err(response) => return *response,
     };
     let mut response = Response::new(Body::from_stream(stream));
     let headers = response.headers_mut();
@@ -165,7 +83,7 @@ pub async fn serve(
         content_type.parse().expect("a valid header"),
     );
     headers.insert("cache-control", "no-cache".parse().expect("a valid header"));
-    response
+    Ok(response)
 }
 
 async fn advertise(
@@ -175,7 +93,7 @@ async fn advertise(
     service: Service,
     header: Option<RepositoryHeader>,
     git_protocol: String,
-) -> Result<(String, DataStream), Box<Response>> {
+) -> Result<(String, DataStream), GatewayError> {
     let request = InfoRefsRequest {
         repository: header.clone(),
         git_protocol,
@@ -263,7 +181,7 @@ async fn post(
     header: Option<RepositoryHeader>,
     git_protocol: String,
     body: DataStream,
-) -> Result<(String, DataStream), Box<Response>> {
+) -> Result<(String, DataStream), GatewayError> {
     let content_type = format!("application/x-{}-result", service.name());
     let mut first = Some(header);
     let mut client = gateway.smart_http();
@@ -298,56 +216,25 @@ async fn answer<M: Send + 'static>(
     response: Result<tonic::Response<tonic::Streaming<M>>, tonic::Status>,
     data: fn(M) -> Bytes,
     fault: Option<&FaultCell>,
-) -> Result<DataStream, Box<Response>> {
-    let fault_response = || {
-        fault
-            .and_then(|fault| fault.get())
-            .map(|f| Box::new(f.response()))
-    };
+) -> Result<DataStream, GatewayError> {
+    // A body that ended early is the reason the call failed, whatever the call says.
+    let body_fault = || fault.and_then(|fault| fault.get()).copied();
     let mut stream = match response {
         Ok(response) => response.into_inner(),
-        Err(status) => {
-            return Err(fault_response().unwrap_or_else(|| Box::new(status_response(&status))));
-        }
+        Err(status) => return Err(body_fault().map_or(status.into(), GatewayError::from)),
     };
     let first = stream.message().await;
-    if let Some(response) = fault_response() {
-        return Err(response);
+    if let Some(fault) = body_fault() {
+        return Err(fault.into());
     }
     match first {
-        Err(status) => Err(Box::new(status_response(&status))),
+        Err(status) => Err(status.into()),
         Ok(None) => Ok(Box::pin(tokio_stream::empty())),
         Ok(Some(message)) => {
             let first = tokio_stream::once(Ok(data(message)));
             Ok(Box::pin(first.chain(data_stream(stream, data))))
         }
     }
-}
-
-/// Decodes %XX escapes in a URL path. An escaped `/` or NUL, a broken escape, or a result
-/// that is not UTF-8 is refused.
-fn percent_decode(path: &str) -> Result<String, &'static str> {
-    let bytes = path.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut index = 0;
-    while index < bytes.len() {
-        if bytes[index] != b'%' {
-            out.push(bytes[index]);
-            index += 1;
-            continue;
-        }
-        let hex = bytes
-            .get(index + 1..index + 3)
-            .and_then(|hex| std::str::from_utf8(hex).ok())
-            .and_then(|hex| u8::from_str_radix(hex, 16).ok())
-            .ok_or("the path has a broken %-escape")?;
-        if hex == b'/' || hex == 0 {
-            return Err("the path has an escaped '/' or NUL");
-        }
-        out.push(hex);
-        index += 3;
-    }
-    String::from_utf8(out).map_err(|_| "the path is not UTF-8")
 }
 
 /// A response's data fields as a body stream. An error after data has gone out can only end
@@ -360,45 +247,4 @@ fn data_stream<M: Send + 'static>(stream: tonic::Streaming<M>, data: fn(M) -> By
             Err(std::io::Error::other(status.message().to_owned()))
         }
     }))
-}
-
-/// An error before any data: an HTTP status and a message git shows its user.
-fn status_response(status: &tonic::Status) -> Response {
-    let code = match status.code() {
-        tonic::Code::InvalidArgument | tonic::Code::OutOfRange => StatusCode::BAD_REQUEST,
-        tonic::Code::NotFound => StatusCode::NOT_FOUND,
-        tonic::Code::AlreadyExists | tonic::Code::Aborted => StatusCode::CONFLICT,
-        tonic::Code::PermissionDenied => StatusCode::FORBIDDEN,
-        tonic::Code::Unauthenticated => StatusCode::UNAUTHORIZED,
-        tonic::Code::FailedPrecondition => StatusCode::PRECONDITION_FAILED,
-        tonic::Code::ResourceExhausted => StatusCode::PAYLOAD_TOO_LARGE,
-        tonic::Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        tonic::Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
-        tonic::Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
-        tonic::Code::Ok
-        | tonic::Code::Cancelled
-        | tonic::Code::Unknown
-        | tonic::Code::Internal
-        | tonic::Code::DataLoss => StatusCode::INTERNAL_SERVER_ERROR,
-    };
-    text(code, status.message())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn paths_are_percent_decoded_and_escaped_slashes_refused() {
-        assert_eq!(
-            percent_decode("/default/a%20b.git").unwrap(),
-            "/default/a b.git"
-        );
-        assert_eq!(percent_decode("/plain/x.git").unwrap(), "/plain/x.git");
-        assert!(percent_decode("/default/a%2Fb.git").is_err());
-        assert!(percent_decode("/default/a%2f..%2fb").is_err());
-        assert!(percent_decode("/default/%00").is_err());
-        assert!(percent_decode("/default/%zz").is_err());
-        assert!(percent_decode("/default/%e9.git").is_err());
-    }
 }

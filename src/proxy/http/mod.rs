@@ -2,7 +2,9 @@
 
 mod auth;
 mod body;
+mod error;
 mod git;
+mod request;
 
 use axum::body::Body;
 use axum::response::Response;
@@ -109,7 +111,7 @@ async fn route(
         // As a task of its own: a git request runs to its end even if the client goes away.
         _ => match tokio::spawn(git::serve(gateway, method, uri, headers, body)).await {
             Ok(response) => response,
-            Err(error) => text(StatusCode::INTERNAL_SERVER_ERROR, &error.to_string()),
+            Err(error) => error::GatewayError::Internal(error.to_string()).response(),
         },
     }
 }
