@@ -5,7 +5,7 @@
 //!
 //! PostgreSQL is found as the tests find it: DATABASE_URL, or a throwaway server.
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/it/common/mod.rs"]
 #[allow(unused_imports)]
 mod common;
 

@@ -1,10 +1,8 @@
 //! The stateless form of git's protocol, the one smart HTTP uses, driven by real git through
-//! the test front end in `common::http_front`.
+//! the test front end in `crate::common::http_front`.
 
-mod common;
-
-use common::http_front::{Hidden, start_front_end};
-use common::*;
+use crate::common::http_front::{Hidden, start_front_end};
+use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clone_fetch_and_push_over_the_stateless_protocol_v0_and_v2() {

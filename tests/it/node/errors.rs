@@ -1,11 +1,9 @@
 //! Bad input gets a specific status and a message a person understands, and changes nothing.
 
-mod common;
-
 use std::path::Path;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use gitfleet::proto::object_service_client::ObjectServiceClient;
 use gitfleet::proto::ref_service_client::RefServiceClient;
 use gitfleet::proto::repository_service_client::RepositoryServiceClient;

@@ -2,10 +2,8 @@
 //! its disk) is served by another up-to-date replica: the caller never sees the failure while
 //! one replica can answer.
 
-mod common;
-
-use common::cluster::Cluster;
-use common::*;
+use crate::common::cluster::Cluster;
+use crate::common::*;
 use gitfleet::proto::ref_service_client::RefServiceClient;
 use gitfleet::proto::{FindDefaultBranchRequest, ListRefsRequest};
 
@@ -51,7 +49,7 @@ async fn reads_go_to_another_replica_when_theirs_is_gone_or_its_node_is_dead() {
         work.path(),
         &[
             "ls-remote",
-            &cluster.git_url(common::cluster::READ_TOKEN, "failover.git"),
+            &cluster.git_url(crate::common::cluster::READ_TOKEN, "failover.git"),
         ],
     );
     assert!(refs.contains("refs/heads/main"), "{refs}");

@@ -2,12 +2,10 @@
 //! against the expected tip, every accessor call against its ref count), and the table and
 //! the JSON hold every figure.
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::BINARY;
+use crate::common::BINARY;
 
 /// `gitfleet bench` at a toy shape into `dir`, writing `json`.
 fn toy_bench(dir: &Path, json: &Path, rpc_duration: &str, clones: &str) -> Output {

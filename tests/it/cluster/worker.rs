@@ -1,16 +1,14 @@
 //! `gitfleet worker` against real PostgreSQL and real nodes: replication, leases, retries,
 //! supervision, and the races a queue must make impossible.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::cluster::{Cluster, STORAGES};
-use common::worker::*;
-use common::*;
+use crate::common::cluster::{Cluster, STORAGES};
+use crate::common::worker::*;
+use crate::common::*;
 use gitfleet::model::{RepositoryId, StorageName};
 use gitfleet::store::{Closed, JOB_NOOP, JOB_REPLICATE, JobId, NewJob, RepositoryRecord, Store};
 use gitfleet::worker::{Hooks, JobType, Pause};

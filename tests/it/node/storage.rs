@@ -1,12 +1,10 @@
 //! Storage-level RPCs: create/remove/rename atomically, walk thousands of repositories,
 //! quarantine and restore, purge, disk usage.
 
-mod common;
-
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::*;
+use crate::common::*;
 use gitfleet::proto::node_service_client::NodeServiceClient;
 use gitfleet::proto::repository_service_client::RepositoryServiceClient;
 use gitfleet::proto::*;

@@ -3,11 +3,9 @@
 //! generation unchanged; a replica that cannot be rolled back is marked outdated and repaired;
 //! and two workers recovering at once do no harm.
 
-mod common;
-
-use common::cluster::Cluster;
-use common::worker::*;
-use common::*;
+use crate::common::cluster::Cluster;
+use crate::common::worker::*;
+use crate::common::*;
 use gitfleet::proto::ref_service_client::RefServiceClient;
 use gitfleet::proto::{RefUpdate, UpdateRefsRequest};
 use gitfleet::store::RepositoryRecord;
@@ -270,7 +268,7 @@ fn push_branch(
 ) -> (String, tokio::task::JoinHandle<std::process::Output>) {
     commit_branch(work, branch);
     let commit = run_git(work, &["rev-parse", branch]).trim().to_owned();
-    let url = cluster.git_url(common::cluster::WRITE_TOKEN, "restart.git");
+    let url = cluster.git_url(crate::common::cluster::WRITE_TOKEN, "restart.git");
     let work = work.to_owned();
     let branch = branch.to_owned();
     let push = tokio::task::spawn_blocking(move || try_git(&work, &["push", &url, &branch]));
@@ -292,7 +290,7 @@ fn branch_of(cluster: &Cluster, index: usize, record: &RepositoryRecord, branch:
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_write_whose_commit_meets_a_database_restart_commits_once_it_is_back() {
-    let server = common::db::OwnServer::start().await;
+    let server = crate::common::db::OwnServer::start().await;
     let cluster = Cluster::start_on(server.url().to_owned(), 3, 3, "", "").await;
     let (record, work, ..) = prepared(&cluster, "restart.git").await;
     hold_commits_until_restart(&cluster).await;
@@ -320,7 +318,7 @@ async fn a_write_whose_commit_meets_a_database_restart_commits_once_it_is_back()
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_write_that_cannot_commit_in_time_fails_and_is_rolled_back_by_recovery() {
-    let server = common::db::OwnServer::start().await;
+    let server = crate::common::db::OwnServer::start().await;
     let cluster = Cluster::start_on(
         server.url().to_owned(),
         3,

@@ -1,8 +1,6 @@
 //! Real git against a real node: create over gRPC, push a history, clone it back, compare.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 fn files_of(dir: &std::path::Path) -> Vec<(String, String)> {
     let mut files = Vec::new();

@@ -2,14 +2,12 @@
 //! script at all, it renders, tells a healthy cluster from one with a node down, and reloads
 //! itself. The screenshots are left in the build's tmp directory for a look.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::cluster::Cluster;
-use common::worker::wait_for;
+use crate::common::cluster::Cluster;
+use crate::common::worker::wait_for;
 
 /// The chromium binary: CHROMIUM, or the first of the usual names on PATH.
 fn chromium() -> String {
@@ -72,7 +70,7 @@ async fn the_status_page_renders_in_a_browser_and_tells_a_node_down() {
     let url = format!("{}/status", cluster.git_http);
 
     // Served as HTML that carries no script at all.
-    let (status, _, body) = common::http::http_get(&cluster.git_http, "/status", None);
+    let (status, _, body) = crate::common::http::http_get(&cluster.git_http, "/status", None);
     assert_eq!(status, 200, "{body}");
     assert!(!body.to_lowercase().contains("<script"), "{body}");
     let page = rendered(&url);

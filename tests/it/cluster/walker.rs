@@ -3,17 +3,15 @@
 //! after the retention period (by an injected clock), restore, extra copies, and a storm of
 //! creations and removals while the walker runs.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use common::cluster::{Cluster, STORAGES};
-use common::http::ok;
-use common::worker::*;
-use common::*;
+use crate::common::cluster::{Cluster, STORAGES};
+use crate::common::http::ok;
+use crate::common::worker::*;
+use crate::common::*;
 use gitfleet::config::ProxyConfig;
 use gitfleet::proto::repository_service_client::RepositoryServiceClient;
 use gitfleet::proto::{RemoveRepositoryRequest, RepositoryExistsRequest};
@@ -420,7 +418,8 @@ async fn the_walker_quarantines_orphans_after_the_grace_period_and_purges_them_a
         Hooks::default(),
         Some(listener),
     );
-    let (status, _, body) = common::http::http_get(&format!("http://{address}"), "/metrics", None);
+    let (status, _, body) =
+        crate::common::http::http_get(&format!("http://{address}"), "/metrics", None);
     assert_eq!(status, 200);
     assert!(
         body.contains("gitfleet_walk_last_purged{storage=\"storage-1\"} 1"),
@@ -582,7 +581,7 @@ fn measured_walk(cluster: &Cluster) -> (serde_json::Value, u64) {
         .args(["admin", "--config"])
         .arg(&cluster.config_path)
         .args(["walk", "--storage", "storage-1", "--dry-run", "--json"]);
-    let (output, peak) = common::run_with_peak_memory(command);
+    let (output, peak) = crate::common::run_with_peak_memory(command);
     assert!(
         output.status.success(),
         "{}",

@@ -1,12 +1,10 @@
 //! git over HTTP against the proxy's own smart HTTP port, with the real git CLI.
 
-mod common;
-
 use std::io::Write;
 
-use common::cluster::{Cluster, READ_TOKEN, WRITE_TOKEN};
-use common::http::*;
-use common::*;
+use crate::common::cluster::{Cluster, READ_TOKEN, WRITE_TOKEN};
+use crate::common::http::*;
+use crate::common::*;
 
 /// Makes the [`make_history`] work tree in a new scratch directory and pushes its main over
 /// HTTP to `relative_path` (written as in a URL). Returns the scratch directory and the tree.
@@ -41,7 +39,7 @@ async fn a_push_to_a_missing_repository_creates_it_only_where_allowed() {
     );
 
     let open = Cluster::start_on(
-        common::db::fresh_database().await,
+        crate::common::db::fresh_database().await,
         3,
         3,
         "",

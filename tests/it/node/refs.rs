@@ -1,9 +1,7 @@
 //! Reference and object RPCs against a real repository: listing, checksums, atomic
 //! compare-and-swap updates, the default branch, reading files and commits.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use gitfleet::proto::object_service_client::ObjectServiceClient;
 use gitfleet::proto::ref_service_client::RefServiceClient;
 use gitfleet::proto::*;

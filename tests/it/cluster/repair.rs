@@ -3,13 +3,11 @@
 //! repaired with the status saying so; a corrupted ref is found diverged and repaired; data
 //! loss is accepted from the one stale replica left; and a queue nobody works shows as stuck.
 
-mod common;
-
 use std::time::Duration;
 
-use common::cluster::{Cluster, STORAGES};
-use common::worker::*;
-use common::*;
+use crate::common::cluster::{Cluster, STORAGES};
+use crate::common::worker::*;
+use crate::common::*;
 use gitfleet::config::ProxyConfig;
 use gitfleet::worker::{Hooks, JobType};
 
@@ -81,7 +79,7 @@ async fn a_wiped_storage_is_found_out_and_repaired_and_the_status_tells_the_trut
         Some(listener),
     );
     let scrape = || {
-        let (status, _, body) = common::http::http_get(&metrics, "/metrics", None);
+        let (status, _, body) = crate::common::http::http_get(&metrics, "/metrics", None);
         assert_eq!(status, 200);
         body
     };

@@ -1,5 +1,5 @@
-//! PostgreSQL for the tests: `DATABASE_URL` when it is set, otherwise one throwaway server per
-//! test binary, started from the system's binaries on a private socket. Every test gets a
+//! PostgreSQL for the tests: `DATABASE_URL` when it is set, otherwise one throwaway server for
+//! the test process, started from the system's binaries on a private socket. Every test gets a
 //! fresh database of its own.
 
 use std::path::PathBuf;

@@ -1,13 +1,11 @@
 //! `gitfleet proxy` and `gitfleet migrate` as the processes operators run.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::cluster::PROXY_TOKEN;
-use common::*;
+use crate::common::cluster::PROXY_TOKEN;
+use crate::common::*;
 
 fn proxy_config(
     dir: &std::path::Path,
@@ -89,7 +87,7 @@ fn migrate(config: &std::path::Path) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_proxy_process_migrates_serves_and_stops_on_sigterm() {
-    let database_url = common::db::fresh_database().await;
+    let database_url = crate::common::db::fresh_database().await;
     let node = NodeProcess::start();
     let dir = tempfile::tempdir().unwrap();
     let config = proxy_config(dir.path(), &database_url, &node);
@@ -182,7 +180,7 @@ fn a_proxy_that_cannot_reach_its_database_at_start_says_so() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_proxies_starting_together_on_a_fresh_database_both_serve() {
-    let database_url = common::db::fresh_database().await;
+    let database_url = crate::common::db::fresh_database().await;
     let node = NodeProcess::start();
     let dir = tempfile::tempdir().unwrap();
     let config = proxy_config(dir.path(), &database_url, &node);

@@ -1,9 +1,7 @@
 //! The proxy end to end: real PostgreSQL, three real nodes, real git through smart HTTP.
 
-mod common;
-
-use common::cluster::{Cluster, STORAGES};
-use common::*;
+use crate::common::cluster::{Cluster, STORAGES};
+use crate::common::*;
 use gitfleet::proto::ref_service_client::RefServiceClient;
 use gitfleet::proto::repository_service_client::RepositoryServiceClient;
 use gitfleet::proto::*;
@@ -467,7 +465,7 @@ async fn git_over_the_bridge_clones_and_pushes_through_the_proxy() {
     let url = format!("ssh://127.0.0.1:{port}/default/ssh.git");
     let proxy_git = |dir: &std::path::Path, args: &[&str]| {
         let output = git(dir)
-            .env("GITFLEET_TOKEN", common::cluster::PROXY_TOKEN)
+            .env("GITFLEET_TOKEN", crate::common::cluster::PROXY_TOKEN)
             .args(args)
             .output()
             .unwrap();

@@ -1,9 +1,7 @@
 //! Replication between two real nodes: the target fetches through the source's own
 //! upload-pack RPC and ends up an exact mirror.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use gitfleet::proto::node_service_client::NodeServiceClient;
 use gitfleet::proto::ref_service_client::RefServiceClient;
 use gitfleet::proto::repository_service_client::RepositoryServiceClient;

@@ -1,14 +1,12 @@
 //! The catalog against a real PostgreSQL: a fresh database per test.
 
-mod common;
-
 use std::time::Duration;
 
 use gitfleet::model::{RelativePath, RepositoryId, StorageName};
 use gitfleet::store::{Deleted, Deletion, NewRepository, RefChange, Store, Which, WriteStart};
 
 async fn store() -> Store {
-    let url = common::db::fresh_database().await;
+    let url = crate::common::db::fresh_database().await;
     let store = Store::connect_lazy(&url, 4, Duration::from_secs(5)).unwrap();
     store.migrate().await.unwrap();
     store
@@ -45,7 +43,7 @@ async fn create(store: &Store, relative_path: &str) -> RepositoryId {
 
 #[test]
 fn urls_get_their_database_replaced() {
-    use common::db::with_database;
+    use crate::common::db::with_database;
     assert_eq!(
         with_database("postgres://u:p@h:5/db?host=/tmp/x", "t1"),
         "postgres://u:p@h:5/t1?host=/tmp/x"
@@ -56,7 +54,7 @@ fn urls_get_their_database_replaced() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn migrations_run_concurrently_and_twice() {
-    let url = common::db::fresh_database().await;
+    let url = crate::common::db::fresh_database().await;
     let a = Store::connect_lazy(&url, 2, Duration::from_secs(5)).unwrap();
     let b = Store::connect_lazy(&url, 2, Duration::from_secs(5)).unwrap();
     let (first, second) = tokio::join!(a.migrate(), b.migrate());
@@ -429,7 +427,7 @@ async fn a_statement_undone_to_break_a_deadlock_is_worth_trying_again() {
     use gitfleet::store::StoreError;
     use sqlx::Connection as _;
 
-    let url = common::db::fresh_database().await;
+    let url = crate::common::db::fresh_database().await;
     let mut setup = sqlx::PgConnection::connect(&url).await.unwrap();
     sqlx::query("CREATE TABLE pair (id int PRIMARY KEY, value int)")
         .execute(&mut setup)

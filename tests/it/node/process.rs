@@ -1,10 +1,8 @@
 //! The node as a process: configuration errors, SIGTERM with work in flight.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use gitfleet::proto::repository_service_client::RepositoryServiceClient;
 use gitfleet::proto::*;
 

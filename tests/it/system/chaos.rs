@@ -12,15 +12,13 @@
 //! Each scenario runs once per seed (`GITFLEET_CHAOS_SEEDS`, default "1,2"); the seed picks the
 //! victim, the timings and the clients' pauses. The suite prints one row per run.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::fleet::Fleet;
-use common::*;
+use crate::common::fleet::Fleet;
+use crate::common::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

@@ -1,12 +1,10 @@
 //! The proxy when things go wrong: bad input, dead nodes, a majority out of reach, a write that
 //! arrives twice or lands on a minority, PostgreSQL going away, a shutdown mid-push.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::cluster::{Cluster, STORAGES};
-use common::*;
+use crate::common::cluster::{Cluster, STORAGES};
+use crate::common::*;
 use gitfleet::dev::postgres::{Durability, PrivatePostgres};
 use gitfleet::proto::node_service_client::NodeServiceClient;
 use gitfleet::proto::ref_service_client::RefServiceClient;

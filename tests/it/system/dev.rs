@@ -1,7 +1,5 @@
 //! `gitfleet dev` as a newcomer runs it: start, use it from a shell, stop, start again.
 
-mod common;
-
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
@@ -9,8 +7,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::http::*;
-use common::*;
+use crate::common::http::*;
+use crate::common::*;
 use gitfleet::model::{RelativePath, StorageName};
 use gitfleet::store::Store;
 

@@ -1,10 +1,8 @@
 //! Every call needs a valid, fresh token; health checks do not; reflection lists the API.
 
-mod common;
-
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::*;
+use crate::common::*;
 use gitfleet::auth::{Credentials, Signer};
 use gitfleet::proto::RepositoryExistsRequest;
 use gitfleet::proto::repository_service_client::RepositoryServiceClient;

@@ -3,14 +3,12 @@
 //! a lease while the lock is on, `--wait` waits for the writes in flight, and lifting the lock
 //! lets writes through again.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::cluster::Cluster;
-use common::http::ok;
-use common::worker::{admin, wait_for};
-use common::*;
+use crate::common::cluster::Cluster;
+use crate::common::http::ok;
+use crate::common::worker::{admin, wait_for};
+use crate::common::*;
 use gitfleet::proto::CreateRepositoryRequest;
 use gitfleet::proto::repository_service_client::RepositoryServiceClient;
 use gitfleet::store::WriteStart;
@@ -64,7 +62,7 @@ async fn the_write_lock_turns_writes_away_everywhere_and_lets_reads_through() {
     run_git(work.path(), &["add", "."]);
     run_git(work.path(), &["commit", "-q", "-m", "late"]);
     // Through the proxy's own git over HTTP.
-    let url = cluster.git_url(common::cluster::WRITE_TOKEN, "locked.git");
+    let url = cluster.git_url(crate::common::cluster::WRITE_TOKEN, "locked.git");
     let pushed = try_git(work.path(), &["push", &url, "main"]);
     assert!(!pushed.status.success());
     let said = String::from_utf8_lossy(&pushed.stderr);
