@@ -148,14 +148,29 @@ mod tests {
 
     const SECOND: Duration = Duration::from_secs(1);
 
+    type Answer = futures_util::future::BoxFuture<'static, Result<bool, String>>;
+
+    /// A 30-second lease taken now, whose renewals answer as `answer` says for each (numbered
+    /// from 0); and the count of renewals sent.
+    fn lease(answer: fn(u32) -> Answer) -> (LeaseKeeper, Arc<AtomicU32>) {
+        let calls = Arc::new(AtomicU32::new(0));
+        let counted = calls.clone();
+        let keeper = LeaseKeeper::start("test", 30 * SECOND, Instant::now(), move || {
+            answer(counted.fetch_add(1, Ordering::SeqCst))
+        });
+        (keeper, calls)
+    }
+
+    /// Lost after how long.
+    async fn lost_after(keeper: &LeaseKeeper) -> Duration {
+        let started = Instant::now();
+        keeper.lost().cancelled().await;
+        started.elapsed()
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_lease_is_renewed_every_third_of_it() {
-        let renewals = Arc::new(AtomicU32::new(0));
-        let counted = renewals.clone();
-        let keeper = LeaseKeeper::start("test", 30 * SECOND, Instant::now(), move || {
-            counted.fetch_add(1, Ordering::SeqCst);
-            async { Ok::<_, String>(true) }
-        });
+        let (keeper, renewals) = lease(|_| Box::pin(async { Ok(true) }));
         tokio::time::sleep(95 * SECOND).await;
         assert_eq!(renewals.load(Ordering::SeqCst), 9);
         assert!(!keeper.is_lost());
@@ -170,67 +185,48 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_lease_taken_away_is_lost_at_once() {
-        let keeper = LeaseKeeper::start("test", 30 * SECOND, Instant::now(), || async {
-            Ok::<_, String>(false)
-        });
-        let started = Instant::now();
-        keeper.lost().cancelled().await;
-        assert_eq!(started.elapsed(), 10 * SECOND);
+        let (keeper, _) = lease(|_| Box::pin(async { Ok(false) }));
+        assert_eq!(lost_after(&keeper).await, 10 * SECOND);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_renewal_that_answers_after_the_lease_could_have_run_out_loses_it() {
-        let started = Instant::now();
-        let keeper = LeaseKeeper::start("test", 30 * SECOND, started, || async {
-            tokio::time::sleep(3600 * SECOND).await;
-            Ok::<_, String>(true)
+        let (keeper, _) = lease(|_| {
+            Box::pin(async {
+                tokio::time::sleep(3600 * SECOND).await;
+                Ok(true)
+            })
         });
-        keeper.lost().cancelled().await;
-        assert_eq!(started.elapsed(), 27 * SECOND);
+        assert_eq!(lost_after(&keeper).await, 27 * SECOND);
     }
 
     #[tokio::test(start_paused = true)]
     async fn failing_renewals_give_up_a_margin_before_the_last_renewal_sent_runs_out() {
-        let calls = Arc::new(AtomicU32::new(0));
-        let counted = calls.clone();
-        let started = Instant::now();
-        let keeper = LeaseKeeper::start("test", 30 * SECOND, started, move || {
-            let call = counted.fetch_add(1, Ordering::SeqCst);
-            async move {
-                if call == 0 {
-                    Ok(true)
-                } else {
-                    Err("the database is down")
+        let (keeper, _) = lease(|call| {
+            Box::pin(async move {
+                match call {
+                    0 => Ok(true),
+                    _ => Err("the database is down".to_owned()),
                 }
-            }
+            })
         });
-        keeper.lost().cancelled().await;
         // Renewed when sent at 10s: it lasts to 40s, given up at 37s.
-        assert_eq!(started.elapsed(), 37 * SECOND);
+        assert_eq!(lost_after(&keeper).await, 37 * SECOND);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_renewal_whose_answer_is_late_counts_from_when_it_was_sent() {
-        let calls = Arc::new(AtomicU32::new(0));
-        let counted = calls.clone();
-        let started = Instant::now();
-        let keeper = LeaseKeeper::start("test", 30 * SECOND, started, move || {
-            let call = counted.fetch_add(1, Ordering::SeqCst);
-            async move {
-                // The first renewal is sent at 10s and answers at 25s; the next one hangs.
-                let delay = if call == 0 {
-                    15 * SECOND
-                } else {
-                    3600 * SECOND
-                };
-                tokio::time::sleep(delay).await;
-                Ok::<_, String>(true)
-            }
+        // The first renewal is sent at 10s and answers at 25s; the next one hangs.
+        let (keeper, _) = lease(|call| {
+            Box::pin(async move {
+                let delay = if call == 0 { 15 } else { 3600 };
+                tokio::time::sleep(delay * SECOND).await;
+                Ok(true)
+            })
         });
-        keeper.lost().cancelled().await;
         // Counted from 25s (the answer) it would last to 55s; from 10s (sent), to 40s, and
         // it is given up the margin before.
-        assert_eq!(started.elapsed(), 37 * SECOND);
+        assert_eq!(lost_after(&keeper).await, 37 * SECOND);
     }
 
     #[test]
