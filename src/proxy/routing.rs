@@ -157,7 +157,11 @@ impl RoutingCache {
                     }
                     self.received.fetch_add(1, Ordering::Relaxed);
                 }
-                None => return,
+                // The listener is gone: nothing more is heard, so nothing cached is trusted.
+                None => {
+                    self.set_listening(false);
+                    return;
+                }
             }
         }
     }

@@ -260,7 +260,8 @@ where
         Ok(closed) => Some(closed),
         Err(stop) => {
             let error = stop.into_error().map(|error| error.to_string());
-            tracing::warn!(id = %claimed.id, ?error, "cannot close a job: its lease will expire and it will run again");
+            let error = error.as_deref().unwrap_or_default();
+            tracing::warn!(id = %claimed.id, error, "cannot close a job: its lease will expire and it will run again");
             None
         }
     }
