@@ -17,7 +17,7 @@ use super::error::GatewayError;
 /// The largest piece of a request body sent in one gRPC message.
 const CHUNK: usize = 256 << 10;
 /// How long a request body may send nothing before it is given up.
-pub(super) const BODY_IDLE: Duration = Duration::from_secs(120);
+const BODY_IDLE: Duration = Duration::from_secs(120);
 
 /// Body bytes as they arrive, or the error that ended them.
 pub(super) type DataStream = Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> + Send>>;
@@ -28,6 +28,16 @@ pub(super) enum BodyFault {
     TooLarge(usize),
     BrokeOff,
     Stalled,
+}
+
+impl From<BodyFault> for GatewayError {
+    fn from(fault: BodyFault) -> Self {
+        match fault {
+            BodyFault::TooLarge(limit) => GatewayError::TooLarge(limit),
+            BodyFault::BrokeOff => GatewayError::BrokeOff,
+            BodyFault::Stalled => GatewayError::Stalled(BODY_IDLE),
+        }
+    }
 }
 
 /// Set by [`pump`] when the body ended early, before the request stream ends.

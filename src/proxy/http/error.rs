@@ -4,7 +4,6 @@
 use axum::response::Response;
 use tonic::codegen::http::StatusCode;
 
-use super::body::{BODY_IDLE, BodyFault};
 use crate::http::text;
 
 #[derive(Debug, thiserror::Error)]
@@ -33,23 +32,13 @@ pub(super) enum GatewayError {
     TooLarge(usize),
     #[error("the request body broke off, or its gzip is damaged")]
     BrokeOff,
-    #[error("the request body sent nothing for {} s", BODY_IDLE.as_secs())]
-    Stalled,
+    #[error("the request body sent nothing for {} s", .0.as_secs())]
+    Stalled(std::time::Duration),
     /// The call through the proxy's gRPC routes failed: its code says how.
     #[error("{}", .0.message())]
     Call(tonic::Status),
     #[error("{0}")]
     Internal(String),
-}
-
-impl From<BodyFault> for GatewayError {
-    fn from(fault: BodyFault) -> Self {
-        match fault {
-            BodyFault::TooLarge(limit) => GatewayError::TooLarge(limit),
-            BodyFault::BrokeOff => GatewayError::BrokeOff,
-            BodyFault::Stalled => GatewayError::Stalled,
-        }
-    }
 }
 
 impl From<tonic::Status> for GatewayError {
@@ -72,7 +61,7 @@ impl GatewayError {
             }
             GatewayError::WriteLocked(_) => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            GatewayError::Stalled => StatusCode::REQUEST_TIMEOUT,
+            GatewayError::Stalled(_) => StatusCode::REQUEST_TIMEOUT,
             GatewayError::Call(status) => call_status(status.code()),
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -117,6 +106,8 @@ fn call_status(code: tonic::Code) -> StatusCode {
 mod tests {
     use super::*;
 
+    use std::time::Duration;
+
     #[test]
     fn each_error_has_its_status_and_message() {
         let cases = [
@@ -126,7 +117,7 @@ mod tests {
             (GatewayError::ReadOnly("ci".into()), 403),
             (GatewayError::WriteLocked("upgrade".into()), 503),
             (GatewayError::TooLarge(64 << 20), 413),
-            (GatewayError::Stalled, 408),
+            (GatewayError::Stalled(Duration::from_secs(120)), 408),
             (GatewayError::Call(tonic::Status::not_found("gone")), 404),
             (
                 GatewayError::Call(tonic::Status::failed_precondition("stale")),
