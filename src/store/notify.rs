@@ -93,6 +93,9 @@ async fn listen(store: Store, channels: &[&str], notice_tx: &mpsc::Sender<Notice
 
 async fn connect(store: &Store, channels: &[&str]) -> Result<PgListener, sqlx::Error> {
     let mut listener = PgListener::connect_with(store.pool()).await?;
+    // A lost connection is made again, and listened on again, before `try_recv` says it was
+    // lost: from then on nothing is missed.
+    listener.eager_reconnect(true);
     listener.listen_all(channels.iter().copied()).await?;
     Ok(listener)
 }

@@ -2,7 +2,8 @@
 //! PostgreSQL (a throwaway server, or `DATABASE_URL`), and nodes, proxies and workers talking
 //! over sockets on 127.0.0.1.
 //!
-//! - `store`: the catalog's statements against PostgreSQL, a fresh database per test.
+//! - `store`: the catalog's statements and the notification listener against PostgreSQL, a
+//!   fresh database per test.
 //! - `node`: one or two storage nodes, called over gRPC and driven by git.
 //! - `cluster`: nodes, the proxy and the worker together, with the faults each part must
 //!   survive.
@@ -39,6 +40,7 @@ mod node {
 
 mod store {
     mod catalog;
+    mod notify;
 }
 
 mod system {
