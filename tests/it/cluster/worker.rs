@@ -418,6 +418,39 @@ fn paused_after_copy(
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_job_that_runs_past_its_lease_keeps_it_while_its_worker_renews_it() {
+    let mut cluster = Cluster::start(3).await;
+    let (_record, _work, job) = left_behind(&mut cluster, "long.git", true).await;
+    let store = cluster.store();
+    let (hooks, mut copied, mut closed, go) = paused_after_copy(job);
+    // Leases of 2s; the job stays paused for more than three of them.
+    let slow = start_worker(worker_config(&cluster), &[JobType::Replicator], hooks);
+    copied.recv().await.unwrap();
+    let other = start_worker(
+        worker_config(&cluster),
+        &[JobType::Replicator],
+        Hooks::default(),
+    );
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let state = job_state(&store, job).await;
+    assert_eq!(
+        (state.state.as_str(), state.attempts),
+        ("running", 1),
+        "the other worker took the job over: {state:?}"
+    );
+
+    go.add_permits(1);
+    assert_eq!(closed.recv().await.unwrap(), Closed::Done);
+    go.add_permits(1);
+    wait_for_state(&store, job, "done", 30).await;
+    assert_eq!(job_state(&store, job).await.attempts, 1);
+    assert_eq!(replica_generation(&cluster, "long.git", 2).await, Some(2));
+    assert_replicas_agree(&cluster, "long.git").await;
+    other.stop().await;
+    slow.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_cancelled_run_that_finishes_after_a_newer_one_changes_nothing() {
     let mut cluster = Cluster::start(3).await;
     let (record, _work, old_job) = left_behind(&mut cluster, "raced.git", true).await;
