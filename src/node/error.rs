@@ -29,6 +29,9 @@ pub enum NodeError {
     /// git refused a push or an update for a reason the caller must fix first.
     #[error("{0}")]
     Rejected(String),
+    /// A newer lease than the caller's has changed the replica: its call changes nothing.
+    #[error(transparent)]
+    Fenced(#[from] super::fence::FenceError),
     #[error("source repository: {0}")]
     SourceUnavailable(String),
     #[error("source repository: {0}")]
@@ -75,6 +78,8 @@ impl From<NodeError> for Status {
             NodeError::RepositoryExists(_) => Code::AlreadyExists,
             NodeError::RefConflict(_) => Code::Aborted,
             NodeError::Rejected(_) | NodeError::SourceFailed(_) => Code::FailedPrecondition,
+            NodeError::Fenced(super::fence::FenceError::Fenced { .. }) => Code::FailedPrecondition,
+            NodeError::Fenced(super::fence::FenceError::Io(_)) => Code::Internal,
             NodeError::SourceUnavailable(_) | NodeError::ShuttingDown => Code::Unavailable,
             NodeError::ClientGone => Code::Cancelled,
             NodeError::Git(_) | NodeError::Io(_) => Code::Internal,

@@ -1,6 +1,7 @@
 //! The storage node: serves the repositories on its disks over gRPC, running the real git CLI.
 
 mod error;
+pub mod fence;
 mod maintenance;
 mod objects;
 mod refs;

@@ -7,6 +7,7 @@ use std::path::Path;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use super::fence::{self, FENCE_HEADER, FenceGuard};
 use super::{Node, NodeError};
 use crate::git::GitError;
 use crate::git::checksum::Checksum;
@@ -92,7 +93,11 @@ impl Node {
         })
     }
 
-    async fn update_refs(&self, request: UpdateRefsRequest) -> Result<(), NodeError> {
+    async fn update_refs(
+        &self,
+        request: UpdateRefsRequest,
+        token: Option<u64>,
+    ) -> Result<(), NodeError> {
         let repository = self.state.storages.existing(request.repository.as_ref())?;
         if request.updates.is_empty() {
             return Err(NodeError::BadRequest("no reference updates given".into()));
@@ -117,6 +122,8 @@ impl Node {
             script.push_str(&format!("update {name} {new} {old}\n"));
         }
         script.push_str("prepare\ncommit\n");
+        // Held while the refs change: a newer token waits, an older one is refused.
+        let _fence = enter_fence(&repository.path, token).await?;
         match self
             .state
             .git
@@ -133,9 +140,14 @@ impl Node {
         }
     }
 
-    async fn set_default_branch(&self, request: SetDefaultBranchRequest) -> Result<(), NodeError> {
+    async fn set_default_branch(
+        &self,
+        request: SetDefaultBranchRequest,
+        token: Option<u64>,
+    ) -> Result<(), NodeError> {
         let repository = self.state.storages.existing(request.repository.as_ref())?;
         let branch = RefName::branch(&request.branch)?;
+        let _fence = enter_fence(&repository.path, token).await?;
         self.state
             .git
             .run(
@@ -145,6 +157,27 @@ impl Node {
             )
             .await?;
         Ok(())
+    }
+}
+
+/// The caller's fencing token, when its call carries one.
+fn fence_token(metadata: &tonic::metadata::MetadataMap) -> Result<Option<u64>, Status> {
+    let Some(value) = metadata.get(FENCE_HEADER) else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .map(Some)
+        .ok_or_else(|| Status::invalid_argument(format!("{FENCE_HEADER} is not a token")))
+}
+
+/// Takes the replica's fence for `token`; nothing to take for a call without one.
+async fn enter_fence(replica: &Path, token: Option<u64>) -> Result<Option<FenceGuard>, NodeError> {
+    match token {
+        Some(token) => Ok(Some(fence::enter_async(replica, token).await?)),
+        None => Ok(None),
     }
 }
 
@@ -285,9 +318,10 @@ impl RefService for Node {
         &self,
         request: Request<UpdateRefsRequest>,
     ) -> Result<Response<UpdateRefsResponse>, Status> {
-        self.detached(
-            move |node| async move { Node::update_refs(&node, request.into_inner()).await },
-        )
+        let token = fence_token(request.metadata())?;
+        self.detached(move |node| async move {
+            Node::update_refs(&node, request.into_inner(), token).await
+        })
         .await?;
         Ok(Response::new(UpdateRefsResponse {}))
     }
@@ -296,8 +330,9 @@ impl RefService for Node {
         &self,
         request: Request<SetDefaultBranchRequest>,
     ) -> Result<Response<SetDefaultBranchResponse>, Status> {
+        let token = fence_token(request.metadata())?;
         self.detached(move |node| async move {
-            Node::set_default_branch(&node, request.into_inner()).await
+            Node::set_default_branch(&node, request.into_inner(), token).await
         })
         .await?;
         Ok(Response::new(SetDefaultBranchResponse {}))

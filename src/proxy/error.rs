@@ -20,6 +20,9 @@ pub enum ProxyError {
     Inbound(Status),
     #[error("the request stream is empty")]
     EmptyRequest,
+    /// A client sent a fencing token: tokens come only from the cluster's own leases.
+    #[error("{0} is set by the cluster, never by a client")]
+    ClientFence(&'static str),
     #[error("the request is not a valid {0} message")]
     Undecodable(&'static str),
     #[error("virtual storage {0:?} is not configured on this proxy")]
@@ -110,6 +113,7 @@ impl From<ProxyError> for Status {
             ProxyError::BadHeader(_)
             | ProxyError::InvalidInput(_)
             | ProxyError::EmptyRequest
+            | ProxyError::ClientFence(_)
             | ProxyError::Undecodable(_)
             | ProxyError::UnknownVirtualStorage(_) => Status::invalid_argument(message),
             ProxyError::NotFound(_) => Status::not_found(message),

@@ -18,6 +18,7 @@ use super::{Call, Proxy, catalog, forward, header, write};
 use crate::auth::Verifier;
 use crate::fleet::codec::RawCodec;
 use crate::model::RelativePath;
+use crate::node::fence::FENCE_HEADER;
 use crate::proto::routing::{HeaderScope, RpcInfo, RpcKind, rpc_info};
 
 /// The gRPC services the proxy serves: every service with an RPC that is not node-internal.
@@ -117,6 +118,9 @@ async fn handle(
         return Err(ProxyError::NotServed(info.path.to_owned()));
     }
     let (metadata, _, mut inbound) = request.into_parts();
+    if metadata.contains_key(FENCE_HEADER) {
+        return Err(ProxyError::ClientFence(FENCE_HEADER));
+    }
     let first = inbound
         .message()
         .await

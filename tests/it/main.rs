@@ -30,6 +30,7 @@ mod cluster {
 mod node {
     mod auth;
     mod errors;
+    mod fence;
     mod git;
     mod process;
     mod refs;

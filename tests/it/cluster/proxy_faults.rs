@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use crate::common::cluster::{Cluster, STORAGES};
 use crate::common::*;
 use gitfleet::dev::postgres::{Durability, PrivatePostgres};
+use gitfleet::node::fence::FENCE_HEADER;
 use gitfleet::proto::node_service_client::NodeServiceClient;
 use gitfleet::proto::ref_service_client::RefServiceClient;
 use gitfleet::proto::repository_service_client::RepositoryServiceClient;
@@ -693,4 +694,31 @@ async fn a_replica_that_applies_a_write_but_disagrees_is_left_behind() {
     .await
     .unwrap();
     assert_eq!(queued, [STORAGES[1]]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_proxy_refuses_a_client_that_sends_a_fencing_token() {
+    let cluster = Cluster::start(3).await;
+    cluster.create("fenced.git").await;
+    let mut request = tonic::Request::new(SetDefaultBranchRequest {
+        repository: Some(RepositoryHeader {
+            storage: "default".into(),
+            relative_path: "fenced.git".into(),
+        }),
+        branch: "main".into(),
+    });
+    request
+        .metadata_mut()
+        .insert(FENCE_HEADER, "99999".parse().unwrap());
+    let refused = RefServiceClient::new(cluster.channel().await)
+        .set_default_branch(request)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        refused.message(),
+        format!("{FENCE_HEADER} is set by the cluster, never by a client")
+    );
+    // Nothing was recorded.
+    assert_eq!(cluster.record("fenced.git").await.generation, 0);
 }
