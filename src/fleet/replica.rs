@@ -8,6 +8,7 @@ use tonic::Status;
 
 use super::nodes::{NodeHandle, Nodes};
 use crate::model::{RelativePath, StorageName};
+use crate::node::fence::FENCE_HEADER;
 use crate::proto::ref_service_client::RefServiceClient;
 use crate::proto::repository_service_client::RepositoryServiceClient;
 use crate::proto::{
@@ -22,6 +23,19 @@ pub fn replica_header(storage: &StorageName, replica_path: &RelativePath) -> Rep
         storage: storage.to_string(),
         relative_path: replica_path.to_string(),
     }
+}
+
+/// A request that carries the fencing token of the caller's lease: the node refuses it once a
+/// newer lease has changed the replica.
+pub fn fenced<T>(message: T, token: i64) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    set_fence(request.metadata_mut(), token);
+    request
+}
+
+/// Sets the fencing token on a request's metadata.
+pub fn set_fence(metadata: &mut tonic::metadata::MetadataMap, token: i64) {
+    metadata.insert(FENCE_HEADER, tonic::metadata::MetadataValue::from(token));
 }
 
 /// One replica: a repository's copy on one storage.
@@ -87,19 +101,23 @@ impl Replica<'_> {
         Ok(())
     }
 
-    /// Reverses ref updates, one compare-and-swap per ref: a ref the replica did not move
-    /// refuses the swap, which is what is wanted. HEAD is not reversed.
-    pub async fn reverse_changes(&self, changes: &[RefChange]) {
+    /// Reverses ref updates, one compare-and-swap per ref, under the fencing token `token`: a
+    /// ref the replica did not move refuses the swap, which is what is wanted, and so does a
+    /// replica whose fence a newer lease has raised. HEAD is not reversed.
+    pub async fn reverse_changes(&self, changes: &[RefChange], token: i64) {
         let mut client = RefServiceClient::new(self.node.authed());
         for change in changes.iter().rev().filter(|change| change.name != "HEAD") {
-            let request = UpdateRefsRequest {
-                repository: Some(self.header()),
-                updates: vec![RefUpdate {
-                    name: change.name.clone(),
-                    old_target: change.new.clone(),
-                    new_target: change.old.clone(),
-                }],
-            };
+            let request = fenced(
+                UpdateRefsRequest {
+                    repository: Some(self.header()),
+                    updates: vec![RefUpdate {
+                        name: change.name.clone(),
+                        old_target: change.new.clone(),
+                        new_target: change.old.clone(),
+                    }],
+                },
+                token,
+            );
             if let Err(status) = client.update_refs(request).await {
                 tracing::debug!(storage = %self.node.storage, reference = %change.name, %status, "not reversed");
             }

@@ -301,7 +301,7 @@ impl Store {
                          SET generation = GREATEST(r.generation,
                                  (SELECT max(p.generation) FROM replicas p
                                   WHERE p.repository_id = r.id)) + 1,
-                             lease_token = r.lease_token + 1
+                             lease_token = nextval('repository_lease_tokens')
                          FROM repo WHERE r.id = repo.id AND NOT repo.writing
                          RETURNING r.id, r.generation
                      ), truth AS (

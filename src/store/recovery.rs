@@ -47,7 +47,7 @@ impl Store {
                          FOR UPDATE OF r SKIP LOCKED
                      ), lease AS (
                          UPDATE repositories r
-                         SET lease_owner = $1, lease_token = r.lease_token + 1,
+                         SET lease_owner = $1, lease_token = nextval('repository_lease_tokens'),
                              lease_expires_at = now() + $2 * interval '1 millisecond'
                          FROM candidate c
                          WHERE r.id = c.repository_id
@@ -127,6 +127,32 @@ impl Store {
             )
             .await?;
         Ok(closed)
+    }
+
+    /// Extends a recovery's lease on the repository; false once it is no longer this
+    /// recovery's.
+    pub async fn renew_interrupted_write(
+        &self,
+        interrupted: &Interrupted,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let renewed = self
+            .measure(
+                "renew_interrupted_write",
+                sqlx::query(
+                    "UPDATE repositories
+                     SET lease_expires_at = now() + $4 * interval '1 millisecond'
+                     WHERE id = $1 AND lease_token = $2 AND lease_owner = $3",
+                )
+                .bind(interrupted.repository.0)
+                .bind(interrupted.lease_token)
+                .bind(owner)
+                .bind(millis(lease))
+                .execute(&self.pool),
+            )
+            .await?;
+        Ok(renewed.rows_affected() == 1)
     }
 
     /// Hands back a recovery's lease without closing the intent: it is tried again later.

@@ -126,7 +126,7 @@ impl Store {
                          WHERE r.virtual_storage = $1 AND r.relative_path = $2
                      ), lease AS (
                          UPDATE repositories r
-                         SET lease_owner = $3, lease_token = r.lease_token + 1,
+                         SET lease_owner = $3, lease_token = nextval('repository_lease_tokens'),
                              lease_expires_at = now() + make_interval(secs => $4)
                          FROM snapshot s
                          WHERE r.id = s.id

@@ -122,6 +122,9 @@ pub enum Pause {
     Copied(ClaimedJob),
     /// A replication recorded its result.
     Closed(ClaimedJob, Closed),
+    /// The recovery of an interrupted write (its intent) is about to send a rollback to a
+    /// replica.
+    RollingBack(i64),
 }
 
 pub type StartHook = Arc<dyn Fn(&ClaimedJob) + Send + Sync>;

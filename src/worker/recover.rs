@@ -12,13 +12,15 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use super::{Inner, JobType};
+use super::{Inner, JobType, Pause};
 use crate::model::StorageName;
 use crate::store::Interrupted;
+use crate::toolkit::LeaseKeeper;
 
 pub(super) async fn run(inner: Arc<Inner>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let idle = inner.config.worker.poll_interval.0;
     while !shutdown.is_cancelled() {
+        let taken_at = tokio::time::Instant::now();
         let taken = inner
             .store
             .take_interrupted_write(&inner.instance, inner.config.worker.lease.0)
@@ -26,7 +28,8 @@ pub(super) async fn run(inner: Arc<Inner>, shutdown: CancellationToken) -> anyho
         match taken {
             Ok(Some(write)) => {
                 let _in_flight = inner.metrics.in_flight(JobType::Recovery);
-                let recovered = recover(&inner, &write).await;
+                let keeper = keep(&inner, &write, taken_at);
+                let recovered = recover(&inner, &write, &keeper).await;
                 inner.metrics.count_run(JobType::Recovery, recovered);
                 continue;
             }
@@ -41,17 +44,45 @@ pub(super) async fn run(inner: Arc<Inner>, shutdown: CancellationToken) -> anyho
     Ok(())
 }
 
-/// Rolls one interrupted write back; true when its intent is closed.
-async fn recover(inner: &Inner, write: &Interrupted) -> bool {
+/// Keeps the recovery's lease on the repository while it rolls the write back.
+fn keep(inner: &Arc<Inner>, write: &Interrupted, taken_at: tokio::time::Instant) -> LeaseKeeper {
+    let (store, owner, write) = (inner.store.clone(), inner.instance.clone(), write.clone());
+    let duration = inner.config.worker.lease.0;
+    LeaseKeeper::start("recovery", duration, taken_at, move || {
+        let (store, owner, write) = (store.clone(), owner.clone(), write.clone());
+        async move {
+            store
+                .renew_interrupted_write(&write, &owner, duration)
+                .await
+        }
+    })
+}
+
+/// Rolls one interrupted write back; true when its intent is closed. Every compare-and-swap
+/// carries the recovery's token, so one sent after a newer lease changed the replica is
+/// refused by its node.
+async fn recover(inner: &Inner, write: &Interrupted, keeper: &LeaseKeeper) -> bool {
     let nodes = &inner.nodes;
     let mut outdated: Vec<StorageName> = Vec::new();
     for storage in &write.targets {
+        if keeper.is_lost() {
+            tracing::warn!(
+                intent = write.intent,
+                "the recovery lease was lost; stopped"
+            );
+            return false;
+        }
         let replica = nodes.replica(storage, &write.replica_path);
         let Some(replica) = replica.filter(|replica| replica.node.is_healthy()) else {
             outdated.push(storage.clone());
             continue;
         };
-        replica.reverse_changes(&write.changes).await;
+        if let Some(pause) = &inner.hooks.pause {
+            pause(Pause::RollingBack(write.intent)).await;
+        }
+        replica
+            .reverse_changes(&write.changes, write.lease_token)
+            .await;
         if replica.refs_at_old(&write.changes).await != Some(true) {
             outdated.push(storage.clone());
         }

@@ -15,6 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{Reply, Write};
+use crate::fleet::set_fence;
 use crate::model::{RelativePath, StorageName};
 use crate::proxy::error::ProxyError;
 use crate::proxy::forward::{later_messages, send};
@@ -30,11 +31,13 @@ const CHECKSUM_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Write {
     /// Sends the same request to every target at once, the client's stream teed to all.
+    /// Every request carries the write's fencing token.
     pub(super) async fn fan_out(
         &mut self,
         targets: &[StorageName],
         replica_path: &RelativePath,
         needed: usize,
+        token: i64,
     ) -> Vec<Result<Reply, Status>> {
         let mut senders = Vec::with_capacity(targets.len());
         let mut calls = Vec::with_capacity(targets.len());
@@ -51,6 +54,8 @@ impl Write {
                 .chain(tokio_stream::iter(self.prefix.clone()))
                 .chain(ReceiverStream::new(message_rx));
             let mut request = Request::new(outbound);
+            // The node refuses the write once a newer lease has changed the replica.
+            set_fence(request.metadata_mut(), token);
             let limit = self.proxy.state.config.writes.timeout.0;
             request.set_timeout(self.deadline.map_or(limit, |deadline| deadline.min(limit)));
             let proxy = self.proxy.clone();

@@ -297,7 +297,9 @@ impl Write {
             return Err(self.not_enough(lease, &targets));
         }
 
-        let mut replies = self.fan_out(&targets, &replica_path, needed).await;
+        let mut replies = self
+            .fan_out(&targets, &replica_path, needed, lease.token)
+            .await;
         let after = quorum_checksums(&self.proxy, &targets, &replica_path, needed).await;
         if self.lease_lost.is_cancelled() {
             // Another writer may hold the repository by now and have built on the same refs:
@@ -332,7 +334,7 @@ impl Write {
         let mut uncertain: Vec<StorageName> = unknown.iter().map(|&i| targets[i].clone()).collect();
         for index in changed {
             let storage = &targets[index];
-            if self.roll_back(storage, &replica_path, &before[index]).await {
+            if self.roll_back(lease, storage, &before[index]).await {
                 clean.push(storage.clone());
             } else {
                 uncertain.push(storage.clone());
@@ -385,16 +387,13 @@ impl Write {
         mut replies: Vec<Result<Reply, Status>>,
     ) -> Result<Answer, ProxyError> {
         let state = &self.proxy.state;
-        let replica_path = &lease.replica_path;
         let current: Vec<StorageName> = agreeing.iter().map(|&i| targets[i].clone()).collect();
         let outcome = match self.commit(lease, &current, &current[0]).await? {
             Commit::Done(outcome) => outcome,
             Commit::Refused => {
                 let mut undone = true;
                 for &index in agreeing {
-                    undone &= self
-                        .roll_back(&targets[index], replica_path, &before[index])
-                        .await;
+                    undone &= self.roll_back(lease, &targets[index], &before[index]).await;
                 }
                 // A replica that could not be undone keeps the intent open for recovery.
                 if undone {

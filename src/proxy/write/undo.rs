@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use super::Write;
 use super::close::Commit;
 use super::fanout::checksums;
-use crate::model::{RelativePath, StorageName};
+use crate::model::StorageName;
 use crate::proxy::error::ProxyError;
 use crate::store::{StaleIntent, WriteLease};
 
@@ -15,12 +15,13 @@ impl Write {
     /// `before`.
     pub(super) async fn roll_back(
         &self,
+        lease: &WriteLease,
         storage: &StorageName,
-        replica_path: &RelativePath,
         before: &str,
     ) -> bool {
+        let replica_path = &lease.replica_path;
         if let Some(replica) = self.proxy.state.nodes.replica(storage, replica_path) {
-            replica.reverse_changes(&self.changes).await;
+            replica.reverse_changes(&self.changes, lease.token).await;
         }
         let after = checksums(&self.proxy, std::slice::from_ref(storage), replica_path).await;
         after[0].as_deref() == Some(before)
@@ -40,7 +41,7 @@ impl Write {
         tracing::warn!(intent = lease.intent, targets = ?stale.targets, "settling an interrupted write");
         for storage in lease.targets.iter().filter(|s| stale.targets.contains(s)) {
             if let Some(replica) = state.nodes.replica(storage, replica_path) {
-                replica.reverse_changes(&stale.changes).await;
+                replica.reverse_changes(&stale.changes, lease.token).await;
             }
         }
         let after = checksums(&self.proxy, &lease.targets, replica_path).await;

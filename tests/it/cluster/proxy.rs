@@ -221,7 +221,7 @@ async fn writes_to_one_repository_take_turns_and_other_repositories_do_not_wait(
     // b.git goes through.
     let store = cluster.store();
     sqlx::query(
-        "UPDATE repositories SET lease_owner = 'another-proxy', lease_token = lease_token + 1,
+        "UPDATE repositories SET lease_owner = 'another-proxy', lease_token = nextval('repository_lease_tokens'),
                 lease_expires_at = now() + interval '1 hour'
          WHERE relative_path = 'a.git'",
     )

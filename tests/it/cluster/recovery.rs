@@ -9,7 +9,7 @@ use crate::common::*;
 use gitfleet::proto::ref_service_client::RefServiceClient;
 use gitfleet::proto::{RefUpdate, UpdateRefsRequest};
 use gitfleet::store::RepositoryRecord;
-use gitfleet::worker::{Hooks, JobType};
+use gitfleet::worker::{Hooks, JobType, Pause};
 
 /// Leaves an interrupted write on `name`: main moved from `old` to `new` on the replicas of
 /// `applied` (as a proxy would have before it died), the intent recorded for all three, and
@@ -29,7 +29,7 @@ async fn interrupt(
     }
     sqlx::query(
         "WITH lease AS (
-             UPDATE repositories SET lease_owner = 'a-dead-proxy', lease_token = lease_token + 1,
+             UPDATE repositories SET lease_owner = 'a-dead-proxy', lease_token = nextval('repository_lease_tokens'),
                     lease_expires_at = now() - interval '1 second'
              WHERE id = $1 RETURNING id, lease_token, lease_expires_at, generation
          )
@@ -148,6 +148,85 @@ async fn an_interrupted_write_is_rolled_back_everywhere_with_the_generation_unch
         assert_eq!(main_of(&cluster, index, &record), pushed);
     }
     worker.stop().await;
+}
+
+/// Hooks that stall a recovery right before it sends its first rollback, until `go` has a
+/// permit for each rollback; `stalled` hears when it stalls.
+fn stalled_before_rollback() -> (
+    Hooks,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+    std::sync::Arc<tokio::sync::Semaphore>,
+) {
+    let (stalled_tx, stalled_rx) = tokio::sync::mpsc::unbounded_channel();
+    let go = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let gate = go.clone();
+    let hooks = Hooks {
+        pause: Some(std::sync::Arc::new(move |pause| {
+            let (stalled_tx, gate) = (stalled_tx.clone(), gate.clone());
+            Box::pin(async move {
+                if let Pause::RollingBack(_) = pause {
+                    let _ = stalled_tx.send(());
+                    gate.acquire().await.unwrap().forget();
+                }
+            })
+        })),
+        ..Hooks::default()
+    };
+    (hooks, stalled_rx, go)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rollback_that_outlives_its_lease_cannot_undo_an_acknowledged_push() {
+    let cluster = Cluster::start(3).await;
+    let (record, work, first, second) = prepared(&cluster, "late.git").await;
+    interrupt(&cluster, &record, &[0, 1, 2], &first, &second).await;
+
+    // The recovery takes the lease and stalls right before its first compare-and-swap goes
+    // out, as a stopped process would; its lease runs out meanwhile.
+    let (hooks, mut stalled, go) = stalled_before_rollback();
+    let worker = start_worker(worker_config(&cluster), &[JobType::Recovery], hooks);
+    stalled.recv().await.unwrap();
+    sqlx::query(
+        "UPDATE repositories SET lease_owner = 'a-stalled-worker',
+                lease_expires_at = now() - interval '1 second'
+         WHERE id = $1",
+    )
+    .bind(record.id.0)
+    .execute(cluster.store().pool())
+    .await
+    .unwrap();
+
+    // The next write settles the interrupted one under a newer lease; then the user pushes
+    // main to the second commit again, and is told it landed.
+    let url = cluster.url("late.git");
+    run_git(work.path(), &["push", "-q", &url, "next:refs/heads/other"]);
+    for index in 0..3 {
+        assert_eq!(main_of(&cluster, index, &record), first, "settled");
+    }
+    run_git(
+        work.path(),
+        &["push", "-q", &url, &format!("{second}:refs/heads/main")],
+    );
+    let acknowledged = cluster.record("late.git").await;
+    for index in 0..3 {
+        assert_eq!(main_of(&cluster, index, &record), second, "pushed");
+    }
+
+    // The stalled rollback resumes: second -> first would match, and must change nothing.
+    go.add_permits(3);
+    worker.stop().await;
+    for index in 0..3 {
+        assert_eq!(
+            main_of(&cluster, index, &record),
+            second,
+            "storage {index}: the acknowledged push was undone"
+        );
+    }
+    let after = cluster.record("late.git").await;
+    assert_eq!(after.generation, acknowledged.generation);
+    assert_eq!(after.up_to_date().count(), 3);
+    let advertised = run_git(work.path(), &["ls-remote", &url, "refs/heads/main"]);
+    assert!(advertised.starts_with(&second), "{advertised}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

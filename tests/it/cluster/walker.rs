@@ -220,7 +220,7 @@ async fn a_removal_waits_for_a_write_in_flight_and_never_leaves_a_row_on_deleted
     let record = cluster.record("busy.git").await;
     // Another proxy's write holds the lease.
     sqlx::query(
-        "UPDATE repositories SET lease_owner = 'another-proxy', lease_token = lease_token + 1,
+        "UPDATE repositories SET lease_owner = 'another-proxy', lease_token = nextval('repository_lease_tokens'),
                 lease_expires_at = now() + interval '1 hour'
          WHERE id = $1",
     )

@@ -139,7 +139,7 @@ async fn enabling_with_wait_returns_once_the_writes_in_flight_are_over() {
     sqlx::query(
         "WITH lease AS (
              UPDATE repositories SET lease_owner = 'another-proxy',
-                    lease_token = lease_token + 1,
+                    lease_token = nextval('repository_lease_tokens'),
                     lease_expires_at = now() + interval '1 minute'
              WHERE id = $1 RETURNING id, lease_token, lease_expires_at, generation
          )

@@ -115,7 +115,7 @@ async fn a_path_removed_and_created_again_gets_a_new_id_and_replica_path() {
 
     // A live write lease keeps the row, unless the deletion is forced.
     sqlx::query(
-        "UPDATE repositories SET lease_owner = 'a-proxy', lease_token = lease_token + 1,
+        "UPDATE repositories SET lease_owner = 'a-proxy', lease_token = nextval('repository_lease_tokens'),
                 lease_expires_at = now() + interval '1 minute'",
     )
     .execute(store.pool())
