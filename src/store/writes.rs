@@ -288,8 +288,9 @@ impl Store {
     /// Commits a write: generation + 1 on the repository and on the replicas in `current`
     /// (those that hold the new state), a replication job from `source` for every other
     /// assigned storage, the intent closed and the lease released. One statement, guarded by
-    /// the fencing token and by every replica in `current` still being recorded at the
-    /// write's starting generation: None when either guard fails, and then nothing changed.
+    /// the fencing token, by every replica in `current` still being recorded at the write's
+    /// starting generation, and by `current` being a majority of the repository's assignments
+    /// as they stand in the statement: None when a guard fails, and then nothing changed.
     pub async fn commit_write(
         &self,
         lease: &WriteLease,
@@ -304,6 +305,10 @@ impl Store {
                     "WITH eligible AS (
                          SELECT count(*) AS replicas FROM replicas
                          WHERE repository_id = $1 AND storage = ANY($4) AND generation = $8
+                     ), assigned AS (
+                         SELECT count(*) AS storages,
+                                count(*) FILTER (WHERE storage = ANY($4)) AS current
+                         FROM assignments WHERE repository_id = $1
                      ), repo AS (
                          UPDATE repositories
                          SET generation = generation + 1, lease_owner = NULL,
@@ -311,6 +316,10 @@ impl Store {
                          WHERE id = $1 AND lease_owner = $2 AND lease_token = $3
                            AND generation = $8
                            AND (SELECT replicas FROM eligible) = cardinality($4::text[])
+                           -- A majority of the assignments as they stand now, not as they
+                           -- stood when the write began.
+                           AND (SELECT current FROM assigned)
+                               >= (SELECT storages FROM assigned) / 2 + 1
                          RETURNING id, generation
                      ), current AS (
                          UPDATE replicas p SET generation = repo.generation

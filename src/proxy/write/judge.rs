@@ -67,18 +67,20 @@ pub(super) fn judge(before: &[String], after: &[Option<String>], needed: usize) 
 pub(super) enum Settle {
     /// Every target is back where it was: the lease is released, the generation unchanged.
     Release,
-    /// Some targets are uncertain: the clean ones become the next generation, and the
-    /// uncertain ones are repaired from them.
+    /// Some targets are uncertain: the clean ones, a majority of the assignments, become the
+    /// next generation, and the uncertain ones are repaired from them.
     CommitClean,
-    /// No target is known to be clean: the intent stays open for recovery.
+    /// Too few targets are known to be clean to record a generation on: the intent stays
+    /// open for recovery.
     LeaveOpen,
 }
 
-pub(super) fn settle(clean: usize, uncertain: usize) -> Settle {
+/// `needed`: a majority of the repository's assignments.
+pub(super) fn settle(clean: usize, uncertain: usize, needed: usize) -> Settle {
     match (clean, uncertain) {
         (_, 0) => Settle::Release,
-        (0, _) => Settle::LeaveOpen,
-        _ => Settle::CommitClean,
+        (clean, _) if clean >= needed => Settle::CommitClean,
+        _ => Settle::LeaveOpen,
     }
 }
 
@@ -186,9 +188,11 @@ mod tests {
 
     #[test]
     fn a_rollback_settles_by_what_it_left() {
-        assert_eq!(settle(3, 0), Settle::Release);
-        assert_eq!(settle(0, 0), Settle::Release);
-        assert_eq!(settle(2, 1), Settle::CommitClean);
-        assert_eq!(settle(0, 2), Settle::LeaveOpen);
+        assert_eq!(settle(3, 0, 2), Settle::Release);
+        assert_eq!(settle(0, 0, 2), Settle::Release);
+        assert_eq!(settle(2, 1, 2), Settle::CommitClean);
+        // One clean replica of three is no generation to record.
+        assert_eq!(settle(1, 2, 2), Settle::LeaveOpen);
+        assert_eq!(settle(0, 2, 2), Settle::LeaveOpen);
     }
 }

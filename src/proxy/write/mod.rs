@@ -350,7 +350,7 @@ impl Write {
             }
         );
         tracing::warn!(%reason, "write failed");
-        match settle(clean.len(), uncertain.len()) {
+        match settle(clean.len(), uncertain.len(), needed) {
             Settle::Release => {
                 self.release(lease).await?;
             }
@@ -370,7 +370,8 @@ impl Write {
             }
             Settle::LeaveOpen => tracing::error!(
                 intent = lease.intent,
-                "no replica is known to be clean: the intent stays open for recovery"
+                clean = clean.len(),
+                "too few replicas are known to be clean: the intent stays open for recovery"
             ),
         }
         Err(self.failed(&reason))

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use super::Write;
 use super::close::Commit;
 use super::fanout::checksums;
+use crate::fleet::majority;
 use crate::model::StorageName;
 use crate::proxy::error::ProxyError;
 use crate::store::{StaleIntent, WriteLease};
@@ -56,6 +57,15 @@ impl Write {
                 "an interrupted write cannot be settled: no replica answered; it is retried when the lease runs out",
             ));
         };
+        if current.len() < majority(lease.assigned.len()) {
+            // No generation is recorded on fewer: the recovery job settles it once the lease
+            // runs out, and marks what it cannot roll back outdated.
+            return Err(self.failed(&format!(
+                "an interrupted write cannot be settled here: only {} of {} assigned replicas agree after the rollback",
+                current.len(),
+                lease.assigned.len()
+            )));
+        }
         let Commit::Done(outcome) = self.commit(lease, &current, &current[0]).await? else {
             return Err(self.failed(
                 "the lease was lost or the replicas changed while an interrupted write was settled",

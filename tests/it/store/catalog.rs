@@ -480,3 +480,79 @@ async fn a_statement_undone_to_break_a_deadlock_is_worth_trying_again() {
         refused[0]
     );
 }
+
+/// Takes the write lease of `relative_path` for one change of main.
+async fn lease_for_write(store: &Store, relative_path: &str) -> gitfleet::store::WriteLease {
+    let change = [RefChange {
+        name: "refs/heads/main".into(),
+        old: "0".repeat(40),
+        new: "1".repeat(40),
+    }];
+    let all = [name("s1"), name("s2"), name("s3")];
+    let start = store
+        .begin_write(
+            &name("default"),
+            &path(relative_path),
+            "proxy-a",
+            Duration::from_secs(30),
+            "/x/Y",
+            &change,
+            &all,
+        )
+        .await
+        .unwrap();
+    let WriteStart::Leased(lease) = start else {
+        panic!("the lease was free")
+    };
+    lease
+}
+
+#[tokio::test]
+async fn a_generation_is_recorded_only_on_a_majority_of_the_assignments_as_they_stand() {
+    let store = store().await;
+    let all = [name("s1"), name("s2"), name("s3")];
+
+    // One replica of three is not a majority: nothing is recorded.
+    let id = create(&store, "one.git").await;
+    let lease = lease_for_write(&store, "one.git").await;
+    let committed = store
+        .commit_write(&lease, "proxy-a", &all[..1], &all[0])
+        .await
+        .unwrap();
+    assert!(committed.is_none(), "{committed:?}");
+    let record = store
+        .find_repository(&name("default"), &path("one.git"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((record.id, record.generation), (id, 0));
+
+    // Two of three were a majority when the write began; two more storages are assigned
+    // before it commits: two of five are not.
+    let id = create(&store, "grown.git").await;
+    let lease = lease_for_write(&store, "grown.git").await;
+    sqlx::query("INSERT INTO assignments (repository_id, storage) VALUES ($1, 's4'), ($1, 's5')")
+        .bind(id.0)
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let committed = store
+        .commit_write(&lease, "proxy-a", &all[..2], &all[0])
+        .await
+        .unwrap();
+    assert!(committed.is_none(), "{committed:?}");
+
+    // Three of five are.
+    sqlx::query("INSERT INTO replicas (repository_id, storage, generation) VALUES ($1, 's4', 0)")
+        .bind(id.0)
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let current = [name("s1"), name("s2"), name("s4")];
+    let committed = store
+        .commit_write(&lease, "proxy-a", &current, &current[0])
+        .await
+        .unwrap()
+        .expect("a majority of the assignments");
+    assert_eq!(committed.generation, 1);
+}
