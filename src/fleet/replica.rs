@@ -12,8 +12,9 @@ use crate::node::fence::FENCE_HEADER;
 use crate::proto::ref_service_client::RefServiceClient;
 use crate::proto::repository_service_client::RepositoryServiceClient;
 use crate::proto::{
-    ListRefsRequest, RefUpdate, RefsChecksumRequest, RemoveRepositoryRequest,
-    RepositoryExistsRequest, RepositoryHeader, UpdateRefsRequest,
+    FindDefaultBranchRequest, ListRefsRequest, RefUpdate, RefsChecksumRequest,
+    RemoveRepositoryRequest, RepositoryExistsRequest, RepositoryHeader, SetDefaultBranchRequest,
+    UpdateRefsRequest,
 };
 use crate::store::RefChange;
 
@@ -101,33 +102,74 @@ impl Replica<'_> {
         Ok(())
     }
 
+    /// The branch HEAD points to, as a full ref name.
+    pub async fn head(&self) -> Result<String, Status> {
+        let request = FindDefaultBranchRequest {
+            repository: Some(self.header()),
+        };
+        let response = RefServiceClient::new(self.node.authed())
+            .find_default_branch(request)
+            .await?;
+        Ok(response.into_inner().name)
+    }
+
     /// Reverses ref updates, one compare-and-swap per ref, under the fencing token `token`: a
     /// ref the replica did not move refuses the swap, which is what is wanted, and so does a
-    /// replica whose fence a newer lease has raised. HEAD is not reversed.
+    /// replica whose fence a newer lease has raised. HEAD is set back to its old branch when
+    /// it points where the write set it (a newer lease's change is fenced out); a HEAD change
+    /// with no old value (one that was never sent) is left.
     pub async fn reverse_changes(&self, changes: &[RefChange], token: i64) {
         let mut client = RefServiceClient::new(self.node.authed());
-        for change in changes.iter().rev().filter(|change| change.name != "HEAD") {
-            let request = fenced(
-                UpdateRefsRequest {
+        for change in changes.iter().rev() {
+            let reversed = if change.name == "HEAD" {
+                let Some(branch) = change.old.strip_prefix("refs/heads/") else {
+                    continue;
+                };
+                if self.head().await.ok().as_deref() != Some(change.new.as_str()) {
+                    continue;
+                }
+                let request = SetDefaultBranchRequest {
+                    repository: Some(self.header()),
+                    branch: branch.to_owned(),
+                };
+                client
+                    .set_default_branch(fenced(request, token))
+                    .await
+                    .map(drop)
+            } else {
+                let request = UpdateRefsRequest {
                     repository: Some(self.header()),
                     updates: vec![RefUpdate {
                         name: change.name.clone(),
                         old_target: change.new.clone(),
                         new_target: change.old.clone(),
                     }],
-                },
-                token,
-            );
-            if let Err(status) = client.update_refs(request).await {
+                };
+                client.update_refs(fenced(request, token)).await.map(drop)
+            };
+            if let Err(status) = reversed {
                 tracing::debug!(storage = %self.node.storage, reference = %change.name, %status, "not reversed");
             }
         }
     }
 
-    /// Whether every ref a write changed (HEAD aside) is back where the write found it: at its
-    /// old value, or absent where the write created it. None when the replica cannot be read.
+    /// Whether every ref a write changed is back where the write found it: at its old value,
+    /// absent where the write created it, and HEAD on its old branch. None when the replica
+    /// cannot be read. A HEAD change with no old value never reached a replica: the proxy
+    /// records HEAD's old branch before it sends the change anywhere.
     pub async fn refs_at_old(&self, changes: &[RefChange]) -> Option<bool> {
+        let head = changes
+            .iter()
+            .find(|change| change.name == "HEAD" && !change.old.is_empty());
+        if let Some(head) = head
+            && self.head().await.ok()? != head.old
+        {
+            return Some(false);
+        }
         let changes: Vec<&RefChange> = changes.iter().filter(|c| c.name != "HEAD").collect();
+        if changes.is_empty() {
+            return Some(true);
+        }
         let request = ListRefsRequest {
             repository: Some(self.header()),
             prefixes: changes.iter().map(|change| change.name.clone()).collect(),

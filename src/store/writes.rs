@@ -367,6 +367,40 @@ impl Store {
         }))
     }
 
+    /// Records, in the write's intent, the branch HEAD pointed to before the write: the old
+    /// value of its HEAD change, so that a rollback can set it back. Fenced on the lease;
+    /// false when the lease is no longer this write's.
+    pub async fn record_head_before(
+        &self,
+        lease: &WriteLease,
+        owner: &str,
+        head: &str,
+    ) -> Result<bool, StoreError> {
+        let recorded = self
+            .measure(
+                "record_head_before",
+                sqlx::query(
+                    "UPDATE write_intents i
+                     SET ref_updates = (
+                         SELECT jsonb_agg(CASE WHEN e->>'ref' = 'HEAD'
+                                               THEN jsonb_set(e, '{old}', to_jsonb($4::text))
+                                               ELSE e END
+                                          ORDER BY n)
+                         FROM jsonb_array_elements(i.ref_updates) WITH ORDINALITY AS u(e, n))
+                     FROM repositories r
+                     WHERE i.id = $1 AND r.id = i.repository_id
+                       AND r.lease_owner = $2 AND r.lease_token = $3",
+                )
+                .bind(lease.intent)
+                .bind(owner)
+                .bind(lease.token)
+                .bind(head)
+                .execute(&self.pool),
+            )
+            .await?;
+        Ok(recorded.rows_affected() == 1)
+    }
+
     /// Ends a write that changed nothing on any replica: the intent is closed and the lease
     /// released, the generation stays. False when the lease was already lost.
     pub async fn release_write(&self, lease: &WriteLease, owner: &str) -> Result<bool, StoreError> {

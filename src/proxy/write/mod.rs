@@ -193,7 +193,49 @@ impl Write {
         // panic included).
         let keeper = self.keep(&lease, begin_sent);
         self.lease_lost = keeper.lost().clone();
+        if self.changes.iter().any(|change| change.name == "HEAD") {
+            self.record_head_before(&lease).await?;
+        }
         self.apply(&lease, needed).await
+    }
+
+    /// Reads the branch HEAD points to on the targets, and records it in the intent as the
+    /// old value of the write's HEAD change, before any replica sees the change: a rollback
+    /// then knows where to set HEAD back. The targets must agree on it (they are up to date).
+    async fn record_head_before(&mut self, lease: &WriteLease) -> Result<(), ProxyError> {
+        let nodes = &self.proxy.state.nodes;
+        let mut head = None;
+        for storage in &lease.targets {
+            let Some(replica) = nodes.replica(storage, &lease.replica_path) else {
+                continue;
+            };
+            if let Ok(branch) = replica.head().await {
+                head = Some(branch);
+                break;
+            }
+        }
+        let Some(head) = head else {
+            self.release(lease).await?;
+            return Err(self.not_enough(lease, &[]));
+        };
+        let state = &self.proxy.state;
+        if !state
+            .store
+            .record_head_before(lease, &state.instance_id, &head)
+            .await?
+        {
+            return Err(
+                self.failed("the write lease was lost before the write was sent; nothing changed")
+            );
+        }
+        for change in self
+            .changes
+            .iter_mut()
+            .filter(|change| change.name == "HEAD")
+        {
+            change.old = head.clone();
+        }
+        Ok(())
     }
 
     /// Keeps the write's lease while it runs.

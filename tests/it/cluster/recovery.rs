@@ -150,6 +150,79 @@ async fn an_interrupted_write_is_rolled_back_everywhere_with_the_generation_unch
     worker.stop().await;
 }
 
+/// Leaves an interrupted SetDefaultBranch on `record`: HEAD moved from main to next on the
+/// replicas of `applied`, the intent recorded with HEAD's old branch (as the proxy records it
+/// before it sends the change), and the dead proxy's lease run out.
+async fn interrupt_head(cluster: &Cluster, record: &RepositoryRecord, applied: &[usize]) {
+    for &index in applied {
+        run_git(
+            &cluster.replica_dir(index, record),
+            &["symbolic-ref", "HEAD", "refs/heads/next"],
+        );
+    }
+    sqlx::query(
+        "WITH lease AS (
+             UPDATE repositories SET lease_owner = 'a-dead-proxy',
+                    lease_token = nextval('repository_lease_tokens'),
+                    lease_expires_at = now() - interval '1 second'
+             WHERE id = $1 RETURNING id, lease_token, lease_expires_at, generation
+         )
+         INSERT INTO write_intents (repository_id, owner, fencing_token, lease_expires_at,
+                                    rpc, base_generation, ref_updates, target_storages)
+         SELECT id, 'a-dead-proxy', lease_token, lease_expires_at,
+                '/gitfleet.v1.RefService/SetDefaultBranch', generation,
+                jsonb_build_array(jsonb_build_object('ref', 'HEAD',
+                                                     'old', 'refs/heads/main',
+                                                     'new', 'refs/heads/next')),
+                ARRAY['storage-1', 'storage-2', 'storage-3']
+         FROM lease",
+    )
+    .bind(record.id.0)
+    .execute(cluster.store().pool())
+    .await
+    .unwrap();
+}
+
+fn head_of(cluster: &Cluster, index: usize, record: &RepositoryRecord) -> String {
+    run_git(
+        &cluster.replica_dir(index, record),
+        &["symbolic-ref", "HEAD"],
+    )
+    .trim()
+    .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interrupted_default_branch_change_is_rolled_back_too() {
+    let cluster = Cluster::start(3).await;
+    let (record, _work, _first, _second) = prepared(&cluster, "head.git").await;
+    let good = cluster.agreed_checksum(&record).await;
+    interrupt_head(&cluster, &record, &[0, 1]).await;
+    assert_eq!(head_of(&cluster, 0, &record), "refs/heads/next");
+
+    let worker = start_worker(
+        worker_config(&cluster),
+        &[JobType::Recovery],
+        Hooks::default(),
+    );
+    wait_for(30, "the intent closed", || async {
+        intents(&cluster).await == 0
+    })
+    .await;
+    for index in 0..3 {
+        assert_eq!(
+            head_of(&cluster, index, &record),
+            "refs/heads/main",
+            "storage {index}"
+        );
+    }
+    let after = cluster.record("head.git").await;
+    assert_eq!(after.generation, record.generation);
+    assert_eq!(after.up_to_date().count(), 3);
+    assert_eq!(cluster.agreed_checksum(&after).await, good);
+    worker.stop().await;
+}
+
 /// Hooks that stall a recovery right before it sends its first rollback, until `go` has a
 /// permit for each rollback; `stalled` hears when it stalls.
 fn stalled_before_rollback() -> (

@@ -556,3 +556,59 @@ async fn a_generation_is_recorded_only_on_a_majority_of_the_assignments_as_they_
         .expect("a majority of the assignments");
     assert_eq!(committed.generation, 1);
 }
+
+#[tokio::test]
+async fn head_s_old_branch_is_recorded_in_the_intent_under_the_lease() {
+    let store = store().await;
+    create(&store, "head.git").await;
+    let changes = [
+        RefChange {
+            name: "refs/heads/x".into(),
+            old: "0".repeat(40),
+            new: "1".repeat(40),
+        },
+        RefChange {
+            name: "HEAD".into(),
+            old: String::new(),
+            new: "refs/heads/next".into(),
+        },
+    ];
+    let all = [name("s1"), name("s2"), name("s3")];
+    let start = store
+        .begin_write(
+            &name("default"),
+            &path("head.git"),
+            "proxy-a",
+            Duration::from_secs(30),
+            "/x/Y",
+            &changes,
+            &all,
+        )
+        .await
+        .unwrap();
+    let WriteStart::Leased(lease) = start else {
+        panic!("the lease was free")
+    };
+    let mut stale = lease.clone();
+    stale.token -= 1;
+    assert!(
+        !store
+            .record_head_before(&stale, "proxy-a", "refs/heads/main")
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .record_head_before(&lease, "proxy-a", "refs/heads/main")
+            .await
+            .unwrap()
+    );
+    let recorded: String = sqlx::query_scalar("SELECT ref_updates::text FROM write_intents")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    let recorded: Vec<RefChange> = serde_json::from_str(&recorded).unwrap();
+    let mut expected = changes.to_vec();
+    expected[1].old = "refs/heads/main".into();
+    assert_eq!(recorded, expected);
+}
