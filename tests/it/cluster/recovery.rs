@@ -11,6 +11,35 @@ use gitfleet::proto::{RefUpdate, UpdateRefsRequest};
 use gitfleet::store::RepositoryRecord;
 use gitfleet::worker::{Hooks, JobType, Pause};
 
+/// Records `change` as the intent of a write whose proxy died: its lease run out, its targets
+/// all three storages.
+async fn record_dead_intent(
+    cluster: &Cluster,
+    record: &RepositoryRecord,
+    rpc: &str,
+    change: serde_json::Value,
+) {
+    sqlx::query(
+        "WITH lease AS (
+             UPDATE repositories SET lease_owner = 'a-dead-proxy',
+                    lease_token = nextval('repository_lease_tokens'),
+                    lease_expires_at = now() - interval '1 second'
+             WHERE id = $1 RETURNING id, lease_token, lease_expires_at, generation
+         )
+         INSERT INTO write_intents (repository_id, owner, fencing_token, lease_expires_at,
+                                    rpc, base_generation, ref_updates, target_storages)
+         SELECT id, 'a-dead-proxy', lease_token, lease_expires_at, $2, generation,
+                jsonb_build_array($3::jsonb), ARRAY['storage-1', 'storage-2', 'storage-3']
+         FROM lease",
+    )
+    .bind(record.id.0)
+    .bind(rpc)
+    .bind(change)
+    .execute(cluster.store().pool())
+    .await
+    .unwrap();
+}
+
 /// Leaves an interrupted write on `name`: main moved from `old` to `new` on the replicas of
 /// `applied` (as a proxy would have before it died), the intent recorded for all three, and
 /// the dead proxy's lease run out.
@@ -27,27 +56,14 @@ async fn interrupt(
             &["update-ref", "refs/heads/main", new, old],
         );
     }
-    sqlx::query(
-        "WITH lease AS (
-             UPDATE repositories SET lease_owner = 'a-dead-proxy', lease_token = nextval('repository_lease_tokens'),
-                    lease_expires_at = now() - interval '1 second'
-             WHERE id = $1 RETURNING id, lease_token, lease_expires_at, generation
-         )
-         INSERT INTO write_intents (repository_id, owner, fencing_token, lease_expires_at,
-                                    rpc, base_generation, ref_updates, target_storages)
-         SELECT id, 'a-dead-proxy', lease_token, lease_expires_at,
-                '/gitfleet.v1.SmartHTTPService/PostReceivePack', generation,
-                jsonb_build_array(jsonb_build_object('ref', 'refs/heads/main',
-                                                     'old', $2::text, 'new', $3::text)),
-                ARRAY['storage-1', 'storage-2', 'storage-3']
-         FROM lease",
+    let change = serde_json::json!({"ref": "refs/heads/main", "old": old, "new": new});
+    record_dead_intent(
+        cluster,
+        record,
+        "/gitfleet.v1.SmartHTTPService/PostReceivePack",
+        change,
     )
-    .bind(record.id.0)
-    .bind(old)
-    .bind(new)
-    .execute(cluster.store().pool())
-    .await
-    .unwrap();
+    .await;
 }
 
 fn main_of(cluster: &Cluster, index: usize, record: &RepositoryRecord) -> String {
@@ -160,27 +176,15 @@ async fn interrupt_head(cluster: &Cluster, record: &RepositoryRecord, applied: &
             &["symbolic-ref", "HEAD", "refs/heads/next"],
         );
     }
-    sqlx::query(
-        "WITH lease AS (
-             UPDATE repositories SET lease_owner = 'a-dead-proxy',
-                    lease_token = nextval('repository_lease_tokens'),
-                    lease_expires_at = now() - interval '1 second'
-             WHERE id = $1 RETURNING id, lease_token, lease_expires_at, generation
-         )
-         INSERT INTO write_intents (repository_id, owner, fencing_token, lease_expires_at,
-                                    rpc, base_generation, ref_updates, target_storages)
-         SELECT id, 'a-dead-proxy', lease_token, lease_expires_at,
-                '/gitfleet.v1.RefService/SetDefaultBranch', generation,
-                jsonb_build_array(jsonb_build_object('ref', 'HEAD',
-                                                     'old', 'refs/heads/main',
-                                                     'new', 'refs/heads/next')),
-                ARRAY['storage-1', 'storage-2', 'storage-3']
-         FROM lease",
+    let change =
+        serde_json::json!({"ref": "HEAD", "old": "refs/heads/main", "new": "refs/heads/next"});
+    record_dead_intent(
+        cluster,
+        record,
+        "/gitfleet.v1.RefService/SetDefaultBranch",
+        change,
     )
-    .bind(record.id.0)
-    .execute(cluster.store().pool())
-    .await
-    .unwrap();
+    .await;
 }
 
 fn head_of(cluster: &Cluster, index: usize, record: &RepositoryRecord) -> String {

@@ -481,13 +481,21 @@ async fn a_statement_undone_to_break_a_deadlock_is_worth_trying_again() {
     );
 }
 
-/// Takes the write lease of `relative_path` for one change of main.
-async fn lease_for_write(store: &Store, relative_path: &str) -> gitfleet::store::WriteLease {
-    let change = [RefChange {
+/// One change of main, from absent.
+fn main_created() -> Vec<RefChange> {
+    vec![RefChange {
         name: "refs/heads/main".into(),
         old: "0".repeat(40),
         new: "1".repeat(40),
-    }];
+    }]
+}
+
+/// Takes the write lease of `relative_path` for `changes`, on s1 to s3.
+async fn lease_for_write(
+    store: &Store,
+    relative_path: &str,
+    changes: &[RefChange],
+) -> gitfleet::store::WriteLease {
     let all = [name("s1"), name("s2"), name("s3")];
     let start = store
         .begin_write(
@@ -496,7 +504,7 @@ async fn lease_for_write(store: &Store, relative_path: &str) -> gitfleet::store:
             "proxy-a",
             Duration::from_secs(30),
             "/x/Y",
-            &change,
+            changes,
             &all,
         )
         .await
@@ -514,7 +522,7 @@ async fn a_generation_is_recorded_only_on_a_majority_of_the_assignments_as_they_
 
     // One replica of three is not a majority: nothing is recorded.
     let id = create(&store, "one.git").await;
-    let lease = lease_for_write(&store, "one.git").await;
+    let lease = lease_for_write(&store, "one.git", &main_created()).await;
     let committed = store
         .commit_write(&lease, "proxy-a", &all[..1], &all[0])
         .await
@@ -530,7 +538,7 @@ async fn a_generation_is_recorded_only_on_a_majority_of_the_assignments_as_they_
     // Two of three were a majority when the write began; two more storages are assigned
     // before it commits: two of five are not.
     let id = create(&store, "grown.git").await;
-    let lease = lease_for_write(&store, "grown.git").await;
+    let lease = lease_for_write(&store, "grown.git", &main_created()).await;
     sqlx::query("INSERT INTO assignments (repository_id, storage) VALUES ($1, 's4'), ($1, 's5')")
         .bind(id.0)
         .execute(store.pool())
@@ -573,22 +581,7 @@ async fn head_s_old_branch_is_recorded_in_the_intent_under_the_lease() {
             new: "refs/heads/next".into(),
         },
     ];
-    let all = [name("s1"), name("s2"), name("s3")];
-    let start = store
-        .begin_write(
-            &name("default"),
-            &path("head.git"),
-            "proxy-a",
-            Duration::from_secs(30),
-            "/x/Y",
-            &changes,
-            &all,
-        )
-        .await
-        .unwrap();
-    let WriteStart::Leased(lease) = start else {
-        panic!("the lease was free")
-    };
+    let lease = lease_for_write(&store, "head.git", &changes).await;
     let mut stale = lease.clone();
     stale.token -= 1;
     assert!(
