@@ -133,7 +133,8 @@ impl Store {
     /// recovery's.
     pub async fn renew_interrupted_write(
         &self,
-        interrupted: &Interrupted,
+        repository: RepositoryId,
+        lease_token: i64,
         owner: &str,
         lease: Duration,
     ) -> Result<bool, StoreError> {
@@ -145,8 +146,8 @@ impl Store {
                      SET lease_expires_at = now() + $4 * interval '1 millisecond'
                      WHERE id = $1 AND lease_token = $2 AND lease_owner = $3",
                 )
-                .bind(interrupted.repository.0)
-                .bind(interrupted.lease_token)
+                .bind(repository.0)
+                .bind(lease_token)
                 .bind(owner)
                 .bind(millis(lease))
                 .execute(&self.pool),

@@ -46,13 +46,14 @@ pub(super) async fn run(inner: Arc<Inner>, shutdown: CancellationToken) -> anyho
 
 /// Keeps the recovery's lease on the repository while it rolls the write back.
 fn keep(inner: &Arc<Inner>, write: &Interrupted, taken_at: tokio::time::Instant) -> LeaseKeeper {
-    let (store, owner, write) = (inner.store.clone(), inner.instance.clone(), write.clone());
+    let (store, owner) = (inner.store.clone(), inner.instance.clone());
+    let (repository, token) = (write.repository, write.lease_token);
     let duration = inner.config.worker.lease.0;
     LeaseKeeper::start("recovery", duration, taken_at, move || {
-        let (store, owner, write) = (store.clone(), owner.clone(), write.clone());
+        let (store, owner) = (store.clone(), owner.clone());
         async move {
             store
-                .renew_interrupted_write(&write, &owner, duration)
+                .renew_interrupted_write(repository, token, &owner, duration)
                 .await
         }
     })
