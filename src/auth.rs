@@ -34,8 +34,8 @@ pub const ANY_METHOD: &str = "*";
 
 /// The scope of a token that a node uses to replicate from another: it may read the source
 /// repository and nothing else.
-pub const REPLICATION_SCOPE: &str =
-    "/gitfleet.v1.SshService/SshUploadPack,/gitfleet.v1.RefService/FindDefaultBranch";
+pub const REPLICATION_SCOPE: &str = "/gitfleet.v1.SshService/SshUploadPack,\
+     /gitfleet.v1.RefService/FindDefaultBranch,/gitfleet.v1.RefService/ListRefs";
 
 fn mac(secret: &[u8], timestamp: u64, scope: &str) -> HmacSha256 {
     let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC accepts keys of any length");

@@ -376,10 +376,11 @@ impl NodeService for Node {
         &self,
         request: Request<ReplicateRepositoryRequest>,
     ) -> Result<Response<ReplicateRepositoryResponse>, Status> {
-        let created = self
-            .detached(move |node| async move { node.replicate(request.into_inner()).await })
+        let token = super::refs::fence_token(request.metadata())?;
+        let response = self
+            .detached(move |node| async move { node.replicate(request.into_inner(), token).await })
             .await?;
-        Ok(Response::new(ReplicateRepositoryResponse { created }))
+        Ok(Response::new(response))
     }
 
     async fn walk_storage(

@@ -161,7 +161,7 @@ impl Node {
 }
 
 /// The caller's fencing token, when its call carries one.
-fn fence_token(metadata: &tonic::metadata::MetadataMap) -> Result<Option<u64>, Status> {
+pub(super) fn fence_token(metadata: &tonic::metadata::MetadataMap) -> Result<Option<u64>, Status> {
     let Some(value) = metadata.get(FENCE_HEADER) else {
         return Ok(None);
     };
@@ -174,7 +174,10 @@ fn fence_token(metadata: &tonic::metadata::MetadataMap) -> Result<Option<u64>, S
 }
 
 /// Takes the replica's fence for `token`; nothing to take for a call without one.
-async fn enter_fence(replica: &Path, token: Option<u64>) -> Result<Option<FenceGuard>, NodeError> {
+pub(super) async fn enter_fence(
+    replica: &Path,
+    token: Option<u64>,
+) -> Result<Option<FenceGuard>, NodeError> {
     match token {
         Some(token) => Ok(Some(fence::enter_async(replica, token).await?)),
         None => Ok(None),
@@ -217,7 +220,7 @@ impl RefBatcher {
 }
 
 /// Tells a lost compare-and-swap from a bad request from a broken repository.
-fn classify_update_failure(error: GitError) -> NodeError {
+pub(super) fn classify_update_failure(error: GitError) -> NodeError {
     let stderr = error.stderr();
     let message = stderr
         .strip_prefix("fatal: ")

@@ -29,7 +29,7 @@ pub use notify::{JOBS_CHANNEL, MAINTENANCE_CHANNEL, Notice, ROUTING_CHANNEL};
 pub use reconcile::{Accepted, Placement, Round};
 pub use recovery::Interrupted;
 pub use replica_paths::ReplicaPathLock;
-pub use replication::ReplicationPlan;
+pub use replication::{LeasedReplication, ReplicationLease, ReplicationPlan};
 pub use repositories::{
     Deleted, Deletion, NewRepository, RemovedRepository, Renamed, RepositoryRecord, Which,
 };

@@ -129,9 +129,9 @@ impl Store {
         Ok(closed)
     }
 
-    /// Extends a recovery's lease on the repository; false once it is no longer this
-    /// recovery's.
-    pub async fn renew_interrupted_write(
+    /// Extends a lease on the repository (a recovery's or a replication's); false once it is
+    /// no longer this owner's.
+    pub async fn renew_repository_lease(
         &self,
         repository: RepositoryId,
         lease_token: i64,
@@ -140,7 +140,7 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let renewed = self
             .measure(
-                "renew_interrupted_write",
+                "renew_repository_lease",
                 sqlx::query(
                     "UPDATE repositories
                      SET lease_expires_at = now() + $4 * interval '1 millisecond'
@@ -156,20 +156,22 @@ impl Store {
         Ok(renewed.rows_affected() == 1)
     }
 
-    /// Hands back a recovery's lease without closing the intent: it is tried again later.
-    pub async fn release_interrupted_write(
+    /// Hands back a lease on the repository, if it is still this owner's; whatever it was
+    /// taken for (an interrupted write's intent) stays for a later attempt.
+    pub async fn release_repository_lease(
         &self,
-        interrupted: &Interrupted,
+        repository: RepositoryId,
+        lease_token: i64,
         owner: &str,
     ) -> Result<(), StoreError> {
         self.measure(
-            "release_interrupted_write",
+            "release_repository_lease",
             sqlx::query(
                 "UPDATE repositories SET lease_owner = NULL, lease_expires_at = NULL
                  WHERE id = $1 AND lease_token = $2 AND lease_owner = $3",
             )
-            .bind(interrupted.repository.0)
-            .bind(interrupted.lease_token)
+            .bind(repository.0)
+            .bind(lease_token)
             .bind(owner)
             .execute(&self.pool),
         )

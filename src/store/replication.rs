@@ -1,21 +1,19 @@
-//! The replicator's two statements: what a copy starts from, and how its result is recorded,
-//! fenced by the job's lease.
+//! The replicator's statements: what a copy starts from, the repository's lease for its refs
+//! phase, and how its result is recorded, fenced by both the job's lease and the repository's.
 
 use sqlx::Row as _;
 
-use super::{ClaimedJob, Closed, Store, StoreError, undecodable};
+use std::time::Duration;
+
+use super::{ClaimedJob, Closed, Store, StoreError, millis, undecodable};
 use crate::model::{RelativePath, RepositoryId, StorageName};
 
 /// What the replicator reads before it copies.
 #[derive(Debug, Clone)]
 pub struct ReplicationPlan {
     pub replica_path: RelativePath,
-    /// The repository's generation: what the copy will bring the target to.
+    /// The repository's generation when the plan was read.
     pub generation: i64,
-    /// The repository's write-lease token: it counts the writes begun so far.
-    pub lease_token: i64,
-    /// A write is in flight.
-    pub writing: bool,
     /// The target's recorded generation; None when it has no replica.
     pub target_generation: Option<i64>,
     pub target_assigned: bool,
@@ -36,9 +34,7 @@ impl Store {
             .measure(
                 "plan_replication",
                 sqlx::query(
-                    "SELECT r.replica_path, r.generation, r.lease_token,
-                            EXISTS (SELECT 1 FROM write_intents i WHERE i.repository_id = r.id)
-                                AS writing,
+                    "SELECT r.replica_path, r.generation,
                             (SELECT p.generation FROM replicas p
                              WHERE p.repository_id = r.id AND p.storage = $2) AS target_generation,
                             EXISTS (SELECT 1 FROM assignments a
@@ -63,46 +59,109 @@ impl Store {
             replica_path: RelativePath::parse(&replica_path)
                 .map_err(|error| undecodable("replica_path", error))?,
             generation: row.try_get("generation")?,
-            lease_token: row.try_get("lease_token")?,
-            writing: row.try_get("writing")?,
             target_generation: row.try_get("target_generation")?,
             target_assigned: row.try_get("assigned")?,
             sources: super::storage_names(&sources),
         }))
     }
 
-    /// Closes a replication that copied the repository as it was at `plan`, in one statement
-    /// fenced by the job's lease:
-    /// - the target is recorded at the plan's generation, never lower than it was, and only
-    ///   if every write begun since the plan has committed and none is in flight (the copy
-    ///   then holds no change that could still be rolled back);
-    /// - the job is done, or queued again when the repository has moved on (or the same work
-    ///   was merged into it), so the target catches up with the newer writes too.
+    /// Takes the repository's lease for a replication's refs phase, as a write takes it: a
+    /// new token, which the target's node takes as its fence. Not while a write holds the
+    /// lease, nor while an interrupted write's intent is open (its recovery comes first).
+    pub async fn lease_for_replication(
+        &self,
+        repository: RepositoryId,
+        source: Option<&StorageName>,
+        target: &StorageName,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<ReplicationLease, StoreError> {
+        let row = self
+            .measure(
+                "lease_for_replication",
+                sqlx::query(
+                    "WITH repo AS (
+                         SELECT r.id,
+                                EXISTS (SELECT 1 FROM write_intents i
+                                        WHERE i.repository_id = r.id) AS interrupted
+                         FROM repositories r WHERE r.id = $1
+                     ), lease AS (
+                         UPDATE repositories r
+                         SET lease_owner = $4, lease_token = nextval('repository_lease_tokens'),
+                             lease_expires_at = now() + $5 * interval '1 millisecond'
+                         FROM repo
+                         WHERE r.id = repo.id AND NOT repo.interrupted
+                           AND (r.lease_owner IS NULL OR r.lease_expires_at < now())
+                         RETURNING r.id, r.lease_token, r.generation
+                     )
+                     SELECT repo.interrupted, lease.lease_token, lease.generation,
+                            (SELECT p.generation FROM replicas p
+                             WHERE p.repository_id = lease.id AND p.storage = $2)
+                                AS target_generation,
+                            ARRAY(SELECT p.storage FROM replicas p
+                                  WHERE p.repository_id = lease.id
+                                    AND p.generation = lease.generation AND p.storage <> $2
+                                  ORDER BY p.storage IS NOT DISTINCT FROM $3 DESC, random())
+                                AS sources
+                     FROM repo LEFT JOIN lease ON true",
+                )
+                .bind(repository.0)
+                .bind(target.as_str())
+                .bind(source.map(StorageName::as_str))
+                .bind(owner)
+                .bind(millis(lease))
+                .fetch_optional(&self.pool),
+            )
+            .await?;
+        let Some(row) = row else {
+            return Ok(ReplicationLease::Gone);
+        };
+        let (Some(token), Some(generation)) = (
+            row.try_get::<Option<i64>, _>("lease_token")?,
+            row.try_get::<Option<i64>, _>("generation")?,
+        ) else {
+            return Ok(if row.try_get("interrupted")? {
+                ReplicationLease::Interrupted
+            } else {
+                ReplicationLease::Busy
+            });
+        };
+        let sources: Vec<String> = row.try_get("sources")?;
+        Ok(ReplicationLease::Leased(LeasedReplication {
+            repository,
+            token,
+            generation,
+            target_generation: row.try_get("target_generation")?,
+            sources: super::storage_names(&sources),
+        }))
+    }
+
+    /// Closes a replication whose refs phase ran under `leased`, in one statement fenced by
+    /// the job's lease and the repository's: the target is recorded at the leased generation
+    /// (never lower than it was), the repository's lease is released, and the job is done (or
+    /// queued again when the same work was merged into it while it ran). A replication whose
+    /// repository lease was lost records nothing, and its job is queued again.
     ///
     /// Returns how the job closed and the target's recorded generation after.
     pub async fn close_replication(
         &self,
         job: &ClaimedJob,
-        plan: &ReplicationPlan,
+        leased: &LeasedReplication,
+        owner: &str,
     ) -> Result<(Closed, Option<i64>), StoreError> {
         let row = self
             .measure(
                 "close_replication",
                 sqlx::query(
                     "WITH repo AS (
-                         SELECT r.id, r.generation, r.lease_token,
-                                EXISTS (SELECT 1 FROM write_intents i
-                                        WHERE i.repository_id = r.id) AS writing
-                         FROM repositories r WHERE r.id = $3
-                     ), clean AS (
-                         SELECT repo.id FROM repo
-                         WHERE NOT repo.writing
-                           AND repo.lease_token - $6 = repo.generation - $5
+                         SELECT r.id, r.generation FROM repositories r
+                         WHERE r.id = $3 AND r.lease_token = $5 AND r.lease_owner = $6
+                         FOR UPDATE
                      ), decision AS (
                          SELECT CASE
-                             WHEN NOT EXISTS (SELECT 1 FROM repo) THEN 'cancelled'
-                             WHEN NOT EXISTS (SELECT 1 FROM clean)
-                                  OR (SELECT generation FROM repo) <> $5 THEN 'queued'
+                             WHEN NOT EXISTS (SELECT 1 FROM repositories WHERE id = $3)
+                                 THEN 'cancelled'
+                             WHEN NOT EXISTS (SELECT 1 FROM repo) THEN 'queued'
                              ELSE 'done' END AS state
                      ), job AS (
                          UPDATE jobs j
@@ -120,11 +179,14 @@ impl Store {
                          RETURNING j.state
                      ), recorded AS (
                          INSERT INTO replicas AS p (repository_id, storage, generation)
-                         SELECT clean.id, $4, $5 FROM clean, job
+                         SELECT repo.id, $4, repo.generation FROM repo, job
                          ON CONFLICT (repository_id, storage) DO UPDATE
                              SET generation = EXCLUDED.generation
                              WHERE p.generation IS NULL OR p.generation < EXCLUDED.generation
                          RETURNING p.generation
+                     ), released AS (
+                         UPDATE repositories r SET lease_owner = NULL, lease_expires_at = NULL
+                         FROM repo WHERE r.id = repo.id
                      )
                      SELECT (SELECT state FROM job) AS state,
                             COALESCE((SELECT generation FROM recorded),
@@ -136,8 +198,8 @@ impl Store {
                 .bind(job.lease_token)
                 .bind(job.repository.0)
                 .bind(job.target.as_str())
-                .bind(plan.generation)
-                .bind(plan.lease_token)
+                .bind(leased.token)
+                .bind(owner)
                 .fetch_one(&self.pool),
             )
             .await?;
@@ -149,4 +211,30 @@ impl Store {
         };
         Ok((closed, row.try_get("target_generation")?))
     }
+}
+
+/// What an attempt to take the repository's lease for a replication found.
+#[derive(Debug)]
+pub enum ReplicationLease {
+    Leased(LeasedReplication),
+    /// A write (or another replication) holds the lease.
+    Busy,
+    /// An interrupted write's intent is open: the recovery job settles it first.
+    Interrupted,
+    /// The repository is gone.
+    Gone,
+}
+
+/// The repository's lease, held by a replication for its refs phase.
+#[derive(Debug, Clone)]
+pub struct LeasedReplication {
+    pub repository: RepositoryId,
+    /// The token the target's node takes as the replica's fence.
+    pub token: i64,
+    /// The repository's generation: no write can move it while the lease is held.
+    pub generation: i64,
+    /// The target's recorded generation; None when it has none.
+    pub target_generation: Option<i64>,
+    /// Up-to-date replicas to copy from, the job's own source first.
+    pub sources: Vec<StorageName>,
 }

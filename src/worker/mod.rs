@@ -25,10 +25,11 @@ use tokio_util::sync::CancellationToken;
 pub use self::metrics::Metrics;
 use crate::config::ProxyConfig;
 use crate::fleet::Nodes;
+use crate::model::RepositoryId;
 use crate::store::{
     ClaimedJob, Closed, JOB_NOOP, JOB_REMOVE, JOB_REPLICATE, JOBS_CHANNEL, Notice, Store,
 };
-use crate::toolkit::Backoff;
+use crate::toolkit::{Backoff, LeaseKeeper};
 
 /// A type of job a worker can run: its name on the command line, and the queue kinds it takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -118,8 +119,11 @@ pub enum Outcome {
 /// Where a paused job stands, for [`Hooks::pause`].
 #[derive(Debug, Clone)]
 pub enum Pause {
-    /// A replication copied and is about to record its result.
+    /// A replication copied the objects and is about to take the repository's lease.
     Copied(ClaimedJob),
+    /// A replication took the repository's lease (this token) and is about to send its refs
+    /// phase.
+    Leased(ClaimedJob, i64),
     /// A replication recorded its result.
     Closed(ClaimedJob, Closed),
     /// The recovery of an interrupted write (its intent) is about to send a rollback to a
@@ -169,6 +173,27 @@ impl Inner {
             .clock
             .clone()
             .unwrap_or_else(|| Arc::new(std::time::SystemTime::now))
+    }
+
+    /// Keeps a lease this worker took on a repository (for a recovery or a replication's
+    /// refs), taken by a statement sent at `taken_at`, while the work under it runs.
+    fn keep_repository_lease(
+        &self,
+        what: &'static str,
+        repository: RepositoryId,
+        token: i64,
+        taken_at: tokio::time::Instant,
+    ) -> LeaseKeeper {
+        let (store, owner) = (self.store.clone(), self.instance.clone());
+        let duration = self.config.worker.lease.0;
+        LeaseKeeper::start(what, duration, taken_at, move || {
+            let (store, owner) = (store.clone(), owner.clone());
+            async move {
+                store
+                    .renew_repository_lease(repository, token, &owner, duration)
+                    .await
+            }
+        })
     }
 
     /// A retry's or a wait's delay: `base` doubled `times` times, at most `max`, then between

@@ -28,7 +28,12 @@ pub(super) async fn run(inner: Arc<Inner>, shutdown: CancellationToken) -> anyho
         match taken {
             Ok(Some(write)) => {
                 let _in_flight = inner.metrics.in_flight(JobType::Recovery);
-                let keeper = keep(&inner, &write, taken_at);
+                let keeper = inner.keep_repository_lease(
+                    "recovery",
+                    write.repository,
+                    write.lease_token,
+                    taken_at,
+                );
                 let recovered = recover(&inner, &write, &keeper).await;
                 inner.metrics.count_run(JobType::Recovery, recovered);
                 continue;
@@ -42,21 +47,6 @@ pub(super) async fn run(inner: Arc<Inner>, shutdown: CancellationToken) -> anyho
         }
     }
     Ok(())
-}
-
-/// Keeps the recovery's lease on the repository while it rolls the write back.
-fn keep(inner: &Arc<Inner>, write: &Interrupted, taken_at: tokio::time::Instant) -> LeaseKeeper {
-    let (store, owner) = (inner.store.clone(), inner.instance.clone());
-    let (repository, token) = (write.repository, write.lease_token);
-    let duration = inner.config.worker.lease.0;
-    LeaseKeeper::start("recovery", duration, taken_at, move || {
-        let (store, owner) = (store.clone(), owner.clone());
-        async move {
-            store
-                .renew_interrupted_write(repository, token, &owner, duration)
-                .await
-        }
-    })
 }
 
 /// Rolls one interrupted write back; true when its intent is closed. Every compare-and-swap
@@ -102,7 +92,7 @@ async fn recover(inner: &Inner, write: &Interrupted, keeper: &LeaseKeeper) -> bo
         );
         if let Err(error) = inner
             .store
-            .release_interrupted_write(write, &inner.instance)
+            .release_repository_lease(write.repository, write.lease_token, &inner.instance)
             .await
         {
             tracing::debug!(%error, "the recovery lease runs out by itself");

@@ -7,9 +7,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::common::cluster::{Cluster, STORAGES};
+use crate::common::stall::Stall;
 use crate::common::worker::*;
 use crate::common::*;
 use gitfleet::model::{RepositoryId, StorageName};
+use gitfleet::proto::SetDefaultBranchRequest;
+use gitfleet::proto::ref_service_client::RefServiceClient;
 use gitfleet::store::{Closed, JOB_NOOP, JOB_REPLICATE, JobId, NewJob, RepositoryRecord, Store};
 use gitfleet::worker::{Hooks, JobType, Pause};
 
@@ -481,10 +484,21 @@ async fn a_cancelled_run_that_finishes_after_a_newer_one_changes_nothing() {
     wait_for_state(&store, new_job, "done", 30).await;
     assert_eq!(replica_generation(&cluster, "raced.git", 2).await, Some(2));
 
-    // The old run finishes last: its close is refused by its stale lease token.
-    go.add_permits(1);
-    assert_eq!(closed.recv().await.unwrap(), Closed::Lost);
-    go.add_permits(1);
+    // The old run finishes last: under the repository's lease it finds the target up to
+    // date, and hands the lease back; its job's close is refused by its stale lease token.
+    go.add_permits(2);
+    wait_for(30, "the old run to end", || async {
+        old.metrics.runs(JobType::Replicator) == 1
+    })
+    .await;
+    assert!(closed.try_recv().is_err(), "the old run recorded something");
+    let holder: Option<String> =
+        sqlx::query_scalar("SELECT lease_owner FROM repositories WHERE id = $1")
+            .bind(record.id.0)
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(holder, None);
     let state = job_state(&store, old_job).await;
     assert_eq!(state.state, "cancelled");
     assert_eq!(state.last_error.as_deref(), Some("cancelled by the test"));
@@ -496,31 +510,29 @@ async fn a_cancelled_run_that_finishes_after_a_newer_one_changes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_write_during_the_copy_leaves_the_target_behind_and_requeued() {
+async fn a_write_during_the_objects_copy_is_caught_up_under_the_lease() {
     let mut cluster = Cluster::start(3).await;
     let (_record, work, job) = left_behind(&mut cluster, "moving.git", true).await;
     let store = cluster.store();
     let (hooks, mut copied, mut closed, go) = paused_after_copy(job);
-    // One job at a time, so the job is not run again before the test has looked at it.
-    let mut config = worker_config(&cluster);
-    config.worker.concurrency = 1;
-    let worker = start_worker(config, &[JobType::Replicator], hooks);
+    let worker = start_worker(worker_config(&cluster), &[JobType::Replicator], hooks);
     copied.recv().await.unwrap();
 
-    // The copy holds generation 2; a push lands on the up-to-date replicas meanwhile.
+    // The objects copied are generation 2's; a push lands on the up-to-date replicas
+    // meanwhile.
     push_commit(&cluster, work.path(), "moving.git", "during-copy");
     assert_eq!(cluster.record("moving.git").await.generation, 3);
+    assert_eq!(replica_generation(&cluster, "moving.git", 2).await, Some(1));
+
+    // The refs phase, under the repository's lease, copies what is there now: the replica is
+    // recorded at generation 3 by the same run. (The push queued the same work again, merged
+    // into this job: it runs once more and finds nothing to do.)
     go.add_permits(1);
     assert_eq!(closed.recv().await.unwrap(), Closed::Requeued);
-    // Recorded at what it copied, not at the new generation, and queued to catch up.
-    assert_eq!(replica_generation(&cluster, "moving.git", 2).await, Some(2));
-    assert_eq!(job_state(&store, job).await.state, "queued");
-    assert_eq!(cluster.record("moving.git").await.up_to_date().count(), 2);
-
-    // The next run brings it to generation 3.
-    go.add_permits(3);
-    wait_for_state(&store, job, "done", 30).await;
     assert_eq!(replica_generation(&cluster, "moving.git", 2).await, Some(3));
+    go.add_permits(1);
+    wait_for_state(&store, job, "done", 30).await;
+    assert_eq!(job_state(&store, job).await.attempts, 1);
     assert_replicas_agree(&cluster, "moving.git").await;
     worker.stop().await;
 }
@@ -630,4 +642,62 @@ async fn removing_a_repository_cancels_its_jobs_and_shutdown_hands_leases_back()
         state.last_error.as_deref(),
         Some("the repository was removed")
     );
+}
+
+/// A replication whose caller gave up goes on on its node. Here the first run read the
+/// source (HEAD on `main`) and stalled before it copied anything; its worker timed out and a
+/// second run copied the newer state (HEAD moved to `dev`) and recorded the replica up to
+/// date. When the first run resumes, it must not put the replica back as it read it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replication_that_resumes_after_a_newer_one_leaves_the_replica_as_it_was_recorded() {
+    let mut cluster = Cluster::start(3).await;
+    let (_record, work, _job) = left_behind(&mut cluster, "late.git", false).await;
+    let stall = Stall::new("fetch");
+    cluster.nodes[2].restart_with(&stall.node_config());
+    cluster.wait_for_health(2, true).await;
+    stall.arm();
+    let mut config = worker_config(&cluster);
+    config.worker.replication_timeout = gitfleet::config::Duration(Duration::from_secs(1));
+    let worker = start_worker(config, &[JobType::Replicator], Hooks::default());
+    stall.stalled().await;
+
+    // While the first run is stalled, the default branch moves to a new branch.
+    run_git(
+        work.path(),
+        &[
+            "push",
+            "-q",
+            &cluster.url("late.git"),
+            "main:refs/heads/dev",
+        ],
+    );
+    RefServiceClient::new(cluster.channel().await)
+        .set_default_branch(SetDefaultBranchRequest {
+            repository: header("default", "late.git"),
+            branch: "dev".into(),
+        })
+        .await
+        .unwrap();
+    let generation = cluster.record("late.git").await.generation;
+    assert_eq!(generation, 4);
+    wait_for(
+        60,
+        "a newer run to bring the replica up to date",
+        || async { replica_generation(&cluster, "late.git", 2).await == Some(generation) },
+    )
+    .await;
+
+    // The first run resumes and ends.
+    stall.release();
+    wait_for_no_children(cluster.nodes[2].pid()).await;
+    let record = cluster.record("late.git").await;
+    assert_eq!(record.generation, generation);
+    assert_eq!(
+        replica_generation(&cluster, "late.git", 2).await,
+        Some(generation)
+    );
+    let head = std::fs::read_to_string(cluster.replica_dir(2, &record).join("HEAD")).unwrap();
+    assert_eq!(head.trim(), "ref: refs/heads/dev");
+    assert_replicas_agree(&cluster, "late.git").await;
+    worker.stop().await;
 }

@@ -7,6 +7,7 @@ pub mod db;
 pub mod fleet;
 pub mod http;
 pub mod http_front;
+pub mod stall;
 pub mod worker;
 
 use std::io::{BufRead, BufReader};
@@ -117,11 +118,17 @@ impl NodeProcess {
 
     /// Starts the node again on the same port, with the same storages.
     pub fn restart(&mut self) {
+        self.restart_with("");
+    }
+
+    /// Starts the node again on the same port, with the same storages, and `extra` added to
+    /// its config.
+    pub fn restart_with(&mut self, extra: &str) {
         self.kill();
         let config_path = self.dir.path().join("node.toml");
         let config = std::fs::read_to_string(&config_path).unwrap().replace(
             "listen = \"127.0.0.1:0\"",
-            &format!("listen = \"127.0.0.1:{}\"", self.port),
+            &format!("listen = \"127.0.0.1:{}\"\n{extra}", self.port),
         );
         std::fs::write(&config_path, config).unwrap();
         let (child, _) = spawn_node(&config_path);

@@ -1,6 +1,7 @@
 //! Replication between two real nodes: the target fetches through the source's own
 //! upload-pack RPC and ends up an exact mirror.
 
+use crate::common::stall::Stall;
 use crate::common::*;
 use gitfleet::proto::node_service_client::NodeServiceClient;
 use gitfleet::proto::ref_service_client::RefServiceClient;
@@ -22,13 +23,40 @@ async fn replicate(
     target_path: &str,
     source: Option<SourceRepository>,
 ) -> Result<bool, tonic::Status> {
-    NodeServiceClient::new(target.channel().await)
-        .replicate_repository(ReplicateRepositoryRequest {
-            repository: header("s1", target_path),
-            source,
-        })
+    replicate_phase(target, target_path, source, ReplicationPhase::Refs, None)
         .await
-        .map(|response| response.into_inner().created)
+        .map(|response| response.created)
+}
+
+/// One phase of a replication, with `token` as its fencing token when there is one.
+async fn replicate_phase(
+    target: &NodeProcess,
+    target_path: &str,
+    source: Option<SourceRepository>,
+    phase: ReplicationPhase,
+    token: Option<i64>,
+) -> Result<ReplicateRepositoryResponse, tonic::Status> {
+    let mut request = tonic::Request::new(ReplicateRepositoryRequest {
+        repository: header("s1", target_path),
+        source,
+        phase: phase.into(),
+    });
+    if let Some(token) = token {
+        gitfleet::fleet::set_fence(request.metadata_mut(), token);
+    }
+    NodeServiceClient::new(target.channel().await)
+        .replicate_repository(request)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// The source `s1/repo.git` on `node`, with a fresh replication token.
+fn repo_on(node: &NodeProcess) -> Option<SourceRepository> {
+    source_of(
+        node,
+        "repo.git",
+        gitfleet::auth::sign(TOKEN, gitfleet::auth::REPLICATION_SCOPE),
+    )
 }
 
 async fn checksum(node: &NodeProcess, relative_path: &str) -> String {
@@ -265,6 +293,7 @@ async fn a_replication_whose_caller_goes_away_finishes_cleanly() {
             "repo.git",
             gitfleet::auth::sign(TOKEN, gitfleet::auth::REPLICATION_SCOPE),
         ),
+        phase: ReplicationPhase::Refs.into(),
     });
     request.set_timeout(std::time::Duration::from_millis(100));
     let status = NodeServiceClient::new(target.channel().await)
@@ -288,4 +317,211 @@ async fn a_replication_whose_caller_goes_away_finishes_cleanly() {
         .unwrap()
         .collect();
     assert!(staging.is_empty(), "{staging:?}");
+}
+
+/// A commit on a new branch of the source, pushed from `work`; returns its id.
+fn push_branch(source: &NodeProcess, work: &std::path::Path, branch: &str) -> String {
+    std::fs::write(work.join(format!("{branch}.txt")), branch).unwrap();
+    run_git(work, &["add", "."]);
+    run_git(work, &["commit", "-q", "-m", branch]);
+    run_git(
+        work,
+        &[
+            "push",
+            "-q",
+            &source.ssh_url("s1", "repo.git"),
+            &format!("HEAD:refs/heads/{branch}"),
+        ],
+    );
+    run_git(work, &["rev-parse", "HEAD"]).trim().to_owned()
+}
+
+fn has_object(repository: &std::path::Path, id: &str) -> bool {
+    std::process::Command::new("git")
+        .arg("--git-dir")
+        .arg(repository)
+        .args(["cat-file", "-e", id])
+        .status()
+        .unwrap()
+        .success()
+}
+
+#[tokio::test]
+async fn the_objects_phase_copies_objects_and_changes_no_reference() {
+    let (source, target, work) = two_nodes().await;
+    let copy = target.repo_path("s1", "copy.git");
+
+    // A new target: created with HEAD and the objects, and no reference yet.
+    let response = replicate_phase(
+        &target,
+        "copy.git",
+        repo_on(&source),
+        ReplicationPhase::Objects,
+        None,
+    )
+    .await
+    .unwrap();
+    assert!(response.created);
+    assert_eq!(response.refs_changed, 0);
+    assert_eq!(refs_of(&copy), "");
+    let main = run_git(work.path(), &["rev-parse", "main"]);
+    assert!(has_object(&copy, main.trim()));
+
+    // The refs phase sets every reference and HEAD, and says how many it changed.
+    let response = replicate_phase(
+        &target,
+        "copy.git",
+        repo_on(&source),
+        ReplicationPhase::Refs,
+        Some(3),
+    )
+    .await
+    .unwrap();
+    assert!(!response.created);
+    assert_eq!(refs_of(&copy), refs_of(&source.repo_path("s1", "repo.git")));
+    assert_eq!(
+        response.refs_changed as usize,
+        refs_of(&copy).lines().count()
+    );
+    assert_eq!(
+        checksum(&target, "copy.git").await,
+        checksum(&source, "repo.git").await
+    );
+
+    // The source moves on: the objects phase fetches the new commit and leaves the refs.
+    let before = refs_of(&copy);
+    let fresh = push_branch(&source, work.path(), "fresh");
+    let response = replicate_phase(
+        &target,
+        "copy.git",
+        repo_on(&source),
+        ReplicationPhase::Objects,
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!((response.created, response.refs_changed), (false, 0));
+    assert!(has_object(&copy, &fresh));
+    assert_eq!(refs_of(&copy), before);
+    let response = replicate_phase(
+        &target,
+        "copy.git",
+        repo_on(&source),
+        ReplicationPhase::Refs,
+        Some(4),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.refs_changed, 1);
+    assert_eq!(refs_of(&copy), refs_of(&source.repo_path("s1", "repo.git")));
+}
+
+#[tokio::test]
+async fn a_refs_phase_older_than_the_replica_s_fence_changes_nothing() {
+    let (source, target, work) = two_nodes().await;
+    let copy = target.repo_path("s1", "copy.git");
+    replicate_phase(
+        &target,
+        "copy.git",
+        repo_on(&source),
+        ReplicationPhase::Refs,
+        Some(5),
+    )
+    .await
+    .unwrap();
+    let before = refs_of(&copy);
+    push_branch(&source, work.path(), "fresh");
+
+    let status = replicate_phase(
+        &target,
+        "copy.git",
+        repo_on(&source),
+        ReplicationPhase::Refs,
+        Some(4),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(status.message(), "fenced: token 4 is older than 5");
+    assert_eq!(refs_of(&copy), before);
+
+    // The same token again, or a newer one, goes through.
+    replicate_phase(
+        &target,
+        "copy.git",
+        repo_on(&source),
+        ReplicationPhase::Refs,
+        Some(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(refs_of(&copy), refs_of(&source.repo_path("s1", "repo.git")));
+}
+
+/// The fence is checked when the refs change, not when the request arrives: a refs phase
+/// that read the source and then stalled, while a newer one went through, is refused when it
+/// resumes, and the replica keeps the newer state.
+#[tokio::test]
+async fn a_refs_phase_that_resumes_after_a_newer_one_is_refused() {
+    let source = NodeProcess::start();
+    let stall = Stall::new("cat-file");
+    let target = NodeProcess::start_with(NodeOptions {
+        extra_config: stall.node_config(),
+        ..NodeOptions::default()
+    });
+    let work = push_history(&source, &["main", "feature", "v1", "v2"]).await;
+    let copy = target.repo_path("s1", "copy.git");
+    replicate_phase(
+        &target,
+        "copy.git",
+        repo_on(&source),
+        ReplicationPhase::Refs,
+        Some(5),
+    )
+    .await
+    .unwrap();
+
+    // The old phase reads the source with `early` on it, and stalls before its update.
+    let early = push_branch(&source, work.path(), "early");
+    stall.arm();
+    let late = tokio::spawn({
+        let (target_channel, source) = (target.channel().await, repo_on(&source));
+        async move {
+            let mut request = tonic::Request::new(ReplicateRepositoryRequest {
+                repository: header("s1", "copy.git"),
+                source,
+                phase: ReplicationPhase::Refs.into(),
+            });
+            gitfleet::fleet::set_fence(request.metadata_mut(), 6);
+            NodeServiceClient::new(target_channel)
+                .replicate_repository(request)
+                .await
+        }
+    });
+    stall.stalled().await;
+
+    // Meanwhile `early` is deleted and a newer phase mirrors that.
+    run_git(
+        work.path(),
+        &["push", "-q", &source.ssh_url("s1", "repo.git"), ":early"],
+    );
+    replicate_phase(
+        &target,
+        "copy.git",
+        repo_on(&source),
+        ReplicationPhase::Refs,
+        Some(7),
+    )
+    .await
+    .unwrap();
+    let newer = refs_of(&copy);
+    assert_eq!(newer, refs_of(&source.repo_path("s1", "repo.git")));
+    assert!(!newer.contains("refs/heads/early"), "{newer}");
+
+    stall.release();
+    let status = late.await.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(status.message(), "fenced: token 6 is older than 7");
+    assert_eq!(refs_of(&copy), newer);
+    assert!(has_object(&copy, &early), "the objects were still copied");
 }
