@@ -17,9 +17,9 @@ use crate::dev::cluster::storage_dir;
 use crate::model::{RelativePath, StorageName};
 
 const LARGE: &str = "bench/large.git";
-const SMALL: &str = "bench/small.git";
+pub(super) const SMALL: &str = "bench/small.git";
 /// Nodes of the cluster, so replicas of each repository.
-const NODES: usize = 3;
+pub(super) const NODES: usize = 3;
 
 /// The servers, and where each serves the benchmark's repositories from.
 pub(super) struct Setup<'a> {
@@ -30,14 +30,14 @@ pub(super) struct Setup<'a> {
     daemon: Daemon,
     /// The cluster's URLs of the large and small repositories (git over HTTP).
     large_url: String,
-    small_url: String,
+    pub small_url: String,
     /// Storage-1's replica of the large repository: what git daemon and --no-local read.
     large_replica: PathBuf,
     /// The small repository's copies that git daemon, and a push to a path, take pushes into.
     daemon_small: PathBuf,
     path_small: PathBuf,
     /// Every replica directory of the small repository, one per storage.
-    small_replicas: Vec<PathBuf>,
+    pub small_replicas: Vec<PathBuf>,
     pub proxy: rpc::Target,
     /// The same repository on each node, called straight.
     pub nodes: Vec<rpc::Target>,
@@ -64,6 +64,8 @@ pub fn all(
         options.parallel_clones,
         repositories,
     )?);
+    // Last: it leaves the writers' branches in the small repository.
+    rows.extend(super::converge::busy_repository(&runtime, &setup)?);
     let Setup {
         cluster,
         daemon,

@@ -2,6 +2,7 @@
 //! repositories, starts a `gitfleet dev` cluster (3 nodes) and a plain `git daemon` on the same
 //! machine, and measures clones, fetches, pushes and accessor calls each way in one run.
 
+mod converge;
 mod generate;
 mod git;
 mod load;

@@ -14,10 +14,13 @@ directory (the physical limit);\n  \
 2. a fetch of one new commit, the same three ways;\n  \
 3. a push of one commit to 3 replicas, against a push to git daemon and one to a bare \
 repository by its path;\n  \
-4. ListRefs of a repository with 101 refs at concurrency 1 and 64, through the proxy and \
+4. a busy repository: 4 writers push without a break, one replica is made to miss writes, \
+and the time until it is up to date again is measured while they go on, with the longest \
+push meanwhile against the longest before;\n  \
+5. ListRefs of a repository with 101 refs at concurrency 1 and 64, through the proxy and \
 straight to a node: p50, p99, calls a second, the proxy's database statements, CPU and \
 memory;\n  \
-5. the proxy's memory while several clones of the large repository stream at once.\n\n\
+6. the proxy's memory while several clones of the large repository stream at once.\n\n\
 Build it with --release first: a debug build's figures say little. The repositories are \
 kept in DIR/repos (about 250 MiB) and reused by the next run of the same shape; the cluster \
 is made anew each time and removed at the end, its log kept in DIR/cluster.log. The whole \

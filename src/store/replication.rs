@@ -67,7 +67,12 @@ impl Store {
 
     /// Takes the repository's lease for a replication's refs phase, as a write takes it: a
     /// new token, which the target's node takes as its fence. Not while a write holds the
-    /// lease, nor while an interrupted write's intent is open (its recovery comes first).
+    /// lease (its intent is open while it runs: busy), nor while an interrupted write's intent
+    /// outlived its lease (its recovery comes first).
+    ///
+    /// While the lease is busy, each attempt reserves it for [`RESERVATION`]: new writes then
+    /// wait, and the replication takes the lease when the write holding it ends, rather than
+    /// racing a stream of writers for it. A reservation that is not renewed lapses.
     pub async fn lease_for_replication(
         &self,
         repository: RepositoryId,
@@ -82,19 +87,32 @@ impl Store {
                 sqlx::query(
                     "WITH repo AS (
                          SELECT r.id,
+                                (r.lease_owner IS NULL OR r.lease_expires_at < now()) AS free,
                                 EXISTS (SELECT 1 FROM write_intents i
-                                        WHERE i.repository_id = r.id) AS interrupted
+                                        WHERE i.repository_id = r.id) AS intent
                          FROM repositories r WHERE r.id = $1
                      ), lease AS (
                          UPDATE repositories r
                          SET lease_owner = $4, lease_token = nextval('repository_lease_tokens'),
-                             lease_expires_at = now() + $5 * interval '1 millisecond'
+                             lease_expires_at = now() + $5 * interval '1 millisecond',
+                             lease_reserved_by = NULL, lease_reserved_until = NULL
                          FROM repo
-                         WHERE r.id = repo.id AND NOT repo.interrupted
+                         WHERE r.id = repo.id AND NOT repo.intent
                            AND (r.lease_owner IS NULL OR r.lease_expires_at < now())
+                           AND (r.lease_reserved_by IS NULL OR r.lease_reserved_until < now()
+                                OR r.lease_reserved_by = $4)
                          RETURNING r.id, r.lease_token, r.generation
+                     ), reserved AS (
+                         UPDATE repositories r
+                         SET lease_reserved_by = $4,
+                             lease_reserved_until = now() + $6 * interval '1 millisecond'
+                         FROM repo
+                         WHERE r.id = repo.id AND NOT repo.free
+                           AND NOT EXISTS (SELECT 1 FROM lease)
+                           AND (r.lease_reserved_by IS NULL OR r.lease_reserved_until < now()
+                                OR r.lease_reserved_by = $4)
                      )
-                     SELECT repo.interrupted, lease.lease_token, lease.generation,
+                     SELECT repo.free AND repo.intent AS interrupted, lease.lease_token, lease.generation,
                             (SELECT p.generation FROM replicas p
                              WHERE p.repository_id = lease.id AND p.storage = $2)
                                 AS target_generation,
@@ -110,6 +128,7 @@ impl Store {
                 .bind(source.map(StorageName::as_str))
                 .bind(owner)
                 .bind(millis(lease))
+                .bind(millis(RESERVATION))
                 .fetch_optional(&self.pool),
             )
             .await?;
@@ -212,6 +231,9 @@ impl Store {
         Ok((closed, row.try_get("target_generation")?))
     }
 }
+
+/// How long one attempt to take a busy repository's lease keeps it reserved.
+pub const RESERVATION: Duration = Duration::from_secs(1);
 
 /// What an attempt to take the repository's lease for a replication found.
 #[derive(Debug)]

@@ -92,7 +92,8 @@ pub enum Standing {
 
 impl Store {
     /// Takes the write lease of the repository at a path and records the write intent, in one
-    /// statement. `healthy` lists the storages the proxy can reach now; the write targets the
+    /// statement; not while a replication has reserved the lease (see
+    /// `Store::lease_for_replication`). `healthy` lists the storages the proxy can reach now; the write targets the
     /// assigned, up-to-date ones among them, and the lease is not taken at all when they are
     /// fewer than a majority of the assigned storages.
     #[allow(clippy::too_many_arguments)]
@@ -114,7 +115,9 @@ impl Store {
                 sqlx::query(
                     "WITH snapshot AS (
                          SELECT r.id, r.generation, r.replica_path,
-                                (r.lease_owner IS NULL OR r.lease_expires_at < now()) AS free,
+                                (r.lease_owner IS NULL OR r.lease_expires_at < now())
+                                AND (r.lease_reserved_by IS NULL
+                                     OR r.lease_reserved_until < now()) AS free,
                                 (SELECT count(*) FROM assignments a
                                  WHERE a.repository_id = r.id) AS assigned,
                                 (SELECT count(*) FROM assignments a
@@ -131,6 +134,7 @@ impl Store {
                          FROM snapshot s
                          WHERE r.id = s.id
                            AND (r.lease_owner IS NULL OR r.lease_expires_at < now())
+                           AND (r.lease_reserved_by IS NULL OR r.lease_reserved_until < now())
                            AND s.reachable >= s.assigned / 2 + 1
                            AND NOT (SELECT write_lock FROM maintenance)
                          RETURNING r.id, r.lease_token, r.generation, r.lease_expires_at
@@ -226,10 +230,12 @@ impl Store {
             targets: storage_names(&row.try_get::<Vec<String>, _>("targets")?),
             assigned,
         };
-        // The lease was free only after a write that finished while this statement waited for
-        // the row: the targets were read before that write committed. Start again.
+        // The lease was free only after a write or a replication that finished while this
+        // statement waited for the row: the targets were read before it committed (a replica
+        // it brought up to date would be left out). Start again.
         let snapshot_generation: i64 = row.try_get("snapshot_generation")?;
-        if snapshot_generation != generation {
+        let free_in_snapshot: bool = row.try_get("free")?;
+        if snapshot_generation != generation || !free_in_snapshot {
             if stale.is_some() {
                 // Release the lease only: the interrupted write's intent stays.
                 lease.intent = NO_INTENT;

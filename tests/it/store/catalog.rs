@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use gitfleet::model::{RelativePath, RepositoryId, StorageName};
-use gitfleet::store::{Deleted, Deletion, NewRepository, RefChange, Store, Which, WriteStart};
+use gitfleet::store::{
+    Deleted, Deletion, NewRepository, RefChange, ReplicationLease, Store, Which, WriteStart,
+};
 
 async fn store() -> Store {
     let url = crate::common::db::fresh_database().await;
@@ -604,4 +606,160 @@ async fn head_s_old_branch_is_recorded_in_the_intent_under_the_lease() {
     let mut expected = changes.to_vec();
     expected[1].old = "refs/heads/main".into();
     assert_eq!(recorded, expected);
+}
+
+#[tokio::test]
+async fn a_replication_takes_the_repository_s_lease_between_writes_and_writes_wait_for_it() {
+    let store = store().await;
+    let id = create(&store, "busy.git").await;
+    let lease = Duration::from_secs(30);
+    let target = name("s3");
+    let take = || store.lease_for_replication(id, None, &target, "worker-a", lease);
+
+    // A write in flight (its intent open, its lease held) makes the lease busy, not an
+    // interrupted write, and the attempt reserves the lease.
+    let write = lease_for_write(&store, "busy.git", &main_created()).await;
+    assert!(matches!(take().await.unwrap(), ReplicationLease::Busy));
+    // Once the write is over, a new write waits while the reservation lasts...
+    let all = [name("s1"), name("s2"), name("s3")];
+    store
+        .commit_write(&write, "proxy-a", &all[..2], &all[0])
+        .await
+        .unwrap()
+        .expect("two of three");
+    let start = store
+        .begin_write(
+            &name("default"),
+            &path("busy.git"),
+            "proxy-b",
+            lease,
+            "/x/Y",
+            &main_created(),
+            &all,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(start, WriteStart::Busy), "{start:?}");
+    // ...and the replication takes it, with a newer token, at the generation the write left.
+    let ReplicationLease::Leased(leased) = take().await.unwrap() else {
+        panic!("the lease was free and reserved for the replication")
+    };
+    assert!(leased.token > write.token);
+    assert_eq!(leased.generation, 1);
+    assert_eq!(leased.target_generation, Some(0));
+    assert_eq!(leased.sources.len(), 2);
+
+    // A second replicator finds it busy; another owner's lapsed reservation does not stand
+    // in its way.
+    assert!(matches!(
+        store
+            .lease_for_replication(id, None, &name("s3"), "worker-b", lease)
+            .await
+            .unwrap(),
+        ReplicationLease::Busy
+    ));
+    store
+        .release_repository_lease(id, leased.token, "worker-a")
+        .await
+        .unwrap();
+    sqlx::query("UPDATE repositories SET lease_reserved_until = now() - interval '1 second'")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    assert!(matches!(take().await.unwrap(), ReplicationLease::Leased(_)));
+}
+
+#[tokio::test]
+async fn a_replication_leaves_an_interrupted_write_to_its_recovery() {
+    let store = store().await;
+    let id = create(&store, "stale.git").await;
+    let write = lease_for_write(&store, "stale.git", &main_created()).await;
+    sqlx::query(
+        "UPDATE repositories SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
+    )
+    .bind(id.0)
+    .execute(store.pool())
+    .await
+    .unwrap();
+    assert!(matches!(
+        store
+            .lease_for_replication(id, None, &name("s3"), "worker-a", Duration::from_secs(30))
+            .await
+            .unwrap(),
+        ReplicationLease::Interrupted
+    ));
+    // Nothing was taken or reserved: the write's proxy may still close it.
+    let (owner, reserved): (Option<String>, Option<String>) =
+        sqlx::query_as("SELECT lease_owner, lease_reserved_by FROM repositories WHERE id = $1")
+            .bind(id.0)
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    assert_eq!((owner.as_deref(), reserved), (Some("proxy-a"), None));
+    assert!(write.token > 0);
+}
+
+/// A write whose statement waited for the repository's row while a replication recorded its
+/// target and released the lease read the replicas before that: it starts again, and then
+/// writes to the replica the replication brought up to date.
+#[tokio::test]
+async fn a_write_that_waited_for_a_replication_s_close_reads_the_replicas_again() {
+    let store = store().await;
+    let id = create(&store, "closing.git").await;
+    let all = [name("s1"), name("s2"), name("s3")];
+    sqlx::query(
+        "UPDATE repositories SET lease_owner = 'worker-a', lease_expires_at = now() + interval '1 minute'
+         WHERE id = $1",
+    )
+    .bind(id.0)
+    .execute(store.pool())
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE replicas SET generation = NULL WHERE repository_id = $1 AND storage = 's3'",
+    )
+    .bind(id.0)
+    .execute(store.pool())
+    .await
+    .unwrap();
+
+    // The replication's close: the target recorded and the lease released, not yet committed.
+    let mut close = store.pool().begin().await.unwrap();
+    sqlx::query("UPDATE replicas SET generation = 0 WHERE repository_id = $1 AND storage = 's3'")
+        .bind(id.0)
+        .execute(&mut *close)
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE repositories SET lease_owner = NULL, lease_expires_at = NULL WHERE id = $1",
+    )
+    .bind(id.0)
+    .execute(&mut *close)
+    .await
+    .unwrap();
+    let waiting = tokio::spawn({
+        let store = store.clone();
+        let all = all.clone();
+        async move {
+            store
+                .begin_write(
+                    &name("default"),
+                    &path("closing.git"),
+                    "proxy-a",
+                    Duration::from_secs(30),
+                    "/x/Y",
+                    &main_created(),
+                    &all,
+                )
+                .await
+                .unwrap()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    close.commit().await.unwrap();
+    let start = waiting.await.unwrap();
+    assert!(matches!(start, WriteStart::Busy), "{start:?}");
+
+    let lease = lease_for_write(&store, "closing.git", &main_created()).await;
+    assert_eq!(lease.targets, all);
 }
