@@ -79,6 +79,7 @@ impl From<NodeError> for Status {
             NodeError::RefConflict(_) => Code::Aborted,
             NodeError::Rejected(_) | NodeError::SourceFailed(_) => Code::FailedPrecondition,
             NodeError::Fenced(super::fence::FenceError::Fenced { .. }) => Code::FailedPrecondition,
+            NodeError::Fenced(super::fence::FenceError::Busy(_)) => Code::Unavailable,
             NodeError::Fenced(super::fence::FenceError::Io(_)) => Code::Internal,
             NodeError::SourceUnavailable(_) | NodeError::ShuttingDown => Code::Unavailable,
             NodeError::ClientGone => Code::Cancelled,

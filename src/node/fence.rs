@@ -12,22 +12,37 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read as _, Write as _};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 
 /// The request metadata that carries the caller's token. Only the cluster's own callers set
 /// it: the proxy refuses a client's call that does.
 pub const FENCE_HEADER: &str = "gitfleet-fence";
 
+/// The environment that carries a push's token to the node's reference-transaction hook.
+pub const FENCE_ENV: &str = "GITFLEET_FENCE";
+
 const FENCE_FILE: &str = "gitfleet-fence";
 const FENCE_LOCK: &str = "gitfleet-fence.lock";
 const FENCE_NEW: &str = "gitfleet-fence.new";
+/// Present while a push's ref transaction holds the fence lock through its holder process.
+const HOLDER_FILE: &str = "gitfleet-fence.holder";
+
+/// How long an operation waits for a replica's fence lock before it gives up: the holder is a
+/// stalled operation, and the caller had better fail (and be repaired later) than hang.
+pub const LOCK_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum FenceError {
     #[error("fenced: token {token} is older than {fence}")]
     Fenced { token: u64, fence: u64 },
+    #[error("the replica's fence lock was held by another operation for {0:?}")]
+    Busy(Duration),
     #[error("the fence of the replica cannot be read or written: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -64,8 +79,7 @@ pub fn enter(replica: &Path, token: u64) -> Result<FenceGuard, FenceError> {
         .truncate(false)
         .write(true)
         .open(replica.join(FENCE_LOCK))?;
-    let lock = Flock::lock(lock_file, FlockArg::LockExclusive)
-        .map_err(|(_, errno)| FenceError::Io(errno.into()))?;
+    let lock = lock(lock_file, LOCK_WAIT)?;
     let fence = read(replica)?;
     if token < fence {
         return Err(FenceError::Fenced { token, fence });
@@ -79,12 +93,87 @@ pub fn enter(replica: &Path, token: u64) -> Result<FenceGuard, FenceError> {
     })
 }
 
+/// Takes the lock on `file`, waiting up to `wait` for whoever holds it.
+fn lock(mut file: File, wait: Duration) -> Result<Flock<File>, FenceError> {
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((returned, Errno::EWOULDBLOCK)) if started.elapsed() < wait => {
+                file = returned;
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(20));
+            }
+            Err((_, Errno::EWOULDBLOCK)) => return Err(FenceError::Busy(wait)),
+            Err((_, errno)) => return Err(FenceError::Io(errno.into())),
+        }
+    }
+}
+
 /// [`enter`], from async code.
 pub async fn enter_async(replica: &Path, token: u64) -> Result<FenceGuard, FenceError> {
     let replica = replica.to_owned();
     tokio::task::spawn_blocking(move || enter(&replica, token))
         .await
         .map_err(|error| FenceError::Io(std::io::Error::other(error)))?
+}
+
+/// Writes the node's reference-transaction hook into `dir`, for receive-pack's ref updates
+/// (git runs it with `core.hooksPath` pointing there when a push carries a token):
+/// - `prepared`: `gitfleet hook prepared` takes the replica's fence lock, refuses a token
+///   older than the fence (git then aborts the update), raises the fence, and leaves the lock
+///   with a holder process until the transaction ends;
+/// - `committed` and `aborted`: the holder is told to let go.
+pub fn install_hook(dir: &Path, exe: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let exe = exe.to_string_lossy().replace('\'', r"'\''");
+    let script = format!(
+        "#!/bin/sh\n\
+         # gitfleet: checks the replica's fence when a push changes its refs.\n\
+         [ -n \"${FENCE_ENV}\" ] || exit 0\n\
+         case \"$1\" in\n\
+         prepared) exec '{exe}' hook prepared ;;\n\
+         committed|aborted) rm -f {HOLDER_FILE} ;;\n\
+         esac\n\
+         exit 0\n"
+    );
+    let path = dir.join("reference-transaction");
+    let new = dir.join("reference-transaction.new");
+    std::fs::write(&new, script)?;
+    std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::rename(new, path)
+}
+
+/// `gitfleet hook prepared`, run by git in the replica's directory once a push's ref updates
+/// are locked and about to be committed: enters the fence for `token`, and hands the lock to a
+/// holder (`gitfleet hook hold`) that keeps it until the transaction ends or `git` (the
+/// hook's parent, pid `git`) exits.
+pub fn hook_prepared(replica: &Path, token: u64, git: u32) -> Result<(), FenceError> {
+    let guard = enter(replica, token)?;
+    // The holder's stdin is the locked file: the lock lasts while it has it open. Dropping the
+    // guard would unlock it for the holder too; this process ends right after, closing its
+    // own descriptor only.
+    let held = guard._lock.try_clone()?;
+    std::mem::forget(guard);
+    std::fs::write(replica.join(HOLDER_FILE), "")?;
+    Command::new(std::env::current_exe()?)
+        .args(["hook", "hold", "--pid", &git.to_string()])
+        .current_dir(replica)
+        .stdin(Stdio::from(held))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    Ok(())
+}
+
+/// `gitfleet hook hold`: keeps the fence lock it was handed (as stdin) until the holder file
+/// is gone (the transaction ended) or the process `git` exited.
+pub fn hold(replica: &Path, git: u32) {
+    let git = nix::unistd::Pid::from_raw(git as i32);
+    while replica.join(HOLDER_FILE).exists() && nix::sys::signal::kill(git, None).is_ok() {
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 /// Replaces the fence: a crash leaves either the old token or the new one, never a torn file.

@@ -51,6 +51,9 @@ pub(super) struct Invocation<'a> {
     pub args: &'a [&'a str],
     /// The client's GIT_PROTOCOL, empty for protocol v0.
     pub git_protocol: &'a str,
+    /// The caller's fencing token: a push's ref updates are checked against the replica's
+    /// fence, by the node's reference-transaction hook, as they are committed.
+    pub fence: Option<u64>,
 }
 
 impl Node {
@@ -62,6 +65,15 @@ impl Node {
         let repository = self.state.storages.existing(invocation.header)?;
         check_git_protocol(invocation.git_protocol)?;
         let mut command = self.state.git.command(None);
+        if let (Service::ReceivePack, Some(token)) = (invocation.service, invocation.fence) {
+            command
+                .arg("-c")
+                .arg(format!(
+                    "core.hooksPath={}",
+                    repository.storage.hooks_dir().display()
+                ))
+                .env(super::fence::FENCE_ENV, token.to_string());
+        }
         command
             .arg(invocation.service.command())
             .args(invocation.args)
@@ -210,6 +222,7 @@ impl SmartHttpService for Node {
                 service: Service::UploadPack,
                 args: &["--stateless-rpc"],
                 git_protocol: &first.git_protocol,
+                fence: None,
             },
             Some(input),
             None,
@@ -222,6 +235,7 @@ impl SmartHttpService for Node {
         &self,
         request: Request<Streaming<PostReceivePackRequest>>,
     ) -> Result<Response<Self::PostReceivePackStream>, Status> {
+        let fence = super::refs::fence_token(request.metadata())?;
         let mut stream = request.into_inner();
         let first = first_message(&mut stream).await?;
         let input = request_data(first.data, stream, |message: PostReceivePackRequest| {
@@ -233,6 +247,7 @@ impl SmartHttpService for Node {
                 service: Service::ReceivePack,
                 args: &["--stateless-rpc"],
                 git_protocol: &first.git_protocol,
+                fence,
             },
             Some(input),
             None,
@@ -263,6 +278,7 @@ impl Node {
                 service,
                 args: &["--stateless-rpc", "--advertise-refs"],
                 git_protocol: &request.git_protocol,
+                fence: None,
             },
             None::<tokio_stream::Empty<Result<Bytes, Status>>>,
             prefix,

@@ -20,6 +20,7 @@ impl Node {
         request: Request<Streaming<SshRequest>>,
         service: Service,
     ) -> Result<SshStream, Status> {
+        let fence = super::refs::fence_token(request.metadata())?;
         let mut stream = request.into_inner();
         let first = first_message(&mut stream).await?;
         let command = self.service_command(&Invocation {
@@ -27,6 +28,7 @@ impl Node {
             service,
             args: &[],
             git_protocol: &first.git_protocol,
+            fence,
         })?;
         let input = stdin_of(first, stream);
         let (sender, receiver) = mpsc::channel(8);

@@ -1,5 +1,6 @@
 //! Where a storage keeps its repositories, and the node's own areas inside it:
-//! `.gitfleet/tmp` (repositories being built or torn down) and `.gitfleet/quarantine`.
+//! `.gitfleet/tmp` (repositories being built or torn down), `.gitfleet/quarantine` and
+//! `.gitfleet/hooks` (the node's reference-transaction hook).
 
 use std::collections::HashMap;
 use std::io::ErrorKind;
@@ -74,6 +75,11 @@ impl Storage {
         self.internal_dir().join("quarantine")
     }
 
+    /// The node's git hooks (`core.hooksPath` of a push that carries a fencing token).
+    pub fn hooks_dir(&self) -> PathBuf {
+        self.internal_dir().join("hooks")
+    }
+
     /// A fresh, unused path in the temporary area.
     pub fn tmp_path(&self, purpose: &str) -> PathBuf {
         self.tmp_dir()
@@ -90,6 +96,7 @@ impl Storage {
         }
         std::fs::create_dir_all(self.tmp_dir())?;
         std::fs::create_dir_all(self.quarantine_dir())?;
+        super::fence::install_hook(&self.hooks_dir(), &std::env::current_exe()?)?;
         super::maintenance::recover_quarantine(self)
     }
 }

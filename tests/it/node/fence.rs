@@ -2,9 +2,13 @@
 //! the node has accepted for that replica changes nothing and says why, and the fence outlives
 //! the node's restart.
 
+use std::path::Path;
+
+use crate::common::stall::Stall;
 use crate::common::*;
 use gitfleet::node::fence::FENCE_HEADER;
 use gitfleet::proto::ref_service_client::RefServiceClient;
+use gitfleet::proto::ssh_service_client::SshServiceClient;
 use gitfleet::proto::*;
 use tonic::Code;
 
@@ -107,4 +111,156 @@ async fn a_ref_change_with_an_older_token_than_the_fence_changes_nothing() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::InvalidArgument);
+}
+
+/// A new commit on a branch of its own in `work`; returns its id.
+fn commit_on(work: &Path, branch: &str) -> String {
+    run_git(work, &["checkout", "-q", "-B", branch]);
+    std::fs::write(work.join(format!("{branch}.txt")), branch).unwrap();
+    run_git(work, &["add", "."]);
+    run_git(work, &["commit", "-q", "-m", branch]);
+    run_git(work, &["rev-parse", "HEAD"]).trim().to_owned()
+}
+
+/// Pushes `commit` to a new branch of `s1/repo.git` as git's client would over SshReceivePack,
+/// with `token` in the fence header; returns what receive-pack wrote (its report, and the
+/// hook's words on stderr).
+async fn push_fenced(
+    channel: gitfleet::client::AuthedChannel,
+    work: &Path,
+    branch: &str,
+    commit: &str,
+    token: &str,
+) -> String {
+    let pack = std::process::Command::new("git")
+        .current_dir(work)
+        .args(["pack-objects", "--stdout", "--revs", "-q"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write as _;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(format!("{commit}\n").as_bytes())?;
+            child.wait_with_output()
+        })
+        .unwrap()
+        .stdout;
+    let zero = "0".repeat(40);
+    let mut stdin = gitfleet::git::pktline::encode(
+        format!("{zero} {commit} refs/heads/{branch}\0report-status\n").as_bytes(),
+    );
+    stdin.extend_from_slice(b"0000");
+    stdin.extend_from_slice(&pack);
+    let request = fenced(
+        tokio_stream::iter(vec![SshRequest {
+            repository: header("s1", "repo.git"),
+            git_protocol: String::new(),
+            stdin: stdin.into(),
+            close_stdin: true,
+        }]),
+        token,
+    );
+    let mut stream = SshServiceClient::new(channel)
+        .ssh_receive_pack(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let mut said = Vec::new();
+    while let Some(message) = stream.message().await.unwrap() {
+        said.extend_from_slice(&message.stdout);
+        said.extend_from_slice(&message.stderr);
+    }
+    String::from_utf8_lossy(&said).into_owned()
+}
+
+/// Whether a `gitfleet hook hold` process is still running anywhere.
+fn a_holder_runs() -> bool {
+    std::fs::read_dir("/proc").unwrap().flatten().any(|entry| {
+        std::fs::read(entry.path().join("cmdline"))
+            .is_ok_and(|cmdline| cmdline.windows(10).any(|w| w == b"hook\0hold\0"))
+    })
+}
+
+#[tokio::test]
+async fn a_push_with_an_older_token_than_the_fence_changes_nothing() {
+    let node = NodeProcess::start();
+    let work = push_history(&node, &["main"]).await;
+    let replica = node.repo_path("s1", "repo.git");
+    RefServiceClient::new(node.channel().await)
+        .set_default_branch(fenced(default_branch("main"), "7"))
+        .await
+        .unwrap();
+    let late = commit_on(work.path(), "late");
+
+    // git aborts the update (receive-pack says why on stderr and stops).
+    let said = push_fenced(node.channel().await, work.path(), "late", &late, "6").await;
+    assert!(said.contains("fenced: token 6 is older than 7"), "{said}");
+    assert!(!said.contains("ok refs/heads/late"), "{said}");
+    assert!(!refs_of(&replica).contains("refs/heads/late"));
+
+    // A newer token goes through, raises the fence, and leaves no holder behind.
+    let said = push_fenced(node.channel().await, work.path(), "late", &late, "8").await;
+    assert!(said.contains("ok refs/heads/late"), "{said}");
+    assert_eq!(
+        run_git(&replica, &["rev-parse", "refs/heads/late"]).trim(),
+        late
+    );
+    assert_eq!(
+        std::fs::read_to_string(replica.join("gitfleet-fence")).unwrap(),
+        "8\n"
+    );
+    assert!(!replica.join("gitfleet-fence.holder").exists());
+    for _ in 0..100 {
+        if !a_holder_runs() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(!a_holder_runs(), "the fence holder outlived its push");
+}
+
+/// The fence is checked when receive-pack's refs change, not when the push arrives: a push
+/// that stalled before it ran, while a newer change was accepted, is refused when it resumes.
+#[tokio::test]
+async fn a_push_that_resumes_after_a_newer_change_is_refused_when_its_refs_change() {
+    let stall = Stall::new("receive-pack");
+    let node = NodeProcess::start_with(NodeOptions {
+        extra_config: stall.node_config(),
+        ..NodeOptions::default()
+    });
+    let work = push_history(&node, &["main", "feature"]).await;
+    let replica = node.repo_path("s1", "repo.git");
+    let main = run_git(work.path(), &["rev-parse", "main"])
+        .trim()
+        .to_owned();
+    let feature = run_git(work.path(), &["rev-parse", "feature"])
+        .trim()
+        .to_owned();
+    let late = commit_on(work.path(), "late");
+
+    stall.arm();
+    let push = tokio::spawn({
+        let (channel, work, late) = (node.channel().await, work.path().to_owned(), late.clone());
+        async move { push_fenced(channel, &work, "late", &late, "6").await }
+    });
+    stall.stalled().await;
+    RefServiceClient::new(node.channel().await)
+        .update_refs(fenced(move_main(&main, &feature), "7"))
+        .await
+        .unwrap();
+    stall.release();
+
+    let said = push.await.unwrap();
+    assert!(said.contains("fenced: token 6 is older than 7"), "{said}");
+    assert!(!said.contains("ok refs/heads/late"), "{said}");
+    let refs = refs_of(&replica);
+    assert!(!refs.contains("refs/heads/late"), "{refs}");
+    assert_eq!(
+        run_git(&replica, &["rev-parse", "refs/heads/main"]).trim(),
+        feature
+    );
 }
