@@ -62,6 +62,25 @@ pub(super) fn judge(before: &[String], after: &[Option<String>], needed: usize) 
     }
 }
 
+/// Whether a replica's answer to the write is definitive: it ran the write to its end and
+/// said how it went (applied, or refused with a reason). A call that timed out, was cancelled
+/// or cut off, or failed inside the node may still change the replica afterwards.
+pub(super) fn definitive<T>(reply: &Result<T, tonic::Status>) -> bool {
+    use tonic::Code;
+    match reply {
+        Ok(_) => true,
+        Err(status) => !matches!(
+            status.code(),
+            Code::DeadlineExceeded
+                | Code::Cancelled
+                | Code::Unavailable
+                | Code::Aborted
+                | Code::Unknown
+                | Code::Internal
+        ),
+    }
+}
+
 /// How a rolled-back write's intent is closed, from what the rollback left.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Settle {
@@ -87,6 +106,28 @@ pub(super) fn settle(clean: usize, uncertain: usize, needed: usize) -> Settle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_an_answer_that_ran_to_its_end_is_definitive() {
+        use tonic::Status;
+        assert!(definitive(&Ok::<(), Status>(())));
+        for refusal in [
+            Status::failed_precondition("reference update rejected"),
+            Status::invalid_argument("git receive-pack failed"),
+            Status::not_found("no such repository"),
+        ] {
+            assert!(definitive(&Err::<(), _>(refusal)));
+        }
+        for open in [
+            Status::deadline_exceeded("the replica had not finished"),
+            Status::cancelled("gone"),
+            Status::unavailable("connection reset"),
+            Status::aborted("the write lease was lost"),
+            Status::internal("the request's task failed"),
+        ] {
+            assert!(!definitive(&Err::<(), _>(open)));
+        }
+    }
 
     fn sums(values: &[&str]) -> Vec<String> {
         values.iter().map(|v| v.to_string()).collect()

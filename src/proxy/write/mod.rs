@@ -30,7 +30,7 @@ use crate::proto::{SetDefaultBranchRequest, UpdateRefsRequest};
 use crate::store::{RefChange, RepositoryRecord, WriteLease};
 use close::Commit;
 use fanout::quorum_checksums;
-use judge::{Settle, Verdict, judge, settle};
+use judge::{Settle, Verdict, definitive, judge, settle};
 pub(super) use ssh_push::{SSH_RECEIVE_PACK, receive_pack as ssh_receive_pack};
 
 const UPDATE_REFS: &str = "/gitfleet.v1.RefService/UpdateRefs";
@@ -228,6 +228,14 @@ impl Write {
             ));
         }
 
+        // A replica whose call ended without a definitive answer (dropped as a straggler, cut
+        // off) may still apply the write later: what its refs say now proves nothing. It is
+        // uncertain, and repaired under a newer token, which fences its late change out.
+        let after: Vec<Option<String>> = after
+            .into_iter()
+            .zip(&replies)
+            .map(|(after, reply)| after.filter(|_| definitive(reply)))
+            .collect();
         let (agreeing, changed, unchanged, unknown) = match judge(&before, &after, needed) {
             Verdict::Commit { agreeing } => {
                 return self
@@ -247,7 +255,12 @@ impl Write {
             } => (agreeing, changed, unchanged, unknown),
         };
 
-        // Not acknowledged: undo it where it landed.
+        // Not acknowledged: undo it where it landed. When it landed nowhere, the replicas that
+        // answered refused it, and their answer is the caller's once the others are settled.
+        let refusal = changed
+            .is_empty()
+            .then(|| unchanged.first().copied())
+            .flatten();
         let mut clean: Vec<StorageName> = unchanged.iter().map(|&i| targets[i].clone()).collect();
         let mut uncertain: Vec<StorageName> = unknown.iter().map(|&i| targets[i].clone()).collect();
         for index in changed {
@@ -291,6 +304,9 @@ impl Write {
                 clean = clean.len(),
                 "too few replicas are known to be clean: the intent stays open for recovery"
             ),
+        }
+        if let Some(index) = refusal {
+            return Ok((targets[index].clone(), replies.swap_remove(index)));
         }
         Err(self.failed(&reason))
     }

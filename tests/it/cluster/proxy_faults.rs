@@ -4,6 +4,8 @@
 use std::time::{Duration, Instant};
 
 use crate::common::cluster::{Cluster, STORAGES};
+use crate::common::stall::Stall;
+use crate::common::worker::{start_worker, wait_for, worker_config};
 use crate::common::*;
 use gitfleet::dev::postgres::{Durability, PrivatePostgres};
 use gitfleet::node::fence::FENCE_HEADER;
@@ -11,6 +13,7 @@ use gitfleet::proto::node_service_client::NodeServiceClient;
 use gitfleet::proto::ref_service_client::RefServiceClient;
 use gitfleet::proto::repository_service_client::RepositoryServiceClient;
 use gitfleet::proto::*;
+use gitfleet::worker::{Hooks, JobType};
 
 /// Everything a call could have changed in the catalog.
 async fn catalog_state(cluster: &Cluster) -> (i64, i64, i64, i64, i64, i64) {
@@ -721,4 +724,68 @@ async fn the_proxy_refuses_a_client_that_sends_a_fencing_token() {
     );
     // Nothing was recorded.
     assert_eq!(cluster.record("fenced.git").await.generation, 0);
+}
+
+/// A replica dropped as a straggler may still apply the write after the proxy judged it. Here
+/// its receive-pack ran on, out of its node's reach, after the write had failed (one replica
+/// applied it, one refused) and had been undone. No definitive answer, no credit: the replica
+/// is recorded outdated, repaired under a newer token, and its late update is refused by the
+/// fence that repair raised.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_straggler_s_late_update_is_fenced_out_and_its_replica_repaired() {
+    let mut cluster = Cluster::start_with(3, 3, "[writes]\nstraggler_timeout = \"300ms\"\n").await;
+    cluster.create("late.git").await;
+    let work = cluster.push_main("late.git");
+    let before = run_git(work.path(), &["rev-parse", "HEAD"])
+        .trim()
+        .to_owned();
+    let failing = Stall::failing("receive-pack");
+    let late = Stall::detached("receive-pack");
+    cluster.nodes[1].restart_with(&failing.node_config());
+    cluster.nodes[2].restart_with(&late.node_config());
+    cluster.wait_for_health(1, true).await;
+    cluster.wait_for_health(2, true).await;
+
+    failing.arm();
+    late.arm();
+    std::fs::write(work.path().join("late.txt"), "late\n").unwrap();
+    run_git(work.path(), &["add", "late.txt"]);
+    run_git(work.path(), &["commit", "-q", "-m", "late"]);
+    let pushed = std::process::Command::new("git")
+        .current_dir(work.path())
+        .args(["push", "-q", &cluster.url("late.git"), "main"])
+        .output()
+        .unwrap();
+    assert!(!pushed.status.success(), "the push was acknowledged");
+    late.stalled().await;
+
+    // Whatever the write left is repaired.
+    let worker = start_worker(
+        worker_config(&cluster),
+        &[JobType::Replicator],
+        Hooks::default(),
+    );
+    wait_for(30, "every replica up to date", || async {
+        cluster.record("late.git").await.up_to_date().count() == 3
+    })
+    .await;
+
+    // The straggler's receive-pack runs now, to its end.
+    late.release();
+    let status = late.finished().await;
+    let record = cluster.record("late.git").await;
+    assert_eq!(record.up_to_date().count(), 3, "{record:?}");
+    for index in 0..3 {
+        let main = run_git(
+            &cluster.replica_dir(index, &record),
+            &["rev-parse", "refs/heads/main"],
+        );
+        assert_eq!(
+            main.trim(),
+            before,
+            "replica {index} holds the unacknowledged push (the late receive-pack exited {status})"
+        );
+    }
+    cluster.agreed_checksum(&record).await;
+    worker.stop().await;
 }
