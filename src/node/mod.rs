@@ -2,6 +2,7 @@
 
 mod error;
 pub mod fence;
+mod locks;
 mod maintenance;
 mod objects;
 mod refs;

@@ -8,7 +8,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::fence::{self, FENCE_HEADER, FenceGuard};
-use super::{Node, NodeError};
+use super::{Node, NodeError, locks};
 use crate::git::GitError;
 use crate::git::checksum::Checksum;
 use crate::git::pipe::{self, Output};
@@ -125,10 +125,8 @@ impl Node {
         // Held while the refs change: a newer token waits, an older one is refused.
         let _fence = enter_fence(&repository.path, token).await?;
         match self
-            .state
-            .git
-            .run(
-                Some(&repository.path),
+            .change_refs(
+                &repository.path,
                 &["update-ref", "--stdin"],
                 Some(script.as_bytes()),
             )
@@ -148,15 +146,37 @@ impl Node {
         let repository = self.state.storages.existing(request.repository.as_ref())?;
         let branch = RefName::branch(&request.branch)?;
         let _fence = enter_fence(&repository.path, token).await?;
-        self.state
-            .git
-            .run(
-                Some(&repository.path),
-                &["symbolic-ref", "HEAD", branch.as_str()],
-                None,
-            )
-            .await?;
+        self.change_refs(
+            &repository.path,
+            &["symbolic-ref", "HEAD", branch.as_str()],
+            None,
+        )
+        .await?;
         Ok(())
+    }
+
+    /// Runs a git command that changes the replica's refs. One that trips over a ref lock
+    /// left by a git process that died mid-update has the lock removed, if no git of this
+    /// node is working on the replica, and runs once more.
+    pub(super) async fn change_refs(
+        &self,
+        replica: &Path,
+        args: &[&str],
+        stdin: Option<&[u8]>,
+    ) -> Result<Vec<u8>, GitError> {
+        match self.state.git.run(Some(replica), args, stdin).await {
+            Err(error @ GitError::Failed { .. }) if locks::tripped_over_a_lock(error.stderr()) => {
+                let path = replica.to_owned();
+                let removed = tokio::task::spawn_blocking(move || locks::clear_stale(&path))
+                    .await
+                    .unwrap_or_default();
+                if removed.is_empty() {
+                    return Err(error);
+                }
+                self.state.git.run(Some(replica), args, stdin).await
+            }
+            other => other,
+        }
     }
 }
 

@@ -317,25 +317,21 @@ impl Node {
         let (script, mut changed) = snapshot.script(&local);
         if !script.is_empty() {
             let script = format!("start\n{script}prepare\ncommit\n");
-            self.state
-                .git
-                .run(
-                    Some(path),
-                    &["update-ref", "--no-deref", "--stdin"],
-                    Some(script.as_bytes()),
-                )
-                .await
-                .map_err(super::refs::classify_update_failure)?;
+            self.change_refs(
+                path,
+                &["update-ref", "--no-deref", "--stdin"],
+                Some(script.as_bytes()),
+            )
+            .await
+            .map_err(super::refs::classify_update_failure)?;
         }
         if self.head(path).await? != snapshot.head.as_str() {
-            self.state
-                .git
-                .run(
-                    Some(path),
-                    &["symbolic-ref", "HEAD", snapshot.head.as_str()],
-                    None,
-                )
-                .await?;
+            self.change_refs(
+                path,
+                &["symbolic-ref", "HEAD", snapshot.head.as_str()],
+                None,
+            )
+            .await?;
             changed += 1;
         }
         Ok(changed)

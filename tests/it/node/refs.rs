@@ -414,3 +414,76 @@ async fn list_refs_streams_thousands_of_refs_in_several_messages() {
     assert!(messages > 1, "5000 refs came in one message");
     assert_eq!(names[4321], "refs/heads/many/branch-04321");
 }
+
+/// A git killed mid-update leaves its ref lock behind, and every later update of that ref
+/// would trip over it. The node removes a lock that no git of its own is working under, and
+/// the update goes through; a lock of a git that is still running is left alone.
+#[tokio::test]
+async fn a_ref_lock_left_by_a_killed_git_does_not_block_later_updates() {
+    let stall = crate::common::stall::Stall::new("update-ref");
+    let node = NodeProcess::start_with(NodeOptions {
+        extra_config: stall.node_config(),
+        ..NodeOptions::default()
+    });
+    let work = push_history(&node, &["main", "feature"]).await;
+    let replica = node.repo_path("s1", "repo.git");
+    let id = |name: &str| run_git(work.path(), &["rev-parse", name]).trim().to_owned();
+    let (main, feature) = (id("main"), id("feature"));
+    let update = |old: &str, new: &str| UpdateRefsRequest {
+        repository: header("s1", "repo.git"),
+        updates: vec![RefUpdate {
+            name: "refs/heads/main".into(),
+            old_target: old.into(),
+            new_target: new.into(),
+        }],
+    };
+
+    // Left by a git that died: removed, and the update lands.
+    std::fs::write(replica.join("refs/heads/main.lock"), "").unwrap();
+    RefServiceClient::new(node.channel().await)
+        .update_refs(update(&main, &feature))
+        .await
+        .unwrap();
+    assert!(!replica.join("refs/heads/main.lock").exists());
+    assert_eq!(
+        run_git(&replica, &["rev-parse", "refs/heads/main"]).trim(),
+        feature
+    );
+    std::fs::write(replica.join("HEAD.lock"), "").unwrap();
+    RefServiceClient::new(node.channel().await)
+        .set_default_branch(SetDefaultBranchRequest {
+            repository: header("s1", "repo.git"),
+            branch: "feature".into(),
+        })
+        .await
+        .unwrap();
+    assert!(!replica.join("HEAD.lock").exists());
+    assert_eq!(
+        run_git(&replica, &["symbolic-ref", "HEAD"]).trim(),
+        "refs/heads/feature"
+    );
+
+    // While a git of the node works on the replica, a lock may be its own: left alone.
+    std::fs::write(replica.join("refs/heads/main.lock"), "").unwrap();
+    stall.arm();
+    let stalled = tokio::spawn({
+        let channel = node.channel().await;
+        let request = update(&feature, &main);
+        async move { RefServiceClient::new(channel).update_refs(request).await }
+    });
+    stall.stalled().await;
+    let refused = RefServiceClient::new(node.channel().await)
+        .update_refs(update(&feature, &main))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Aborted, "{refused:?}");
+    assert!(replica.join("refs/heads/main.lock").exists());
+    // Once that git is gone, the next update clears it.
+    stall.release();
+    stalled.await.unwrap().unwrap();
+    assert!(!replica.join("refs/heads/main.lock").exists());
+    assert_eq!(
+        run_git(&replica, &["rev-parse", "refs/heads/main"]).trim(),
+        main
+    );
+}
