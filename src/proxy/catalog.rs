@@ -17,6 +17,7 @@ use crate::proto::{
     RepositoryExistsResponse,
 };
 use crate::store::{Deleted, Deletion, NewRepository, RemovedRepository, Renamed, Which};
+use crate::toolkit::LeaseKeeper;
 
 /// How long removal waits for the nodes: what is left is the removal jobs'.
 const REMOVE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -32,8 +33,9 @@ const UNDO: Deletion = Deletion {
 const EXISTS: &str = "/gitfleet.v1.RepositoryService/RepositoryExists";
 const RENAME: &str = "/gitfleet.v1.RepositoryService/RenameRepository";
 
-/// Writes the repository row and its assignments, then creates the replicas. A replica that
-/// fails is queued for repair; fewer than a majority undoes the row.
+/// Writes the repository row and its assignments with the creation's lease and intent, then
+/// creates the replicas. A replica that fails is queued for repair; fewer than a majority
+/// undoes the row. A creation whose proxy dies is left to the recovery job.
 pub(super) async fn create(
     proxy: &Proxy,
     call: Call,
@@ -73,11 +75,29 @@ pub(super) async fn create(
         primary: reachable[0].clone(),
         assigned: assigned.clone(),
     };
-    if !state.store.insert_repository(&new).await? {
+    let duration = state.config.writes.lease.0;
+    let taken_at = tokio::time::Instant::now();
+    let Some(lease) = state
+        .store
+        .insert_repository(&new, &state.instance_id, duration, call.info.path)
+        .await?
+    else {
         return Err(ProxyError::AlreadyExists(call.repository()));
-    }
+    };
     let replica_path = id.replica_path();
     tracing::info!(%id, %replica_path, assigned = ?assigned, "repository recorded");
+    // Renewal stops when the keeper is dropped, however the creation ends.
+    let _keeper = LeaseKeeper::start("create", duration, taken_at, {
+        let (store, owner, lease) = (
+            state.store.clone(),
+            state.instance_id.clone(),
+            lease.clone(),
+        );
+        move || {
+            let (store, owner, lease) = (store.clone(), owner.clone(), lease.clone());
+            async move { store.renew_write(&lease, &owner, duration).await }
+        }
+    });
 
     let attempts = reachable.iter().map(|storage| {
         let message = header::rewrite(
@@ -108,10 +128,19 @@ pub(super) async fn create(
             .collect();
         match state
             .store
-            .record_created_replicas(id, &created, &failed, &created[0])
+            .record_created_replicas(&lease, &state.instance_id, &created, &failed, &created[0])
             .await
         {
-            Ok(()) => return Ok(single(crate::proto::CreateRepositoryResponse {})),
+            Ok(true) => return Ok(single(crate::proto::CreateRepositoryResponse {})),
+            // Taken over: the recovery job finishes or undoes the creation.
+            Ok(false) => {
+                return Err(ProxyError::WriteFailed {
+                    repository: call.repository(),
+                    reason: "the creation's lease was lost before it was recorded; the \
+                             recovery job finishes or undoes it"
+                        .into(),
+                });
+            }
             Err(error) => {
                 // Without its replicas recorded the repository could not be served: undo it,
                 // if the database lets us.

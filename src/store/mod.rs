@@ -27,7 +27,7 @@ pub use jobs::{ClaimedJob, Closed, JOB_STATES, JobId, NewJob};
 pub use maintenance::WriteInFlight;
 pub use notify::{JOBS_CHANNEL, MAINTENANCE_CHANNEL, Notice, ROUTING_CHANNEL};
 pub use reconcile::{Accepted, Placement, Round};
-pub use recovery::Interrupted;
+pub use recovery::{CREATE_RPC, Interrupted};
 pub use replica_paths::ReplicaPathLock;
 pub use replication::{LeasedReplication, ReplicationLease, ReplicationPlan};
 pub use repositories::{

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use sqlx::Row as _;
 
-use super::{RefChange, Store, StoreError, millis, storage_names, texts, undecodable};
+use super::{RefChange, Store, StoreError, WriteLease, millis, storage_names, texts, undecodable};
 use crate::model::{RelativePath, RepositoryId, StorageName};
 
 /// An interrupted write, with the repository's lease now held by the recovering worker.
@@ -22,6 +22,31 @@ pub struct Interrupted {
     pub targets: Vec<StorageName>,
     /// The replicas at the repository's generation.
     pub up_to_date: Vec<StorageName>,
+    /// The gRPC method of the write: [`CREATE_RPC`] for a creation.
+    pub rpc: String,
+}
+
+/// The method of a creation's intent: its targets are the assigned storages, and it has no
+/// ref changes.
+pub const CREATE_RPC: &str = "/gitfleet.v1.RepositoryService/CreateRepository";
+
+impl Interrupted {
+    pub fn is_creation(&self) -> bool {
+        self.rpc == CREATE_RPC
+    }
+
+    /// The lease the recovery holds, in the form the write statements take.
+    pub fn lease(&self) -> WriteLease {
+        WriteLease {
+            repository: self.repository,
+            replica_path: self.replica_path.clone(),
+            intent: self.intent,
+            token: self.lease_token,
+            generation: self.generation,
+            targets: self.targets.clone(),
+            assigned: self.targets.clone(),
+        }
+    }
 }
 
 impl Store {
@@ -56,7 +81,7 @@ impl Store {
                      )
                      SELECT c.id AS intent, lease.id AS repository, lease.replica_path,
                             lease.generation, lease.lease_token,
-                            i.ref_updates::text AS changes, i.target_storages,
+                            i.ref_updates::text AS changes, i.target_storages, i.rpc,
                             ARRAY(SELECT p.storage FROM replicas p
                                   WHERE p.repository_id = lease.id
                                     AND p.generation = lease.generation
@@ -84,6 +109,7 @@ impl Store {
             changes,
             targets: storage_names(&row.try_get::<Vec<String>, _>("target_storages")?),
             up_to_date: storage_names(&row.try_get::<Vec<String>, _>("up_to_date")?),
+            rpc: row.try_get("rpc")?,
         }))
     }
 

@@ -1,8 +1,12 @@
 //! Repositories, their assignments and their replicas: what exists and where.
 
+use std::time::Duration;
+
 use sqlx::Row as _;
 
-use super::{JOB_REMOVE, JOB_REPLICATE, Store, StoreError, storage_names, texts, undecodable};
+use super::{
+    JOB_REMOVE, JOB_REPLICATE, Store, StoreError, WriteLease, storage_names, texts, undecodable,
+};
 use crate::model::{RelativePath, RepositoryId, StorageName};
 
 /// What a deleted repository row returns: where its replicas were.
@@ -193,24 +197,43 @@ impl Store {
         Ok(RepositoryId(id))
     }
 
-    /// Writes the repository row and its assignments in one statement. Returns false when the
-    /// path is taken.
-    pub async fn insert_repository(&self, new: &NewRepository) -> Result<bool, StoreError> {
-        let rows = self
+    /// Writes a new repository's row and assignments, and records its creation as a write:
+    /// the repository's lease (a new token), and an intent naming the assigned storages, so
+    /// that a creation whose proxy dies is finished or undone by the recovery job. None when
+    /// the path is taken.
+    pub async fn insert_repository(
+        &self,
+        new: &NewRepository,
+        owner: &str,
+        lease: Duration,
+        rpc: &str,
+    ) -> Result<Option<WriteLease>, StoreError> {
+        let row = self
             .measure(
                 "insert_repository",
                 sqlx::query(
                     "WITH repo AS (
                          INSERT INTO repositories
-                             (id, virtual_storage, relative_path, replica_path, primary_storage)
+                             (id, virtual_storage, relative_path, replica_path, primary_storage,
+                              lease_owner, lease_token, lease_expires_at)
                          OVERRIDING SYSTEM VALUE
-                         VALUES ($1, $2, $3, $4, $5)
+                         VALUES ($1, $2, $3, $4, $5, $7, nextval('repository_lease_tokens'),
+                                 now() + make_interval(secs => $8))
                          ON CONFLICT (virtual_storage, relative_path) DO NOTHING
+                         RETURNING id, lease_token, lease_expires_at, generation
+                     ), assigned AS (
+                         INSERT INTO assignments (repository_id, storage)
+                         SELECT repo.id, storage FROM repo, unnest($6::text[]) AS storage
+                     ), intent AS (
+                         INSERT INTO write_intents (repository_id, owner, fencing_token,
+                             lease_expires_at, rpc, base_generation, ref_updates, target_storages)
+                         SELECT repo.id, $7, repo.lease_token, repo.lease_expires_at, $9,
+                                repo.generation, '[]'::jsonb, $6::text[]
+                         FROM repo
                          RETURNING id
                      )
-                     INSERT INTO assignments (repository_id, storage)
-                     SELECT repo.id, storage FROM repo, unnest($6::text[]) AS storage
-                     RETURNING repository_id",
+                     SELECT repo.lease_token, repo.generation, intent.id AS intent
+                     FROM repo, intent",
                 )
                 .bind(new.id.0)
                 .bind(new.virtual_storage.as_str())
@@ -218,60 +241,88 @@ impl Store {
                 .bind(new.id.replica_path().as_str())
                 .bind(new.primary.as_str())
                 .bind(texts(&new.assigned))
-                .fetch_all(&self.pool),
+                .bind(owner)
+                .bind(lease.as_secs_f64())
+                .bind(rpc)
+                .fetch_optional(&self.pool),
             )
             .await?;
-        Ok(!rows.is_empty())
+        let Some(row) = row else { return Ok(None) };
+        Ok(Some(WriteLease {
+            repository: new.id,
+            replica_path: new.id.replica_path(),
+            intent: row.try_get("intent")?,
+            token: row.try_get("lease_token")?,
+            generation: row.try_get("generation")?,
+            targets: new.assigned.clone(),
+            assigned: new.assigned.clone(),
+        }))
     }
 
-    /// Records the replicas that were created (at generation 0), and the assigned storages
-    /// that failed as missing replicas, each with a replication job copying from `source`.
+    /// Finishes a creation, fenced by its lease (the creating proxy's, or a recovery's):
+    /// records the replicas that were created (at generation 0), and the assigned storages
+    /// that failed as missing replicas, each with a replication job copying from `source`;
+    /// closes the creation's intent and releases the lease. False when the lease is no longer
+    /// `owner`'s: nothing changed.
     pub async fn record_created_replicas(
         &self,
-        id: RepositoryId,
+        lease: &WriteLease,
+        owner: &str,
         created: &[StorageName],
         failed: &[StorageName],
         source: &StorageName,
-    ) -> Result<(), StoreError> {
-        self.measure(
-            "record_created_replicas",
-            sqlx::query(
-                "WITH created AS (
-                     INSERT INTO replicas AS p (repository_id, storage, generation)
-                     SELECT r.id, storage, 0
-                     FROM repositories r, unnest($2::text[]) AS storage
-                     WHERE r.id = $1
-                     ON CONFLICT (repository_id, storage) DO UPDATE SET generation = 0
-                         WHERE p.generation IS NULL
-                     RETURNING storage
-                 ), absent AS (
-                     INSERT INTO replicas (repository_id, storage, generation, missing_since)
-                     SELECT r.id, storage, NULL, now()
-                     FROM repositories r, unnest($4::text[]) AS storage
-                     WHERE r.id = $1
-                     ON CONFLICT (repository_id, storage) DO NOTHING
-                 ), queued AS (
-                     INSERT INTO jobs (kind, repository_id, source_storage, target_storage)
-                     SELECT $5, r.id, $3, storage
-                     FROM repositories r, unnest($4::text[]) AS storage
-                     WHERE r.id = $1
-                     ON CONFLICT (kind, repository_id, target_storage)
-                         WHERE state IN ('queued', 'running')
-                     DO UPDATE SET rerun = jobs.rerun OR jobs.state = 'running',
-                                   updated_at = now()
-                     RETURNING id
-                 )
-                 SELECT (SELECT count(*) FROM created), (SELECT count(*) FROM queued)",
+    ) -> Result<bool, StoreError> {
+        let recorded: bool = self
+            .measure(
+                "record_created_replicas",
+                sqlx::query_scalar(
+                    "WITH repo AS (
+                         SELECT id FROM repositories
+                         WHERE id = $1 AND lease_token = $6 AND lease_owner = $7
+                         FOR UPDATE
+                     ), created AS (
+                         INSERT INTO replicas AS p (repository_id, storage, generation)
+                         SELECT repo.id, storage, 0
+                         FROM repo, unnest($2::text[]) AS storage
+                         ON CONFLICT (repository_id, storage) DO UPDATE SET generation = 0
+                             WHERE p.generation IS NULL
+                         RETURNING storage
+                     ), absent AS (
+                         INSERT INTO replicas (repository_id, storage, generation, missing_since)
+                         SELECT repo.id, storage, NULL, now()
+                         FROM repo, unnest($4::text[]) AS storage
+                         ON CONFLICT (repository_id, storage) DO NOTHING
+                     ), queued AS (
+                         INSERT INTO jobs (kind, repository_id, source_storage, target_storage)
+                         SELECT $5, repo.id, $3, storage
+                         FROM repo, unnest($4::text[]) AS storage
+                         ON CONFLICT (kind, repository_id, target_storage)
+                             WHERE state IN ('queued', 'running')
+                         DO UPDATE SET rerun = jobs.rerun OR jobs.state = 'running',
+                                       updated_at = now()
+                         RETURNING id
+                     ), closed AS (
+                         DELETE FROM write_intents i USING repo
+                         WHERE i.id = $8 AND i.repository_id = repo.id
+                     ), released AS (
+                         UPDATE repositories r SET lease_owner = NULL, lease_expires_at = NULL
+                         FROM repo WHERE r.id = repo.id
+                         RETURNING r.id
+                     )
+                     SELECT EXISTS (SELECT 1 FROM released)",
+                )
+                .bind(lease.repository.0)
+                .bind(texts(created))
+                .bind(source.as_str())
+                .bind(texts(failed))
+                .bind(JOB_REPLICATE)
+                .bind(lease.token)
+                .bind(owner)
+                .bind(lease.intent)
+                .fetch_one(&self.pool),
             )
-            .bind(id.0)
-            .bind(texts(created))
-            .bind(source.as_str())
-            .bind(texts(failed))
-            .bind(JOB_REPLICATE)
-            .execute(&self.pool),
-        )
-        .await?;
-        Ok(())
+            .await?;
+        Ok(recorded)
     }
 
     /// Deletes a repository row (its assignments, replicas and open intents go with it) and

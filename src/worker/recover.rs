@@ -13,9 +13,14 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use super::{Inner, JobType, Pause};
+use crate::fleet::majority;
 use crate::model::StorageName;
-use crate::store::Interrupted;
+use crate::store::{Deletion, Interrupted, Which};
 use crate::toolkit::LeaseKeeper;
+
+/// How long the removal of an undone creation's replicas waits, so that a node still making
+/// one has finished.
+const REMOVAL_DELAY: std::time::Duration = std::time::Duration::from_secs(15);
 
 pub(super) async fn run(inner: Arc<Inner>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let idle = inner.config.worker.poll_interval.0;
@@ -53,6 +58,9 @@ pub(super) async fn run(inner: Arc<Inner>, shutdown: CancellationToken) -> anyho
 /// carries the recovery's token, so one sent after a newer lease changed the replica is
 /// refused by its node.
 async fn recover(inner: &Inner, write: &Interrupted, keeper: &LeaseKeeper) -> bool {
+    if write.is_creation() {
+        return recover_creation(inner, write, keeper).await;
+    }
     let nodes = &inner.nodes;
     let mut outdated: Vec<StorageName> = Vec::new();
     for storage in &write.targets {
@@ -123,6 +131,77 @@ async fn recover(inner: &Inner, write: &Interrupted, keeper: &LeaseKeeper) -> bo
         }
         Err(error) => {
             tracing::warn!(intent = write.intent, %error, "the recovery was not recorded; its lease runs out and it is tried again");
+            false
+        }
+    }
+}
+
+/// Settles a creation whose proxy went away: with a majority of the assigned replicas made,
+/// it is finished as the proxy would have (the others queued for repair); otherwise it is
+/// undone, the row deleted and what replicas were made queued for removal. It was never
+/// acknowledged, so either is allowed; the path is usable again in both cases.
+async fn recover_creation(inner: &Inner, write: &Interrupted, keeper: &LeaseKeeper) -> bool {
+    let mut made = Vec::new();
+    let mut missing = Vec::new();
+    for storage in &write.targets {
+        let replica = inner
+            .nodes
+            .replica(storage, &write.replica_path)
+            .filter(|replica| replica.node.is_healthy());
+        match replica {
+            Some(replica) if replica.exists().await.unwrap_or(false) => made.push(storage.clone()),
+            _ => missing.push(storage.clone()),
+        }
+    }
+    if keeper.is_lost() {
+        tracing::warn!(
+            intent = write.intent,
+            "the recovery lease was lost; stopped"
+        );
+        return false;
+    }
+    if made.len() >= majority(write.targets.len()) {
+        let finished = inner
+            .store
+            .record_created_replicas(&write.lease(), &inner.instance, &made, &missing, &made[0])
+            .await;
+        return match finished {
+            Ok(finished) => {
+                tracing::info!(
+                    repository = write.repository.0,
+                    ?made,
+                    ?missing,
+                    finished,
+                    "interrupted creation finished"
+                );
+                finished
+            }
+            Err(error) => {
+                tracing::warn!(intent = write.intent, %error, "the creation was not recorded; tried again later");
+                false
+            }
+        };
+    }
+    let undo = Deletion {
+        force: true,
+        remove_after: Some(REMOVAL_DELAY),
+    };
+    match inner
+        .store
+        .delete_repository(Which::Id(write.repository), undo)
+        .await
+    {
+        Ok(deleted) => {
+            tracing::info!(
+                repository = write.repository.0,
+                ?made,
+                ?deleted,
+                "interrupted creation undone"
+            );
+            true
+        }
+        Err(error) => {
+            tracing::warn!(intent = write.intent, %error, "the creation was not undone; tried again later");
             false
         }
     }

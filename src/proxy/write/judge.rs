@@ -63,8 +63,9 @@ pub(super) fn judge(before: &[String], after: &[Option<String>], needed: usize) 
 }
 
 /// Whether a replica's answer to the write is definitive: it ran the write to its end and
-/// said how it went (applied, or refused with a reason). A call that timed out, was cancelled
-/// or cut off, or failed inside the node may still change the replica afterwards.
+/// said how it went (applied, or refused with a reason: a lost compare-and-swap is ABORTED).
+/// A call that timed out, was cancelled or cut off, or failed inside the node may still change
+/// the replica afterwards.
 pub(super) fn definitive<T>(reply: &Result<T, tonic::Status>) -> bool {
     use tonic::Code;
     match reply {
@@ -74,7 +75,6 @@ pub(super) fn definitive<T>(reply: &Result<T, tonic::Status>) -> bool {
             Code::DeadlineExceeded
                 | Code::Cancelled
                 | Code::Unavailable
-                | Code::Aborted
                 | Code::Unknown
                 | Code::Internal
         ),
@@ -112,7 +112,8 @@ mod tests {
         use tonic::Status;
         assert!(definitive(&Ok::<(), Status>(())));
         for refusal in [
-            Status::failed_precondition("reference update rejected"),
+            Status::failed_precondition("fenced: token 4 is older than 5"),
+            Status::aborted("reference update rejected, nothing was changed"),
             Status::invalid_argument("git receive-pack failed"),
             Status::not_found("no such repository"),
         ] {
@@ -122,7 +123,6 @@ mod tests {
             Status::deadline_exceeded("the replica had not finished"),
             Status::cancelled("gone"),
             Status::unavailable("connection reset"),
-            Status::aborted("the write lease was lost"),
             Status::internal("the request's task failed"),
         ] {
             assert!(!definitive(&Err::<(), _>(open)));

@@ -3,6 +3,8 @@
 //! generation unchanged; a replica that cannot be rolled back is marked outdated and repaired;
 //! and two workers recovering at once do no harm.
 
+use std::time::Duration;
+
 use crate::common::cluster::Cluster;
 use crate::common::worker::*;
 use crate::common::*;
@@ -536,4 +538,80 @@ async fn a_write_that_cannot_commit_in_time_fails_and_is_rolled_back_by_recovery
     assert_eq!(after.generation, record.generation);
     assert_eq!(after.up_to_date().count(), 3);
     worker.stop().await;
+}
+
+/// A proxy killed while it creates a repository leaves the row behind. Before, the path was
+/// taken for ever with no replica to serve it. The creation's intent lets the recovery job
+/// settle it: undone here (no replica was made), and the path can be created again and used.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_creation_whose_proxy_died_is_settled_and_the_path_can_be_created_again() {
+    use crate::common::cluster::PROXY_TOKEN;
+    use crate::common::fleet::Fleet;
+    use crate::common::stall::Stall;
+    use gitfleet::auth::Signer;
+    use gitfleet::proto::CreateRepositoryRequest;
+    use gitfleet::proto::repository_service_client::RepositoryServiceClient;
+
+    let mut fleet = Fleet::start(
+        "lease = \"2s\"",
+        "lease = \"2s\"\npoll_interval = \"100ms\"",
+    )
+    .await;
+    let stalls: Vec<Stall> = (0..3).map(|_| Stall::new("init")).collect();
+    for (node, stall) in fleet.nodes.iter_mut().zip(&stalls) {
+        node.restart_with(&stall.node_config());
+        stall.arm();
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let create = |channel| async move {
+        RepositoryServiceClient::new(channel)
+            .create_repository(CreateRepositoryRequest {
+                repository: header("default", "born.git"),
+                default_branch: String::new(),
+            })
+            .await
+    };
+    let address = fleet.grpc.clone();
+    let connect = || gitfleet::client::connect(&address, Signer::from_secret(PROXY_TOKEN));
+    let first = tokio::spawn(create(connect().await.unwrap()));
+    for stall in &stalls {
+        stall.stalled().await;
+    }
+    fleet.proxy.kill();
+    assert!(first.await.unwrap().is_err());
+
+    fleet.start_proxy();
+    let mut created = None;
+    for _ in 0..300 {
+        match create(connect().await.unwrap()).await {
+            Ok(_) => {
+                created = Some(());
+                break;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::AlreadyExists, "{status:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    assert!(
+        created.is_some(),
+        "the path stayed taken 30 s after its creation was interrupted"
+    );
+    let work = tempfile::tempdir().unwrap();
+    run_git(work.path(), &["init", "-q", "-b", "main"]);
+    run_git(
+        work.path(),
+        &["commit", "-q", "--allow-empty", "-m", "first"],
+    );
+    run_git(
+        work.path(),
+        &["push", "-q", &fleet.git_url("born.git"), "main"],
+    );
+    let rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM repositories WHERE relative_path = 'born.git'")
+            .fetch_one(&fleet.pool)
+            .await
+            .unwrap();
+    assert_eq!(rows, 1);
 }

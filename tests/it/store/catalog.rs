@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use gitfleet::model::{RelativePath, RepositoryId, StorageName};
 use gitfleet::store::{
-    Deleted, Deletion, NewRepository, RefChange, ReplicationLease, Store, Which, WriteStart,
+    CREATE_RPC, Deleted, Deletion, NewRepository, RefChange, ReplicationLease, Store, Which,
+    WriteStart,
 };
 
 async fn store() -> Store {
@@ -25,21 +26,28 @@ fn path(text: &str) -> RelativePath {
 async fn create(store: &Store, relative_path: &str) -> RepositoryId {
     let id = store.next_repository_id().await.unwrap();
     let storages = vec![name("s1"), name("s2"), name("s3")];
-    let inserted = store
-        .insert_repository(&NewRepository {
-            id,
-            virtual_storage: name("default"),
-            relative_path: path(relative_path),
-            primary: name("s1"),
-            assigned: storages.clone(),
-        })
+    let creation = store
+        .insert_repository(
+            &NewRepository {
+                id,
+                virtual_storage: name("default"),
+                relative_path: path(relative_path),
+                primary: name("s1"),
+                assigned: storages.clone(),
+            },
+            "proxy-a",
+            Duration::from_secs(30),
+            CREATE_RPC,
+        )
         .await
-        .unwrap();
-    assert!(inserted);
-    store
-        .record_created_replicas(id, &storages, &[], &name("s1"))
-        .await
-        .unwrap();
+        .unwrap()
+        .expect("a new path");
+    assert!(
+        store
+            .record_created_replicas(&creation, "proxy-a", &storages, &[], &name("s1"))
+            .await
+            .unwrap()
+    );
     id
 }
 
@@ -104,16 +112,21 @@ async fn a_path_removed_and_created_again_gets_a_new_id_and_replica_path() {
 
     // The path is taken.
     let duplicate = store
-        .insert_repository(&NewRepository {
-            id: store.next_repository_id().await.unwrap(),
-            virtual_storage: name("default"),
-            relative_path: path("group/project.git"),
-            primary: name("s1"),
-            assigned: vec![name("s1")],
-        })
+        .insert_repository(
+            &NewRepository {
+                id: store.next_repository_id().await.unwrap(),
+                virtual_storage: name("default"),
+                relative_path: path("group/project.git"),
+                primary: name("s1"),
+                assigned: vec![name("s1")],
+            },
+            "proxy-a",
+            Duration::from_secs(30),
+            CREATE_RPC,
+        )
         .await
         .unwrap();
-    assert!(!duplicate);
+    assert!(duplicate.is_none());
 
     // A live write lease keeps the row, unless the deletion is forced.
     sqlx::query(
@@ -762,4 +775,74 @@ async fn a_write_that_waited_for_a_replication_s_close_reads_the_replicas_again(
 
     let lease = lease_for_write(&store, "closing.git", &main_created()).await;
     assert_eq!(lease.targets, all);
+}
+
+/// A creation holds the repository's lease and an intent until its replicas are recorded; a
+/// proxy that lost the lease records nothing.
+#[tokio::test]
+async fn a_creation_is_recorded_under_its_lease_and_intent() {
+    let store = store().await;
+    let storages = vec![name("s1"), name("s2"), name("s3")];
+    let id = store.next_repository_id().await.unwrap();
+    let creation = store
+        .insert_repository(
+            &NewRepository {
+                id,
+                virtual_storage: name("default"),
+                relative_path: path("new.git"),
+                primary: name("s1"),
+                assigned: storages.clone(),
+            },
+            "proxy-a",
+            Duration::from_secs(30),
+            CREATE_RPC,
+        )
+        .await
+        .unwrap()
+        .expect("a new path");
+    let (owner, intents): (Option<String>, i64) = sqlx::query_as(
+        "SELECT lease_owner, (SELECT count(*) FROM write_intents WHERE repository_id = $1)
+         FROM repositories WHERE id = $1",
+    )
+    .bind(id.0)
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!((owner.as_deref(), intents), (Some("proxy-a"), 1));
+
+    // Another owner (a recovery that took over) is not this proxy: nothing is recorded.
+    assert!(
+        !store
+            .record_created_replicas(&creation, "proxy-b", &storages, &[], &name("s1"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .record_created_replicas(
+                &creation,
+                "proxy-a",
+                &storages[..2],
+                &storages[2..],
+                &name("s1")
+            )
+            .await
+            .unwrap()
+    );
+    let record = store
+        .find_repository(&name("default"), &path("new.git"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.up_to_date().count(), 2);
+    let (owner, intents, jobs): (Option<String>, i64, i64) = sqlx::query_as(
+        "SELECT lease_owner, (SELECT count(*) FROM write_intents WHERE repository_id = $1),
+                (SELECT count(*) FROM jobs WHERE repository_id = $1 AND target_storage = 's3')
+         FROM repositories WHERE id = $1",
+    )
+    .bind(id.0)
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!((owner, intents, jobs), (None, 0, 1));
 }
