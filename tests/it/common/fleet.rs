@@ -332,6 +332,54 @@ impl Fleet {
         None
     }
 
+    /// How many of `relative_path`'s replicas recorded at its generation differ on disk (refs
+    /// or HEAD) from the most common state among them, read while nothing writes: None when a
+    /// write, lease or intent was open, or the catalog moved while the disks were read.
+    pub async fn mismatched(&self, relative_path: &str) -> Option<usize> {
+        let catalog = || async {
+            let rows: Vec<(i64, Option<i64>, String, i64, i64)> = sqlx::query_as(
+                "SELECT r.generation, p.generation, p.storage,
+                        (SELECT count(*) FROM write_intents i WHERE i.repository_id = r.id),
+                        (SELECT count(*) FROM repositories l
+                         WHERE l.id = r.id AND l.lease_owner IS NOT NULL)
+                 FROM repositories r JOIN replicas p ON p.repository_id = r.id
+                 WHERE r.relative_path = $1 ORDER BY p.storage",
+            )
+            .bind(relative_path)
+            .fetch_all(&self.pool)
+            .await
+            .ok()?;
+            Some(rows)
+        };
+        let before = catalog().await?;
+        if before.iter().any(|row| row.3 > 0 || row.4 > 0) {
+            return None;
+        }
+        let dirs = self.replica_dirs(relative_path).await;
+        let mut states = Vec::new();
+        for (index, dir) in dirs.iter().enumerate() {
+            let storage = STORAGES[index];
+            let up_to_date = before
+                .iter()
+                .any(|row| row.2 == storage && row.1 == Some(row.0));
+            if up_to_date {
+                let refs =
+                    super::try_git(dir, &["for-each-ref", "--format=%(refname) %(objectname)"]);
+                let head = std::fs::read_to_string(dir.join("HEAD")).unwrap_or_default();
+                states.push(format!("{}{head}", String::from_utf8_lossy(&refs.stdout)));
+            }
+        }
+        if catalog().await? != before {
+            return None;
+        }
+        let most = states
+            .iter()
+            .map(|state| states.iter().filter(|other| *other == state).count())
+            .max()
+            .unwrap_or(0);
+        Some(states.len() - most)
+    }
+
     /// Waits until the fleet has converged; how long that took.
     pub async fn converge(
         &self,

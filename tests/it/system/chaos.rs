@@ -1,10 +1,15 @@
 //! The chaos suite. Everything is a real process: a PostgreSQL of the suite's own, three
 //! `gitfleet node`s, `gitfleet proxy` and `gitfleet worker`. Several git clients push over
 //! HTTP at once while one fault happens: the proxy, a node or the worker is killed with
-//! SIGKILL, PostgreSQL is restarted, or a node is stopped (SIGSTOP) for longer than a write
-//! lease. Then everything is brought back, and the suite checks what a user would:
+//! SIGKILL, PostgreSQL is restarted, a node is stopped (SIGSTOP) for longer than a write
+//! lease, or a single git process is stopped past the straggler timeout and the lease and then
+//! let go on, late (a push's receive-pack; after a node missed writes, its replication's fetch
+//! or the upload-pack on the source it fetches from). Then everything is brought back, and
+//! the suite checks what a user would:
 //!
 //! * every push whose client saw success is on every replica;
+//! * a replica recorded up to date equals the others on disk, refs and HEAD, read while
+//!   nothing writes, before and after convergence (the `mismatched` column);
 //! * the replicas converge to equal refs checksums, all up to date, within a bound;
 //! * no write intent or write lease is left open, and `gitfleet admin status` says HEALTHY;
 //! * no repository is frozen: a new push to each succeeds.
@@ -35,15 +40,24 @@ enum Fault {
     KillWorker,
     RestartPostgres,
     StopNode,
+    /// One push's receive-pack on one node, stopped past the straggler timeout and the lease.
+    StopReceivePack,
+    /// A replication's fetch on its target, stopped past the job's lease.
+    StopReplicationFetch,
+    /// The upload-pack a replication fetches from, on its source, stopped past the lease.
+    StopSourceUploadPack,
 }
 
 impl Fault {
-    const ALL: [Fault; 5] = [
+    const ALL: [Fault; 8] = [
         Fault::KillProxy,
         Fault::KillNode,
         Fault::KillWorker,
         Fault::RestartPostgres,
         Fault::StopNode,
+        Fault::StopReceivePack,
+        Fault::StopReplicationFetch,
+        Fault::StopSourceUploadPack,
     ];
 
     fn name(self) -> &'static str {
@@ -53,8 +67,77 @@ impl Fault {
             Fault::KillWorker => "kill -9 worker",
             Fault::RestartPostgres => "restart postgres",
             Fault::StopNode => "SIGSTOP node > lease",
+            Fault::StopReceivePack => "SIGSTOP receive-pack",
+            Fault::StopReplicationFetch => "SIGSTOP repl. fetch",
+            Fault::StopSourceUploadPack => "SIGSTOP repl. source",
         }
     }
+}
+
+/// The first git process running `subcommand` that one of `nodes` started, within `within`:
+/// its node's index and its pid.
+async fn catch_git(
+    fleet: &Fleet,
+    nodes: &[usize],
+    subcommand: &str,
+    within: Duration,
+) -> Option<(usize, i32)> {
+    let markers: Vec<(usize, Vec<u8>)> = nodes
+        .iter()
+        .map(|&index| {
+            let marker = format!("GITFLEET_NODE_PID={}", fleet.nodes[index].pid());
+            (index, marker.into_bytes())
+        })
+        .collect();
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let mut args = cmdline.split(|b| *b == 0);
+            let is_git = args.next().is_some_and(|arg0| arg0.ends_with(b"git"));
+            if !is_git || !args.any(|arg| arg == subcommand.as_bytes()) {
+                continue;
+            }
+            let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+                continue;
+            };
+            for (index, marker) in &markers {
+                if environ
+                    .split(|b| *b == 0)
+                    .any(|var| var == marker.as_slice())
+                {
+                    return Some((*index, pid));
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    None
+}
+
+/// Stops a git process for `stopped`, then lets it go on.
+async fn stop_git(pid: i32, stopped: Duration) {
+    let pid = nix::unistd::Pid::from_raw(pid);
+    if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).is_err() {
+        return;
+    }
+    tokio::time::sleep(stopped).await;
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+}
+
+/// Makes one node miss writes (killed for a while, then started again), so that a
+/// replication to it follows; returns its index.
+async fn left_behind(fleet: &mut Fleet, rng: &mut StdRng) -> usize {
+    let victim = rng.random_range(0..fleet.nodes.len());
+    fleet.nodes[victim].kill();
+    tokio::time::sleep(Duration::from_millis(rng.random_range(800..1500))).await;
+    fleet.nodes[victim].restart();
+    victim
 }
 
 /// One push a client tried.
@@ -71,6 +154,8 @@ struct Row {
     attempted: usize,
     acknowledged: usize,
     lost: usize,
+    /// Replicas recorded up to date that differed on disk from the others.
+    mismatched: usize,
     rolled_back: usize,
     kept: usize,
     recovered: usize,
@@ -206,6 +291,31 @@ async fn inflict(fleet: &mut Fleet, fault: Fault, rng: &mut StdRng) -> String {
             fleet.postgres.restart();
             format!("restart took {:.1?}", started.elapsed())
         }
+        Fault::StopReceivePack => {
+            let stopped = LEASE + millis(rng, 1000, 2000);
+            match catch_git(fleet, &[0, 1, 2], "receive-pack", Duration::from_secs(10)).await {
+                Some((index, pid)) => {
+                    stop_git(pid, stopped).await;
+                    format!("storage-{} {stopped:.1?}", index + 1)
+                }
+                None => "none caught".into(),
+            }
+        }
+        Fault::StopReplicationFetch | Fault::StopSourceUploadPack => {
+            let victim = left_behind(fleet, rng).await;
+            let stopped = LEASE + millis(rng, 1000, 2000);
+            let (nodes, subcommand): (Vec<usize>, _) = match fault {
+                Fault::StopReplicationFetch => (vec![victim], "fetch"),
+                _ => ((0..3).filter(|i| *i != victim).collect(), "upload-pack"),
+            };
+            match catch_git(fleet, &nodes, subcommand, Duration::from_secs(15)).await {
+                Some((index, pid)) => {
+                    stop_git(pid, stopped).await;
+                    format!("storage-{} {stopped:.1?}", index + 1)
+                }
+                None => format!("storage-{} behind, none caught", victim + 1),
+            }
+        }
         Fault::StopNode => {
             let victim = rng.random_range(0..fleet.nodes.len());
             let stopped = LEASE + millis(rng, 1000, 2000);
@@ -311,7 +421,11 @@ async fn run_round(
         );
     }
 
+    // Once nothing writes, a replica recorded up to date is equal to the others on disk; and
+    // again once everything has converged (a late operation would land in between).
+    let mut mismatched = quiet_mismatches(fleet, &repositories).await;
     let converged = fleet.converge(all, CONVERGE_WITHIN).await?;
+    mismatched += quiet_mismatches(fleet, &repositories).await;
 
     // Every push a client saw succeed is on every replica; the others either were kept whole
     // or are gone from every replica.
@@ -342,6 +456,11 @@ async fn run_round(
     }
     if lost > 0 {
         return Err(format!("{lost} acknowledged pushes are missing"));
+    }
+    if mismatched > 0 {
+        return Err(format!(
+            "{mismatched} replicas recorded up to date differed from the others"
+        ));
     }
 
     // Not frozen: one more push through each client lands on every replica.
@@ -374,11 +493,29 @@ async fn run_round(
         attempted: attempts.len(),
         acknowledged,
         lost,
+        mismatched,
         rolled_back,
         kept,
         recovered: recovered_writes(fleet) - recovered_before,
         converged,
     })
+}
+
+/// [`Fleet::mismatched`] for every repository of the round, each read in a quiet moment (tried
+/// for up to 20 s; a repository never quiet counts nothing).
+async fn quiet_mismatches(fleet: &Fleet, repositories: &[String]) -> usize {
+    let mut total = 0;
+    for repository in repositories {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(count) = fleet.mismatched(repository).await {
+                total += count;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    total
 }
 
 /// Interrupted writes settled so far, by the recovery job or by a proxy, as their logs say.
@@ -388,13 +525,14 @@ fn recovered_writes(fleet: &Fleet) -> usize {
 
 fn table(rows: &[Row]) -> String {
     let mut out = format!(
-        "{:<22} {:>4} {:<24} {:>9} {:>12} {:>4} {:>11} {:>11} {:>9} {:>10}\n",
+        "{:<22} {:>4} {:<28} {:>9} {:>12} {:>4} {:>10} {:>11} {:>11} {:>9} {:>10}\n",
         "scenario",
         "seed",
         "fault",
         "attempted",
         "acknowledged",
         "lost",
+        "mismatched",
         "rolled back",
         "kept unack.",
         "recovered",
@@ -402,13 +540,14 @@ fn table(rows: &[Row]) -> String {
     );
     for row in rows {
         out.push_str(&format!(
-            "{:<22} {:>4} {:<24} {:>9} {:>12} {:>4} {:>11} {:>11} {:>9} {:>9.1}s\n",
+            "{:<22} {:>4} {:<28} {:>9} {:>12} {:>4} {:>10} {:>11} {:>11} {:>9} {:>9.1}s\n",
             row.scenario,
             row.seed,
             row.detail,
             row.attempted,
             row.acknowledged,
             row.lost,
+            row.mismatched,
             row.rolled_back,
             row.kept,
             row.recovered,
@@ -458,5 +597,5 @@ async fn no_acknowledged_push_is_lost_and_nothing_stays_frozen_whatever_fails() 
         table(&rows),
         fleet.keep_logs().display()
     );
-    assert!(rows.iter().all(|row| row.lost == 0));
+    assert!(rows.iter().all(|row| row.lost == 0 && row.mismatched == 0));
 }
