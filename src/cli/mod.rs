@@ -77,11 +77,6 @@ enum HookStep {
     /// A push's ref updates are locked: check and raise the replica's fence (the token is in
     /// GITFLEET_FENCE), and leave its lock with a holder until the transaction ends.
     Prepared,
-    /// Hold the fence lock given as stdin until the transaction ends or git exits.
-    Hold {
-        #[arg(long)]
-        pid: u32,
-    },
 }
 
 /// The node's reference-transaction hook, in the replica's directory (git runs hooks there).
@@ -110,10 +105,6 @@ fn hook(args: HookArgs) -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
-        }
-        HookStep::Hold { pid } => {
-            crate::node::fence::hold(replica, pid);
-            ExitCode::SUCCESS
         }
     }
 }

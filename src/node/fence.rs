@@ -14,7 +14,6 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read as _, Write as _};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -123,7 +122,7 @@ pub async fn enter_async(replica: &Path, token: u64) -> Result<FenceGuard, Fence
 /// (git runs it with `core.hooksPath` pointing there when a push carries a token):
 /// - `prepared`: `gitfleet hook prepared` takes the replica's fence lock, refuses a token
 ///   older than the fence (git then aborts the update), raises the fence, and leaves the lock
-///   with a holder process until the transaction ends;
+///   with a forked holder until the transaction ends;
 /// - `committed` and `aborted`: the holder is told to let go.
 pub fn install_hook(dir: &Path, exe: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
@@ -146,30 +145,38 @@ pub fn install_hook(dir: &Path, exe: &Path) -> std::io::Result<()> {
 }
 
 /// `gitfleet hook prepared`, run by git in the replica's directory once a push's ref updates
-/// are locked and about to be committed: enters the fence for `token`, and hands the lock to a
-/// holder (`gitfleet hook hold`) that keeps it until the transaction ends or `git` (the
-/// hook's parent, pid `git`) exits.
+/// are locked and about to be committed: enters the fence for `token`, and leaves the lock
+/// with a forked child that holds it until the transaction ends or `git` (the hook's parent,
+/// pid `git`) exits. Must run single-threaded (it forks).
 pub fn hook_prepared(replica: &Path, token: u64, git: u32) -> Result<(), FenceError> {
     let guard = enter(replica, token)?;
-    // The holder's stdin is the locked file: the lock lasts while it has it open. Dropping the
-    // guard would unlock it for the holder too; this process ends right after, closing its
-    // own descriptor only.
-    let held = guard._lock.try_clone()?;
-    std::mem::forget(guard);
     std::fs::write(replica.join(HOLDER_FILE), "")?;
-    Command::new(std::env::current_exe()?)
-        .args(["hook", "hold", "--pid", &git.to_string()])
-        .current_dir(replica)
-        .stdin(Stdio::from(held))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    Ok(())
+    // The lock belongs to the open file, which the child shares. Dropping the guard would
+    // unlock it for the child too: this process forgets it and exits.
+    // SAFETY: the hook runs no other thread, so the child may run any code.
+    match unsafe { nix::unistd::fork() } {
+        Ok(nix::unistd::ForkResult::Child) => {
+            // Let go of git's pipes, so that nothing waits for this process's output.
+            if let Ok(null) = OpenOptions::new().read(true).write(true).open("/dev/null") {
+                let _ = nix::unistd::dup2_stdin(&null);
+                let _ = nix::unistd::dup2_stdout(&null);
+                let _ = nix::unistd::dup2_stderr(&null);
+            }
+            hold(replica, git);
+            drop(guard);
+            std::process::exit(0);
+        }
+        Ok(nix::unistd::ForkResult::Parent { .. }) => {
+            std::mem::forget(guard);
+            Ok(())
+        }
+        Err(errno) => Err(FenceError::Io(errno.into())),
+    }
 }
 
-/// `gitfleet hook hold`: keeps the fence lock it was handed (as stdin) until the holder file
-/// is gone (the transaction ended) or the process `git` exited.
-pub fn hold(replica: &Path, git: u32) {
+/// Keeps the fence lock until the holder file is gone (the transaction ended) or the process
+/// `git` exited.
+fn hold(replica: &Path, git: u32) {
     let git = nix::unistd::Pid::from_raw(git as i32);
     while replica.join(HOLDER_FILE).exists() && nix::sys::signal::kill(git, None).is_ok() {
         std::thread::sleep(Duration::from_millis(2));

@@ -177,11 +177,11 @@ async fn push_fenced(
     String::from_utf8_lossy(&said).into_owned()
 }
 
-/// Whether a `gitfleet hook hold` process is still running anywhere.
+/// Whether a fence holder (a `gitfleet hook prepared` that forked) is still running anywhere.
 fn a_holder_runs() -> bool {
     std::fs::read_dir("/proc").unwrap().flatten().any(|entry| {
         std::fs::read(entry.path().join("cmdline"))
-            .is_ok_and(|cmdline| cmdline.windows(10).any(|w| w == b"hook\0hold\0"))
+            .is_ok_and(|cmdline| cmdline.windows(14).any(|w| w == b"hook\0prepared\0"))
     })
 }
 
