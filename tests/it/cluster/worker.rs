@@ -463,6 +463,8 @@ async fn a_cancelled_run_that_finishes_after_a_newer_one_changes_nothing() {
     // old run reaches its close, as a slow worker would.
     let mut config = worker_config(&cluster);
     config.worker.lease = gitfleet::config::Duration(Duration::from_secs(300));
+    // One job at a time: its run count then says when the old run is over.
+    config.worker.concurrency = 1;
     let old = start_worker(config, &[JobType::Replicator], hooks);
     copied.recv().await.unwrap();
 
@@ -483,6 +485,8 @@ async fn a_cancelled_run_that_finishes_after_a_newer_one_changes_nothing() {
     );
     wait_for_state(&store, new_job, "done", 30).await;
     assert_eq!(replica_generation(&cluster, "raced.git", 2).await, Some(2));
+    // Only the old run is left to touch the repository's lease.
+    newer.stop().await;
 
     // The old run finishes last: under the repository's lease it finds the target up to
     // date, and hands the lease back; its job's close is refused by its stale lease token.
@@ -505,7 +509,6 @@ async fn a_cancelled_run_that_finishes_after_a_newer_one_changes_nothing() {
     assert_eq!(job_state(&store, new_job).await.state, "done");
     assert_eq!(replica_generation(&cluster, "raced.git", 2).await, Some(2));
     assert_replicas_agree(&cluster, "raced.git").await;
-    newer.stop().await;
     old.stop().await;
 }
 
@@ -515,7 +518,10 @@ async fn a_write_during_the_objects_copy_is_caught_up_under_the_lease() {
     let (_record, work, job) = left_behind(&mut cluster, "moving.git", true).await;
     let store = cluster.store();
     let (hooks, mut copied, mut closed, go) = paused_after_copy(job);
-    let worker = start_worker(worker_config(&cluster), &[JobType::Replicator], hooks);
+    // One job at a time, so the job is not run again before the test has looked at it.
+    let mut config = worker_config(&cluster);
+    config.worker.concurrency = 1;
+    let worker = start_worker(config, &[JobType::Replicator], hooks);
     copied.recv().await.unwrap();
 
     // The objects copied are generation 2's; a push lands on the up-to-date replicas
