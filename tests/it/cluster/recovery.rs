@@ -562,7 +562,6 @@ async fn a_creation_whose_proxy_died_is_settled_and_the_path_can_be_created_agai
         node.restart_with(&stall.node_config());
         stall.arm();
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
     let create = |channel| async move {
         RepositoryServiceClient::new(channel)
             .create_repository(CreateRepositoryRequest {
@@ -573,11 +572,28 @@ async fn a_creation_whose_proxy_died_is_settled_and_the_path_can_be_created_agai
     };
     let address = fleet.grpc.clone();
     let connect = || gitfleet::client::connect(&address, Signer::from_secret(PROXY_TOKEN));
-    let first = tokio::spawn(create(connect().await.unwrap()));
-    for stall in &stalls {
-        stall.stalled().await;
+    // Until the proxy sees the restarted nodes, a creation fails before it reaches one: try
+    // again until one is stalled on a node.
+    let mut first = tokio::spawn(create(connect().await.unwrap()));
+    for _ in 0..300 {
+        if stalls.iter().any(Stall::caught) {
+            break;
+        }
+        if first.is_finished() {
+            first = tokio::spawn(create(connect().await.unwrap()));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert!(
+        stalls.iter().any(Stall::caught),
+        "no creation reached a node"
+    );
+    // The other nodes' calls were sent at the same time.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     fleet.proxy.kill();
+    for stall in &stalls {
+        stall.disarm();
+    }
     assert!(first.await.unwrap().is_err());
 
     fleet.start_proxy();

@@ -85,6 +85,16 @@ impl Stall {
         std::fs::write(self.dir.path().join("armed"), "").unwrap();
     }
 
+    /// Whether a command has stalled (or, for a failing wrapper, failed).
+    pub fn caught(&self) -> bool {
+        self.dir.path().join("taken").exists()
+    }
+
+    /// Catches no command after all.
+    pub fn disarm(&self) {
+        let _ = std::fs::remove_file(self.dir.path().join("armed"));
+    }
+
     /// Waits until a command has stalled.
     pub async fn stalled(&self) {
         for _ in 0..600 {
