@@ -59,6 +59,16 @@ fn repo_on(node: &NodeProcess) -> Option<SourceRepository> {
     )
 }
 
+/// One phase of replicating `s1/repo.git` on `source` to `s1/copy.git` on `target`.
+async fn copy_phase(
+    target: &NodeProcess,
+    source: &NodeProcess,
+    phase: ReplicationPhase,
+    token: Option<i64>,
+) -> Result<ReplicateRepositoryResponse, tonic::Status> {
+    replicate_phase(target, "copy.git", repo_on(source), phase, token).await
+}
+
 async fn checksum(node: &NodeProcess, relative_path: &str) -> String {
     RefServiceClient::new(node.channel().await)
         .refs_checksum(RefsChecksumRequest {
@@ -352,15 +362,9 @@ async fn the_objects_phase_copies_objects_and_changes_no_reference() {
     let copy = target.repo_path("s1", "copy.git");
 
     // A new target: created with HEAD and the objects, and no reference yet.
-    let response = replicate_phase(
-        &target,
-        "copy.git",
-        repo_on(&source),
-        ReplicationPhase::Objects,
-        None,
-    )
-    .await
-    .unwrap();
+    let response = copy_phase(&target, &source, ReplicationPhase::Objects, None)
+        .await
+        .unwrap();
     assert!(response.created);
     assert_eq!(response.refs_changed, 0);
     assert_eq!(refs_of(&copy), "");
@@ -368,15 +372,9 @@ async fn the_objects_phase_copies_objects_and_changes_no_reference() {
     assert!(has_object(&copy, main.trim()));
 
     // The refs phase sets every reference and HEAD, and says how many it changed.
-    let response = replicate_phase(
-        &target,
-        "copy.git",
-        repo_on(&source),
-        ReplicationPhase::Refs,
-        Some(3),
-    )
-    .await
-    .unwrap();
+    let response = copy_phase(&target, &source, ReplicationPhase::Refs, Some(3))
+        .await
+        .unwrap();
     assert!(!response.created);
     assert_eq!(refs_of(&copy), refs_of(&source.repo_path("s1", "repo.git")));
     assert_eq!(
@@ -391,27 +389,15 @@ async fn the_objects_phase_copies_objects_and_changes_no_reference() {
     // The source moves on: the objects phase fetches the new commit and leaves the refs.
     let before = refs_of(&copy);
     let fresh = push_branch(&source, work.path(), "fresh");
-    let response = replicate_phase(
-        &target,
-        "copy.git",
-        repo_on(&source),
-        ReplicationPhase::Objects,
-        None,
-    )
-    .await
-    .unwrap();
+    let response = copy_phase(&target, &source, ReplicationPhase::Objects, None)
+        .await
+        .unwrap();
     assert_eq!((response.created, response.refs_changed), (false, 0));
     assert!(has_object(&copy, &fresh));
     assert_eq!(refs_of(&copy), before);
-    let response = replicate_phase(
-        &target,
-        "copy.git",
-        repo_on(&source),
-        ReplicationPhase::Refs,
-        Some(4),
-    )
-    .await
-    .unwrap();
+    let response = copy_phase(&target, &source, ReplicationPhase::Refs, Some(4))
+        .await
+        .unwrap();
     assert_eq!(response.refs_changed, 1);
     assert_eq!(refs_of(&copy), refs_of(&source.repo_path("s1", "repo.git")));
 }
@@ -420,41 +406,23 @@ async fn the_objects_phase_copies_objects_and_changes_no_reference() {
 async fn a_refs_phase_older_than_the_replica_s_fence_changes_nothing() {
     let (source, target, work) = two_nodes().await;
     let copy = target.repo_path("s1", "copy.git");
-    replicate_phase(
-        &target,
-        "copy.git",
-        repo_on(&source),
-        ReplicationPhase::Refs,
-        Some(5),
-    )
-    .await
-    .unwrap();
+    copy_phase(&target, &source, ReplicationPhase::Refs, Some(5))
+        .await
+        .unwrap();
     let before = refs_of(&copy);
     push_branch(&source, work.path(), "fresh");
 
-    let status = replicate_phase(
-        &target,
-        "copy.git",
-        repo_on(&source),
-        ReplicationPhase::Refs,
-        Some(4),
-    )
-    .await
-    .unwrap_err();
+    let status = copy_phase(&target, &source, ReplicationPhase::Refs, Some(4))
+        .await
+        .unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
     assert_eq!(status.message(), "fenced: token 4 is older than 5");
     assert_eq!(refs_of(&copy), before);
 
     // The same token again, or a newer one, goes through.
-    replicate_phase(
-        &target,
-        "copy.git",
-        repo_on(&source),
-        ReplicationPhase::Refs,
-        Some(5),
-    )
-    .await
-    .unwrap();
+    copy_phase(&target, &source, ReplicationPhase::Refs, Some(5))
+        .await
+        .unwrap();
     assert_eq!(refs_of(&copy), refs_of(&source.repo_path("s1", "repo.git")));
 }
 
@@ -471,15 +439,9 @@ async fn a_refs_phase_that_resumes_after_a_newer_one_is_refused() {
     });
     let work = push_history(&source, &["main", "feature", "v1", "v2"]).await;
     let copy = target.repo_path("s1", "copy.git");
-    replicate_phase(
-        &target,
-        "copy.git",
-        repo_on(&source),
-        ReplicationPhase::Refs,
-        Some(5),
-    )
-    .await
-    .unwrap();
+    copy_phase(&target, &source, ReplicationPhase::Refs, Some(5))
+        .await
+        .unwrap();
 
     // The old phase reads the source with `early` on it, and stalls before its update.
     let early = push_branch(&source, work.path(), "early");
@@ -505,15 +467,9 @@ async fn a_refs_phase_that_resumes_after_a_newer_one_is_refused() {
         work.path(),
         &["push", "-q", &source.ssh_url("s1", "repo.git"), ":early"],
     );
-    replicate_phase(
-        &target,
-        "copy.git",
-        repo_on(&source),
-        ReplicationPhase::Refs,
-        Some(7),
-    )
-    .await
-    .unwrap();
+    copy_phase(&target, &source, ReplicationPhase::Refs, Some(7))
+        .await
+        .unwrap();
     let newer = refs_of(&copy);
     assert_eq!(newer, refs_of(&source.repo_path("s1", "repo.git")));
     assert!(!newer.contains("refs/heads/early"), "{newer}");

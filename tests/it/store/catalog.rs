@@ -5,7 +5,7 @@ use std::time::Duration;
 use gitfleet::model::{RelativePath, RepositoryId, StorageName};
 use gitfleet::store::{
     CREATE_RPC, Deleted, Deletion, NewRepository, RefChange, ReplicationLease, Store, Which,
-    WriteStart,
+    WriteLease, WriteStart,
 };
 
 async fn store() -> Store {
@@ -24,16 +24,28 @@ fn path(text: &str) -> RelativePath {
 }
 
 async fn create(store: &Store, relative_path: &str) -> RepositoryId {
-    let id = store.next_repository_id().await.unwrap();
     let storages = vec![name("s1"), name("s2"), name("s3")];
-    let creation = store
+    let creation = begin_creation(store, relative_path).await;
+    assert!(
+        store
+            .record_created_replicas(&creation, "proxy-a", &storages, &[], &name("s1"))
+            .await
+            .unwrap()
+    );
+    creation.repository
+}
+
+/// Records a new repository on s1 to s3 as proxy-a does, its creation's lease and intent
+/// held.
+async fn begin_creation(store: &Store, relative_path: &str) -> WriteLease {
+    store
         .insert_repository(
             &NewRepository {
-                id,
+                id: store.next_repository_id().await.unwrap(),
                 virtual_storage: name("default"),
                 relative_path: path(relative_path),
                 primary: name("s1"),
-                assigned: storages.clone(),
+                assigned: vec![name("s1"), name("s2"), name("s3")],
             },
             "proxy-a",
             Duration::from_secs(30),
@@ -41,14 +53,7 @@ async fn create(store: &Store, relative_path: &str) -> RepositoryId {
         )
         .await
         .unwrap()
-        .expect("a new path");
-    assert!(
-        store
-            .record_created_replicas(&creation, "proxy-a", &storages, &[], &name("s1"))
-            .await
-            .unwrap()
-    );
-    id
+        .expect("a new path")
 }
 
 #[test]
@@ -783,23 +788,8 @@ async fn a_write_that_waited_for_a_replication_s_close_reads_the_replicas_again(
 async fn a_creation_is_recorded_under_its_lease_and_intent() {
     let store = store().await;
     let storages = vec![name("s1"), name("s2"), name("s3")];
-    let id = store.next_repository_id().await.unwrap();
-    let creation = store
-        .insert_repository(
-            &NewRepository {
-                id,
-                virtual_storage: name("default"),
-                relative_path: path("new.git"),
-                primary: name("s1"),
-                assigned: storages.clone(),
-            },
-            "proxy-a",
-            Duration::from_secs(30),
-            CREATE_RPC,
-        )
-        .await
-        .unwrap()
-        .expect("a new path");
+    let creation = begin_creation(&store, "new.git").await;
+    let id = creation.repository;
     let (owner, intents): (Option<String>, i64) = sqlx::query_as(
         "SELECT lease_owner, (SELECT count(*) FROM write_intents WHERE repository_id = $1)
          FROM repositories WHERE id = $1",
