@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail, ensure};
@@ -33,7 +33,12 @@ const DEADLINE: Duration = Duration::from_secs(120);
 struct Push {
     started: f64,
     took: f64,
+    /// A writer's first push, which warms up and is not counted before.
+    first: bool,
 }
+
+/// Pushes the writers must have made before the replica falls behind, for a baseline.
+const PUSHES_BEFORE: usize = 3 * WRITERS;
 
 pub(super) fn busy_repository(
     runtime: &tokio::runtime::Runtime,
@@ -67,11 +72,12 @@ pub(super) fn busy_repository(
     ));
     let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
+    let pushed = Arc::new(AtomicUsize::new(0));
     let writers: Vec<_> = work_trees
         .into_iter()
         .enumerate()
         .map(|(writer, work_tree)| {
-            let (git, stop) = (setup.git.clone(), stop.clone());
+            let (git, stop, pushed) = (setup.git.clone(), stop.clone(), pushed.clone());
             std::thread::spawn(move || -> anyhow::Result<Vec<Push>> {
                 let mut pushes = Vec::new();
                 let mut round = 0;
@@ -95,7 +101,12 @@ pub(super) fn busy_repository(
                         ],
                         &[],
                     )?;
-                    pushes.push(Push { started, took });
+                    pushes.push(Push {
+                        started,
+                        took,
+                        first: round == 1,
+                    });
+                    pushed.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(pushes)
             })
@@ -103,6 +114,10 @@ pub(super) fn busy_repository(
         .collect();
 
     std::thread::sleep(BEFORE);
+    // A slow machine gets longer, so that there is a baseline to compare with.
+    while pushed.load(Ordering::Relaxed) < PUSHES_BEFORE && start.elapsed() < DEADLINE {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // Under the repository's lease, between two writes, as any change to a replica's record is
     // made: the lease is taken, the replica forgotten, the lease released.
     let mut attempts = 0;
@@ -185,7 +200,7 @@ pub(super) fn busy_repository(
     );
 
     // A push that was running while the replica caught up, or one before it fell behind
-    // (after the first second, which warms up).
+    // (each writer's first push warms up).
     let during: Vec<f64> = pushes
         .iter()
         .filter(|push| push.started + push.took >= behind_at && push.started <= caught_up_at)
@@ -193,7 +208,7 @@ pub(super) fn busy_repository(
         .collect();
     let before: Vec<f64> = pushes
         .iter()
-        .filter(|push| push.started >= 1.0 && push.started + push.took < behind_at)
+        .filter(|push| !push.first && push.started + push.took < behind_at)
         .map(|push| push.took)
         .collect();
     ensure!(

@@ -1,7 +1,9 @@
 //! A git wrapper, set as a node's `[git] binary`, that stalls one chosen git command, as a
 //! process paused by the scheduler or by SIGSTOP would be: the first `git SUBCOMMAND` started
 //! after [`Stall::arm`] waits, before git runs at all, until [`Stall::release`]. A reference
-//! advertisement (`--advertise-refs`, a read) is never caught.
+//! advertisement (`--advertise-refs`, a read) is never caught. A command still waiting when
+//! the wrapper is dropped goes on, so that no waiting shell outlives the test (its node's pid
+//! may be another test's node's later).
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::PathBuf;
@@ -45,11 +47,15 @@ impl Stall {
         let dir = tempfile::tempdir().unwrap();
         let binary = dir.path().join("git");
         let caught = match mode {
-            Mode::Wait => "while [ ! -e \"$dir/released\" ]; do sleep 0.05; done",
+            Mode::Wait => {
+                "while [ -d \"$dir\" ] && [ ! -e \"$dir/released\" ]; do sleep 0.05; done\n\
+                 \x20     [ -d \"$dir\" ] || exit 1"
+            }
             // Its output goes nowhere: whoever read it is gone.
             Mode::Detached => {
                 "exec 3<&0\n\
-                 \x20     setsid sh -c 'while [ ! -e \"$0/released\" ]; do sleep 0.05; done; \
+                 \x20     setsid sh -c 'while [ -d \"$0\" ] && [ ! -e \"$0/released\" ]; do sleep 0.05; done; \
+                 [ -d \"$0\" ] || exit 1; \
                  git \"$@\" >/dev/null 2>&1; echo $? > \"$0/finished\"' \"$dir\" \"$@\" <&3 &\n\
                  \x20     wait $!; exit 1"
             }
