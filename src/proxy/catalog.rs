@@ -9,6 +9,7 @@ use tonic::{Request, Response};
 use super::error::ProxyError;
 use super::forward::{lookup, send};
 use super::response::{ResponseStream, single};
+use super::write::keep_write_lease;
 use super::{Call, Proxy, header};
 use crate::fleet::{NewPlacement, majority};
 use crate::model::{RelativePath, StorageName};
@@ -17,7 +18,6 @@ use crate::proto::{
     RepositoryExistsResponse,
 };
 use crate::store::{Deleted, Deletion, NewRepository, RemovedRepository, Renamed, Which};
-use crate::toolkit::LeaseKeeper;
 
 /// How long removal waits for the nodes: what is left is the removal jobs'.
 const REMOVE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -87,17 +87,7 @@ pub(super) async fn create(
     let replica_path = id.replica_path();
     tracing::info!(%id, %replica_path, assigned = ?assigned, "repository recorded");
     // Renewal stops when the keeper is dropped, however the creation ends.
-    let _keeper = LeaseKeeper::start("create", duration, taken_at, {
-        let (store, owner, lease) = (
-            state.store.clone(),
-            state.instance_id.clone(),
-            lease.clone(),
-        );
-        move || {
-            let (store, owner, lease) = (store.clone(), owner.clone(), lease.clone());
-            async move { store.renew_write(&lease, &owner, duration).await }
-        }
-    });
+    let _keeper = keep_write_lease(state, "create", &lease, taken_at);
 
     let attempts = reachable.iter().map(|storage| {
         let message = header::rewrite(

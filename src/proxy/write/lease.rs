@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use super::Write;
+use crate::proxy::ProxyState;
 use crate::proxy::error::ProxyError;
 use crate::store::{StoreError, WriteLease, WriteStart};
 use crate::toolkit::{Backoff, LeaseKeeper, Retry, Stop, retry};
@@ -58,17 +59,7 @@ impl Write {
 
     /// Keeps the write's lease while it runs.
     pub(super) fn keep(&self, lease: &WriteLease, begin_sent: tokio::time::Instant) -> LeaseKeeper {
-        let state = &self.proxy.state;
-        let duration = state.config.writes.lease.0;
-        let (store, owner, lease) = (
-            state.store.clone(),
-            state.instance_id.clone(),
-            lease.clone(),
-        );
-        LeaseKeeper::start("write", duration, begin_sent, move || {
-            let (store, owner, lease) = (store.clone(), owner.clone(), lease.clone());
-            async move { store.renew_write(&lease, &owner, duration).await }
-        })
+        keep_write_lease(&self.proxy.state, "write", lease, begin_sent)
     }
 
     /// Takes the lease and records the intent, waiting while another write holds it, up to
@@ -152,4 +143,24 @@ impl Begin {
     fn is_busy(&self) -> bool {
         matches!(self, Begin::Busy)
     }
+}
+
+/// Keeps a write lease this proxy took (a write's, or a creation's) with a statement sent at
+/// `taken_at`, renewing it and its intent until the keeper is dropped.
+pub(in crate::proxy) fn keep_write_lease(
+    state: &ProxyState,
+    what: &'static str,
+    lease: &WriteLease,
+    taken_at: tokio::time::Instant,
+) -> LeaseKeeper {
+    let duration = state.config.writes.lease.0;
+    let (store, owner, lease) = (
+        state.store.clone(),
+        state.instance_id.clone(),
+        lease.clone(),
+    );
+    LeaseKeeper::start(what, duration, taken_at, move || {
+        let (store, owner, lease) = (store.clone(), owner.clone(), lease.clone());
+        async move { store.renew_write(&lease, &owner, duration).await }
+    })
 }

@@ -31,6 +31,7 @@ use crate::store::{RefChange, RepositoryRecord, WriteLease};
 use close::Commit;
 use fanout::quorum_checksums;
 use judge::{Settle, Verdict, definitive, judge, settle};
+pub(super) use lease::keep_write_lease;
 pub(super) use ssh_push::{SSH_RECEIVE_PACK, receive_pack as ssh_receive_pack};
 
 const UPDATE_REFS: &str = "/gitfleet.v1.RefService/UpdateRefs";
