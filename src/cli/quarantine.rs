@@ -9,7 +9,7 @@ use rand::seq::SliceRandom as _;
 
 use super::storage::Context;
 use crate::config::ProxyConfig;
-use crate::model::{RepositoryName, StorageName};
+use crate::model::{RelativePath, RepositoryName, StorageName};
 use crate::proto::node_service_client::NodeServiceClient;
 use crate::proto::{
     ListQuarantineRequest, QuarantinedRepository, RestoreRepositoryRequest, StorageHeader,
@@ -207,6 +207,8 @@ async fn restore(
         );
         return Ok(());
     };
+    let restored_path = RelativePath::parse(&restored)?;
+    super::repair::raise_fence(context, &mut lock, &storage, &restored_path).await?;
     let tracked = lock
         .track(&name.storage, &name.relative_path, &storage, &assigned)
         .await?;

@@ -318,6 +318,7 @@ pub async fn track_repository(
     if !exists_on(&context, &storage, &replica_path).await? {
         bail!("{storage} holds no repository at {replica_path}");
     }
+    raise_fence(&context, &mut lock, &storage, &replica_path).await?;
     let Some(id) = lock
         .track(&name.storage, &name.relative_path, &storage, &assigned)
         .await?
@@ -444,6 +445,25 @@ fn belongs<'a>(
         );
     }
     Ok(virtual_storage)
+}
+
+/// Raises the fence of the replica at `replica_path` on `storage` to a new token, before an
+/// adoption commits: a removal or a walk's quarantine decided before it (with an older token)
+/// and delivered late is then refused by the node.
+pub(super) async fn raise_fence(
+    context: &Context,
+    lock: &mut crate::store::ReplicaPathLock,
+    storage: &StorageName,
+    replica_path: &RelativePath,
+) -> anyhow::Result<()> {
+    let token = lock.fence_token().await?;
+    context
+        .nodes
+        .replica(storage, replica_path)
+        .context("storage not configured")?
+        .raise_fence(token)
+        .await
+        .map_err(|status| anyhow::anyhow!("fencing {storage}/{replica_path}: {}", status.message()))
 }
 
 async fn exists_on(

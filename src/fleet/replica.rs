@@ -9,10 +9,11 @@ use tonic::Status;
 use super::nodes::{NodeHandle, Nodes};
 use crate::model::{RelativePath, StorageName};
 use crate::node::fence::FENCE_HEADER;
+use crate::proto::node_service_client::NodeServiceClient;
 use crate::proto::ref_service_client::RefServiceClient;
 use crate::proto::repository_service_client::RepositoryServiceClient;
 use crate::proto::{
-    FindDefaultBranchRequest, ListRefsRequest, RefUpdate, RefsChecksumRequest,
+    FindDefaultBranchRequest, ListRefsRequest, RaiseFenceRequest, RefUpdate, RefsChecksumRequest,
     RemoveRepositoryRequest, RepositoryExistsRequest, RepositoryHeader, SetDefaultBranchRequest,
     UpdateRefsRequest,
 };
@@ -37,6 +38,12 @@ pub fn fenced<T>(message: T, token: i64) -> tonic::Request<T> {
 /// Sets the fencing token on a request's metadata.
 pub fn set_fence(metadata: &mut tonic::metadata::MetadataMap, token: i64) {
     metadata.insert(FENCE_HEADER, tonic::metadata::MetadataValue::from(token));
+}
+
+/// Whether a node refused a call because the replica's fence is newer than the call's token:
+/// a newer lease has acted on the replica since the call was decided.
+pub fn is_fenced(status: &Status) -> bool {
+    status.code() == tonic::Code::FailedPrecondition && status.message().starts_with("fenced:")
 }
 
 /// One replica: a repository's copy on one storage.
@@ -91,13 +98,31 @@ impl Replica<'_> {
         Ok(response.into_inner().exists)
     }
 
-    /// Removes the replica from its node; a replica already gone answers NotFound.
-    pub async fn remove(&self) -> Result<(), Status> {
+    /// Removes the replica from its node under the fencing token `fence` (taken when its
+    /// repository row was deleted): a replica whose fence a newer lease raised refuses it. A
+    /// replica already gone answers NotFound.
+    pub async fn remove(&self, fence: Option<i64>) -> Result<(), Status> {
         let request = RemoveRepositoryRequest {
             repository: Some(self.header()),
         };
+        let request = match fence {
+            Some(token) => fenced(request, token),
+            None => tonic::Request::new(request),
+        };
         RepositoryServiceClient::new(self.node.authed())
             .remove_repository(request)
+            .await?;
+        Ok(())
+    }
+
+    /// Raises the replica's fence to `token` and changes nothing else: a removal or quarantine
+    /// decided with an older token is refused from then on.
+    pub async fn raise_fence(&self, token: i64) -> Result<(), Status> {
+        let request = RaiseFenceRequest {
+            repository: Some(self.header()),
+        };
+        NodeServiceClient::new(self.node.authed())
+            .raise_fence(fenced(request, token))
             .await?;
         Ok(())
     }

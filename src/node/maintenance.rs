@@ -10,6 +10,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use walkdir::WalkDir;
 
+use super::repository::enter_replica_fence;
 use super::storage::{Storage, is_repository, place, storage_identity, sync_parent};
 use super::{Node, NodeError};
 use crate::model::{RESERVED_COMPONENT, RelativePath};
@@ -162,8 +163,14 @@ impl Node {
         ReceiverStream::new(receiver)
     }
 
-    async fn quarantine(&self, request: QuarantineRepositoryRequest) -> Result<String, NodeError> {
+    async fn quarantine(
+        &self,
+        request: QuarantineRepositoryRequest,
+        token: Option<u64>,
+    ) -> Result<String, NodeError> {
         let repository = self.state.storages.existing(request.repository.as_ref())?;
+        // Held across the move: a quarantine decided before a newer lease's change is refused.
+        let _fence = enter_replica_fence(&repository, token).await?;
         let id = format!(
             "{}-{:016x}",
             unix_seconds(SystemTime::now()),
@@ -398,12 +405,36 @@ impl NodeService for Node {
         &self,
         request: Request<QuarantineRepositoryRequest>,
     ) -> Result<Response<QuarantineRepositoryResponse>, Status> {
+        let token = super::refs::fence_token(request.metadata())?;
         let quarantine_id = self
-            .detached(move |node| async move { node.quarantine(request.into_inner()).await })
+            .detached(move |node| async move { node.quarantine(request.into_inner(), token).await })
             .await?;
         Ok(Response::new(QuarantineRepositoryResponse {
             quarantine_id,
         }))
+    }
+
+    async fn raise_fence(
+        &self,
+        request: Request<RaiseFenceRequest>,
+    ) -> Result<Response<RaiseFenceResponse>, Status> {
+        let token = super::refs::fence_token(request.metadata())?.ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "RaiseFence needs a token in the {} header",
+                super::fence::FENCE_HEADER
+            ))
+        })?;
+        self.detached(move |node| async move {
+            let replica = node
+                .state
+                .storages
+                .existing(request.get_ref().repository.as_ref())?;
+            enter_replica_fence(&replica, Some(token)).await?;
+            tracing::info!(%replica, token, "fence raised");
+            Ok(())
+        })
+        .await?;
+        Ok(Response::new(RaiseFenceResponse {}))
     }
 
     async fn restore_repository(

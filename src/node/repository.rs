@@ -6,6 +6,8 @@ use std::path::Path;
 
 use tonic::{Request, Response, Status};
 
+use super::fence::FenceGuard;
+use super::refs::{enter_fence, fence_token};
 use super::storage::{Located, place, prune_empty_parents};
 use super::{Node, NodeError};
 use crate::model::{RefName, RelativePath};
@@ -71,8 +73,14 @@ impl Node {
         Ok(())
     }
 
-    async fn remove(&self, request: RemoveRepositoryRequest) -> Result<(), NodeError> {
+    async fn remove(
+        &self,
+        request: RemoveRepositoryRequest,
+        token: Option<u64>,
+    ) -> Result<(), NodeError> {
         let target = self.state.storages.existing(request.repository.as_ref())?;
+        // Held across the rename: a removal decided before a newer lease's change is refused.
+        let _fence = enter_replica_fence(&target, token).await?;
         let doomed = target.storage.tmp_path("remove");
         match tokio::fs::rename(&target.path, &doomed).await {
             Ok(()) => {}
@@ -101,6 +109,22 @@ impl Node {
     }
 }
 
+/// Takes the fence of the replica at `target` for `token` (nothing to take without one); a
+/// replica gone meanwhile is not found, as it would be without a token.
+pub(super) async fn enter_replica_fence(
+    target: &Located<'_>,
+    token: Option<u64>,
+) -> Result<Option<FenceGuard>, NodeError> {
+    match enter_fence(&target.path, token).await {
+        Err(NodeError::Fenced(super::fence::FenceError::Io(error)))
+            if error.kind() == ErrorKind::NotFound =>
+        {
+            Err(NodeError::RepositoryNotFound(target.to_string()))
+        }
+        other => other,
+    }
+}
+
 #[tonic::async_trait]
 impl RepositoryService for Node {
     async fn create_repository(
@@ -116,7 +140,8 @@ impl RepositoryService for Node {
         &self,
         request: Request<RemoveRepositoryRequest>,
     ) -> Result<Response<RemoveRepositoryResponse>, Status> {
-        self.detached(move |node| async move { node.remove(request.into_inner()).await })
+        let token = fence_token(request.metadata())?;
+        self.detached(move |node| async move { node.remove(request.into_inner(), token).await })
             .await?;
         Ok(Response::new(RemoveRepositoryResponse {}))
     }

@@ -193,9 +193,14 @@ async fn remove_replicas(proxy: &Proxy, removed: &RemovedRepository) {
             tracing::info!(%storage, %replica_path, "node is down: the replica is left to its removal job");
             return None;
         }
-        match tokio::time::timeout(REMOVE_TIMEOUT, replica.remove()).await {
+        match tokio::time::timeout(REMOVE_TIMEOUT, replica.remove(Some(removed.fence))).await {
             Ok(Ok(_)) => Some(storage.clone()),
             Ok(Err(status)) if status.code() == tonic::Code::NotFound => Some(storage.clone()),
+            // Adopted since the row was deleted: the replica is no longer this removal's.
+            Ok(Err(status)) if crate::fleet::is_fenced(&status) => {
+                tracing::info!(%storage, %replica_path, %status, "replica adopted since: not removed");
+                Some(storage.clone())
+            }
             Ok(Err(status)) => {
                 tracing::warn!(%storage, %replica_path, %status, "replica left to its removal job");
                 None

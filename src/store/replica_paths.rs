@@ -55,6 +55,19 @@ impl ReplicaPathLock {
             .await
     }
 
+    /// A new fencing token, from the sequence every lease draws from: a walk's quarantine
+    /// carries it, and an adoption raises the replica's fence to it, so whichever of the two the
+    /// node sees last is refused if it was decided first.
+    pub async fn fence_token(&mut self) -> Result<i64, StoreError> {
+        self.store
+            .measure(
+                "replica_path_fence_token",
+                sqlx::query_scalar("SELECT nextval('repository_lease_tokens')")
+                    .fetch_one(&mut *self.transaction),
+            )
+            .await
+    }
+
     /// Adopts the repository that lies on `storage` at the locked replica path: a new row
     /// pointing there, the replica recorded at generation 0, the other `assigned` storages
     /// queued to copy from it, and any removal still queued for that replica path cancelled.

@@ -80,6 +80,9 @@ pub struct RemovedRepository {
     pub replica_path: RelativePath,
     /// Every storage that holds or should hold a replica.
     pub storages: Vec<StorageName>,
+    /// The fencing token its removals carry: taken as the row was deleted, so a replica
+    /// adopted later (whose fence a newer token raised) refuses them.
+    pub fence: i64,
 }
 
 /// The columns of a [`RepositoryRecord`], for `concat!` with a WHERE clause.
@@ -359,17 +362,20 @@ impl Store {
                     removed_columns!(),
                     "), ",
                     cancel_jobs!(),
-                    ", queued AS (
+                    ", fence AS (
+                         SELECT nextval('repository_lease_tokens') AS token FROM gone
+                     ), queued AS (
                          INSERT INTO jobs
-                             (kind, repository_id, target_storage, replica_path, run_after)
+                             (kind, repository_id, target_storage, replica_path, run_after,
+                              fence_token)
                          SELECT $5, gone.id, storage, gone.replica_path,
-                                now() + make_interval(secs => $6::float8)
-                         FROM gone, unnest(gone.storages) AS storage
+                                now() + make_interval(secs => $6::float8), fence.token
+                         FROM gone, fence, unnest(gone.storages) AS storage
                          WHERE $6::float8 IS NOT NULL
                          ON CONFLICT DO NOTHING
                      )
-                     SELECT t.busy, gone.id, gone.replica_path, gone.storages
-                     FROM target t LEFT JOIN gone ON true"
+                     SELECT t.busy, gone.id, gone.replica_path, gone.storages, fence.token
+                     FROM target t LEFT JOIN gone ON true LEFT JOIN fence ON true"
                 ))
                 .bind(id)
                 .bind(virtual_storage)
@@ -479,5 +485,6 @@ fn removed(row: &sqlx::postgres::PgRow) -> Result<RemovedRepository, StoreError>
         id: RepositoryId(row.try_get("id")?),
         replica_path,
         storages: storage_names(&row.try_get::<Vec<String>, _>("storages")?),
+        fence: row.try_get("token")?,
     })
 }

@@ -1,6 +1,8 @@
 //! The remover: deletes one replica of a repository whose row is gone. The job carries the
 //! replica path, and checks right before it acts that no repository row references it again
-//! (a repository adopted back from that path).
+//! (a repository adopted back from that path). Its call carries the fencing token taken when
+//! the row was deleted, so a removal that reaches the node after an adoption (which raises the
+//! replica's fence) removes nothing.
 
 use tonic::Code;
 
@@ -37,7 +39,7 @@ pub(super) async fn run(inner: &Inner, job: &ClaimedJob) -> Outcome {
     if !replica.node.is_healthy() {
         return Outcome::Postponed(format!("{} is down", job.target));
     }
-    let removed = replica.remove().await;
+    let removed = replica.remove(job.fence_token).await;
     if let Err(error) = lock.release().await {
         return Outcome::Postponed(error.to_string());
     }
@@ -47,6 +49,11 @@ pub(super) async fn run(inner: &Inner, job: &ClaimedJob) -> Outcome {
             Outcome::Done
         }
         Err(status) if status.code() == Code::NotFound => Outcome::Done,
+        // A newer lease has acted on the replica since the row was deleted: it was adopted.
+        Err(status) if crate::fleet::is_fenced(&status) => {
+            tracing::info!(id = %job.id, target = %job.target, %replica_path, %status, "the replica was adopted since: nothing removed");
+            Outcome::Done
+        }
         Err(status) => {
             let message = format!(
                 "removing {replica_path} from {}: {}",

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
 
 use super::{Inner, JobType};
-use crate::fleet::Nodes;
+use crate::fleet::{Nodes, fenced, is_fenced};
 use crate::model::StorageName;
 use crate::proto::node_service_client::NodeServiceClient;
 use crate::proto::{
@@ -214,13 +214,16 @@ impl Walk<'_> {
         if !unwanted {
             return Ok(lock.release().await?);
         }
+        // An adoption after this point raises the replica's fence past this token, so a
+        // quarantine that reaches the node late is refused.
+        let token = lock.fence_token().await?;
         let request = QuarantineRepositoryRequest {
             repository: Some(RepositoryHeader {
                 storage: storage.to_string(),
                 relative_path: found.relative_path.clone(),
             }),
         };
-        match client.quarantine_repository(request).await {
+        match client.quarantine_repository(fenced(request, token)).await {
             Ok(response) => {
                 let id = response.into_inner().quarantine_id;
                 tracing::info!(%storage, relative_path = %found.relative_path, kind = found.kind, quarantine_id = %id, "replica quarantined");
@@ -231,6 +234,10 @@ impl Walk<'_> {
             // Gone meanwhile: a removal job got there first.
             Err(status) if status.code() == tonic::Code::NotFound => {
                 found.action = "gone".into();
+            }
+            Err(status) if is_fenced(&status) => {
+                tracing::info!(%storage, relative_path = %found.relative_path, %status, "adopted meanwhile: not quarantined");
+                found.action = "adopted".into();
             }
             Err(status) => {
                 let message = format!("quarantining {}: {}", found.relative_path, status.message());

@@ -553,3 +553,97 @@ async fn a_read_that_finds_its_replica_gone_has_it_verified_and_repaired_at_once
     assert!(refs_now.contains("refs/heads/main"), "{refs_now}");
     worker.stop().await;
 }
+
+/// A removal (the proxy's, or a removal job's) and a walk's quarantine are decided under the
+/// replica path's lock, but their call can reach the node late: after the lock was let go and
+/// the path was adopted again. Adoption raises the replica's fence, so the late call is refused
+/// and the adopted repository keeps its replica.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_removal_or_quarantine_delivered_after_an_adoption_removes_nothing() {
+    use gitfleet::model::RelativePath;
+    use gitfleet::proto::node_service_client::NodeServiceClient;
+    use gitfleet::proto::repository_service_client::RepositoryServiceClient;
+    use gitfleet::proto::{QuarantineRepositoryRequest, RemoveRepositoryRequest};
+    use gitfleet::store::{Deleted, Deletion, Which};
+
+    let cluster = Cluster::start(2).await;
+    cluster.create("late.git").await;
+    let work = cluster.push_main("late.git");
+    let pushed = run_git(work.path(), &["rev-parse", "main"]);
+    let store = cluster.store();
+    let deleted = store
+        .delete_repository(
+            Which::Path(
+                &Cluster::virtual_storage(),
+                &RelativePath::parse("late.git").unwrap(),
+            ),
+            Deletion {
+                force: false,
+                remove_after: Some(Duration::from_secs(3600)),
+            },
+        )
+        .await
+        .unwrap();
+    let Deleted::Removed(removed) = deleted else {
+        panic!("not removed: {deleted:?}");
+    };
+    let replica_path = removed.replica_path.to_string();
+    // Each removal job carries the token taken as the row went.
+    let tokens: Vec<Option<i64>> = sqlx::query_scalar(
+        "SELECT fence_token FROM jobs WHERE kind = 'remove' AND replica_path = $1",
+    )
+    .bind(&replica_path)
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(tokens, vec![Some(removed.fence); 2]);
+    // A walk decides to quarantine the untracked replica, with a token of its own.
+    let mut lock = store.lock_replica_path(&replica_path).await.unwrap();
+    assert!(!lock.in_use().await.unwrap());
+    let walk_token = lock.fence_token().await.unwrap();
+    lock.release().await.unwrap();
+    assert!(walk_token > removed.fence);
+
+    admin_says(
+        &cluster,
+        &[
+            "track-repository",
+            "default/back.git",
+            "--storage",
+            STORAGES[0],
+            "--replica-path",
+            &replica_path,
+        ],
+        "tracked",
+    );
+
+    // Both calls arrive now: refused, with the reason.
+    let channel = cluster.nodes[0].channel().await;
+    let refused = RepositoryServiceClient::new(channel.clone())
+        .remove_repository(gitfleet::fleet::fenced(
+            RemoveRepositoryRequest {
+                repository: header(STORAGES[0], &replica_path),
+            },
+            removed.fence,
+        ))
+        .await
+        .unwrap_err();
+    assert!(gitfleet::fleet::is_fenced(&refused), "{refused:?}");
+    let refused = NodeServiceClient::new(channel)
+        .quarantine_repository(gitfleet::fleet::fenced(
+            QuarantineRepositoryRequest {
+                repository: header(STORAGES[0], &replica_path),
+            },
+            walk_token,
+        ))
+        .await
+        .unwrap_err();
+    assert!(gitfleet::fleet::is_fenced(&refused), "{refused:?}");
+
+    // The adopted repository is whole, and serves its push.
+    let refs = run_git(work.path(), &["ls-remote", &cluster.url("back.git")]);
+    assert!(
+        refs.contains(&format!("{}\trefs/heads/main", pushed.trim())),
+        "{refs}"
+    );
+}

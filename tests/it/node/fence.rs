@@ -7,7 +7,9 @@ use std::path::Path;
 use crate::common::stall::Stall;
 use crate::common::*;
 use gitfleet::node::fence::FENCE_HEADER;
+use gitfleet::proto::node_service_client::NodeServiceClient;
 use gitfleet::proto::ref_service_client::RefServiceClient;
+use gitfleet::proto::repository_service_client::RepositoryServiceClient;
 use gitfleet::proto::ssh_service_client::SshServiceClient;
 use gitfleet::proto::*;
 use tonic::Code;
@@ -263,4 +265,122 @@ async fn a_push_that_resumes_after_a_newer_change_is_refused_when_its_refs_chang
         run_git(&replica, &["rev-parse", "refs/heads/main"]).trim(),
         feature
     );
+}
+
+#[tokio::test]
+async fn a_removal_or_quarantine_older_than_the_fence_removes_nothing() {
+    let node = NodeProcess::start();
+    let work = push_history(&node, &["main"]).await;
+    let replica = node.repo_path("s1", "repo.git");
+    let main = run_git(work.path(), &["rev-parse", "main"])
+        .trim()
+        .to_owned();
+    let mut nodes = NodeServiceClient::new(node.channel().await);
+    let mut repositories = RepositoryServiceClient::new(node.channel().await);
+    let repository = || header("s1", "repo.git");
+
+    // Raising the fence needs a token, and changes no ref.
+    let refused = nodes
+        .raise_fence(RaiseFenceRequest {
+            repository: repository(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(refused.message().contains(FENCE_HEADER), "{refused:?}");
+    nodes
+        .raise_fence(fenced(
+            RaiseFenceRequest {
+                repository: repository(),
+            },
+            "7",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        run_git(&replica, &["rev-parse", "refs/heads/main"]).trim(),
+        main
+    );
+    let refused = nodes
+        .raise_fence(fenced(
+            RaiseFenceRequest {
+                repository: repository(),
+            },
+            "6",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.message(), "fenced: token 6 is older than 7");
+
+    // A removal and a quarantine decided before the fence rose: refused, the replica stays.
+    let refused = repositories
+        .remove_repository(fenced(
+            RemoveRepositoryRequest {
+                repository: repository(),
+            },
+            "5",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert_eq!(refused.message(), "fenced: token 5 is older than 7");
+    let refused = nodes
+        .quarantine_repository(fenced(
+            QuarantineRepositoryRequest {
+                repository: repository(),
+            },
+            "6",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.message(), "fenced: token 6 is older than 7");
+    assert_eq!(
+        run_git(&replica, &["rev-parse", "refs/heads/main"]).trim(),
+        main
+    );
+    let mut listed = nodes
+        .list_quarantine(ListQuarantineRequest {
+            storage: Some(StorageHeader {
+                storage: "s1".into(),
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(batch) = listed.message().await.unwrap() {
+        assert!(batch.entries.is_empty(), "{batch:?}");
+    }
+
+    // A newer token goes through: the quarantine takes it away whole.
+    nodes
+        .quarantine_repository(fenced(
+            QuarantineRepositoryRequest {
+                repository: repository(),
+            },
+            "9",
+        ))
+        .await
+        .unwrap();
+    assert!(!replica.exists());
+    // With a token, a replica that is not there is not found, as without one.
+    let missing = repositories
+        .remove_repository(fenced(
+            RemoveRepositoryRequest {
+                repository: repository(),
+            },
+            "10",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
+    let missing = nodes
+        .raise_fence(fenced(
+            RaiseFenceRequest {
+                repository: repository(),
+            },
+            "10",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
 }
