@@ -4,15 +4,19 @@
 //! token, and holds the lock while the refs change. An operation that arrives, or resumes,
 //! after a newer one was accepted changes nothing.
 //!
-//! The fence lives in the replica's directory, beside git's own files: `gitfleet-fence` holds
-//! the token, replaced atomically (written aside, synced, renamed, the directory synced), and
-//! `gitfleet-fence.lock` is the file locked with `flock`, so that any process on the node (a
-//! git hook as much as the node itself) can take the same lock. A replica that was never
-//! fenced has the fence 0.
+//! The fence lives in the replica's directory, beside git's own files. `gitfleet-fence` holds
+//! two records, a page apart, each a token with its check digits; the fence is the higher
+//! valid one. Raising the fence overwrites the lower record in place and syncs its data once,
+//! so a crash leaves either the old fence or the new one (a torn record fails its check and
+//! the other record still holds the old fence). The file is made whole the first time (written
+//! aside, synced, renamed, the directory synced); a file in the earlier one-token form is read
+//! and replaced the same way. `gitfleet-fence.lock` is the file locked with `flock`, so that
+//! any process on the node (a git hook as much as the node itself) can take the same lock. A
+//! replica that was never fenced has the fence 0.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read as _, Write as _};
-use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::fs::{FileExt as _, PermissionsExt as _};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -29,6 +33,12 @@ pub const FENCE_ENV: &str = "GITFLEET_FENCE";
 const FENCE_FILE: &str = "gitfleet-fence";
 const FENCE_LOCK: &str = "gitfleet-fence.lock";
 const FENCE_NEW: &str = "gitfleet-fence.new";
+/// Where the second record starts: a page after the first, so that no write of one touches
+/// the other.
+const SLOT_SPACING: usize = 4096;
+/// A record: the token in 20 digits, a space, its check in 8 hex digits, a newline.
+const RECORD_LEN: usize = 30;
+const FILE_LEN: usize = SLOT_SPACING + RECORD_LEN;
 /// Present while a push's ref transaction holds the fence lock through its holder process.
 const HOLDER_FILE: &str = "gitfleet-fence.holder";
 
@@ -56,18 +66,81 @@ pub struct FenceGuard {
 
 /// Reads a replica's fence; 0 when it was never fenced.
 pub fn read(replica: &Path) -> Result<u64, FenceError> {
-    let mut text = String::new();
+    Ok(load(replica)?.fence)
+}
+
+/// The fence as it lies on disk.
+struct Stored {
+    fence: u64,
+    /// Each record's token, None where it fails its check; None for a file not in the
+    /// two-record form (absent, or the earlier one-token form).
+    records: Option<[Option<u64>; 2]>,
+}
+
+fn load(replica: &Path) -> Result<Stored, FenceError> {
+    let mut bytes = Vec::new();
     match File::open(replica.join(FENCE_FILE)) {
-        Ok(mut file) => file.read_to_string(&mut text)?,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Ok(file) => file.take(2 * FILE_LEN as u64).read_to_end(&mut bytes)?,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Stored {
+                fence: 0,
+                records: None,
+            });
+        }
         Err(error) => return Err(error.into()),
     };
-    text.trim().parse().map_err(|_| {
+    let damaged = |what: String| {
         FenceError::Io(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            format!("{FENCE_FILE} holds {text:?}, not a token"),
+            format!("{FENCE_FILE} {what}"),
         ))
+    };
+    if bytes.len() != FILE_LEN {
+        let text = String::from_utf8_lossy(&bytes);
+        let fence = text
+            .trim()
+            .parse()
+            .map_err(|_| damaged(format!("holds {text:?}, not a token")))?;
+        return Ok(Stored {
+            fence,
+            records: None,
+        });
+    }
+    let records = [
+        parse_record(&bytes[..RECORD_LEN]),
+        parse_record(&bytes[SLOT_SPACING..]),
+    ];
+    let fence = records
+        .iter()
+        .flatten()
+        .max()
+        .copied()
+        .ok_or_else(|| damaged("has no intact record".into()))?;
+    Ok(Stored {
+        fence,
+        records: Some(records),
     })
+}
+
+fn record(token: u64) -> String {
+    format!("{token:020} {:08x}\n", check(token))
+}
+
+fn parse_record(bytes: &[u8]) -> Option<u64> {
+    let text = std::str::from_utf8(bytes).ok()?.strip_suffix('\n')?;
+    let (token, sum) = text.split_once(' ')?;
+    let token: u64 = token.parse().ok()?;
+    (u32::from_str_radix(sum, 16).ok()? == check(token)).then_some(token)
+}
+
+/// FNV-1a over the token's bytes: enough to tell a torn record from a whole one.
+fn check(token: u64) -> u32 {
+    token
+        .to_le_bytes()
+        .iter()
+        .fold(0x811c_9dc5_u32, |hash, byte| {
+            (hash ^ u32::from(*byte)).wrapping_mul(0x0100_0193)
+        })
 }
 
 /// Takes the replica's fence lock (waiting for whoever holds it), refuses `token` if it is
@@ -79,12 +152,15 @@ pub fn enter(replica: &Path, token: u64) -> Result<FenceGuard, FenceError> {
         .write(true)
         .open(replica.join(FENCE_LOCK))?;
     let lock = lock(lock_file, LOCK_WAIT)?;
-    let fence = read(replica)?;
-    if token < fence {
-        return Err(FenceError::Fenced { token, fence });
+    let stored = load(replica)?;
+    if token < stored.fence {
+        return Err(FenceError::Fenced {
+            token,
+            fence: stored.fence,
+        });
     }
-    if token > fence {
-        write(replica, token)?;
+    if token > stored.fence {
+        write(replica, &stored, token)?;
     }
     Ok(FenceGuard {
         _lock: lock,
@@ -183,11 +259,30 @@ fn hold(replica: &Path, git: u32) {
     }
 }
 
-/// Replaces the fence: a crash leaves either the old token or the new one, never a torn file.
-fn write(replica: &Path, token: u64) -> Result<(), FenceError> {
+/// Raises the fence to `token`: the lower record is overwritten in place and its data synced,
+/// so a crash leaves the old fence or the new one. A file not yet in the two-record form is
+/// replaced whole (written aside, synced, renamed, the directory synced).
+fn write(replica: &Path, stored: &Stored, token: u64) -> Result<(), FenceError> {
+    if let Some(records) = stored.records {
+        let slot = match records {
+            [None, _] => 0,
+            [_, None] => 1,
+            [Some(first), Some(second)] => usize::from(second < first),
+        };
+        let file = OpenOptions::new()
+            .write(true)
+            .open(replica.join(FENCE_FILE))?;
+        file.write_all_at(record(token).as_bytes(), (slot * SLOT_SPACING) as u64)?;
+        file.sync_data()?;
+        return Ok(());
+    }
+    let mut bytes = vec![0u8; FILE_LEN];
+    for slot in 0..2 {
+        bytes[slot * SLOT_SPACING..][..RECORD_LEN].copy_from_slice(record(token).as_bytes());
+    }
     let new = replica.join(FENCE_NEW);
     let mut file = File::create(&new)?;
-    writeln!(file, "{token}")?;
+    file.write_all(&bytes)?;
     file.sync_all()?;
     std::fs::rename(&new, replica.join(FENCE_FILE))?;
     File::open(replica)?.sync_all()?;
@@ -212,11 +307,71 @@ mod tests {
         assert_eq!(refused.to_string(), "fenced: token 3 is older than 5");
         assert_eq!(read(replica.path()).unwrap(), 5);
         assert!(enter(replica.path(), 9).is_ok());
-        assert_eq!(
-            std::fs::read_to_string(replica.path().join(FENCE_FILE)).unwrap(),
-            "9\n"
-        );
+        let bytes = std::fs::read(replica.path().join(FENCE_FILE)).unwrap();
+        assert_eq!(bytes.len(), FILE_LEN);
+        assert_eq!(parse_record(&bytes[..RECORD_LEN]), Some(9));
+        assert_eq!(parse_record(&bytes[SLOT_SPACING..]), Some(5));
         assert!(!replica.path().join(FENCE_NEW).exists());
+        // Each raise overwrites the lower record.
+        assert!(enter(replica.path(), 12).is_ok());
+        let bytes = std::fs::read(replica.path().join(FENCE_FILE)).unwrap();
+        assert_eq!(parse_record(&bytes[..RECORD_LEN]), Some(9));
+        assert_eq!(parse_record(&bytes[SLOT_SPACING..]), Some(12));
+        assert_eq!(read(replica.path()).unwrap(), 12);
+    }
+
+    #[test]
+    fn a_torn_record_leaves_the_fence_it_was_raised_from() {
+        let replica = tempfile::tempdir().unwrap();
+        enter(replica.path(), 40).unwrap();
+        enter(replica.path(), 41).unwrap();
+        // The raise to 42 overwrites the record holding 40; a crash tears it halfway.
+        let path = replica.path().join(FENCE_FILE);
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        let slot = if read_slot(&path, 0) == Some(40) {
+            0
+        } else {
+            1
+        };
+        file.write_all_at(&record(42).as_bytes()[..25], (slot * SLOT_SPACING) as u64)
+            .unwrap();
+        assert_eq!(read(replica.path()).unwrap(), 41);
+        assert!(matches!(
+            enter(replica.path(), 40),
+            Err(FenceError::Fenced {
+                token: 40,
+                fence: 41
+            })
+        ));
+        // The torn record is the one the next raise takes.
+        enter(replica.path(), 43).unwrap();
+        assert_eq!(read_slot(&path, slot), Some(43));
+        assert_eq!(read(replica.path()).unwrap(), 43);
+        // With both records torn, the fence cannot be known: an error, never a zero.
+        file.write_all_at(b"9999", 0).unwrap();
+        file.write_all_at(b"9999", SLOT_SPACING as u64).unwrap();
+        assert!(matches!(enter(replica.path(), 50), Err(FenceError::Io(_))));
+    }
+
+    fn read_slot(path: &Path, slot: usize) -> Option<u64> {
+        let bytes = std::fs::read(path).unwrap();
+        parse_record(&bytes[slot * SLOT_SPACING..][..RECORD_LEN])
+    }
+
+    #[test]
+    fn a_fence_in_the_one_token_form_is_read_and_rewritten_whole() {
+        let replica = tempfile::tempdir().unwrap();
+        std::fs::write(replica.path().join(FENCE_FILE), "17\n").unwrap();
+        assert_eq!(read(replica.path()).unwrap(), 17);
+        assert!(enter(replica.path(), 16).is_err());
+        enter(replica.path(), 18).unwrap();
+        assert_eq!(
+            std::fs::read(replica.path().join(FENCE_FILE))
+                .unwrap()
+                .len(),
+            FILE_LEN
+        );
+        assert_eq!(read(replica.path()).unwrap(), 18);
     }
 
     #[test]

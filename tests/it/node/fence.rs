@@ -211,10 +211,7 @@ async fn a_push_with_an_older_token_than_the_fence_changes_nothing() {
         run_git(&replica, &["rev-parse", "refs/heads/late"]).trim(),
         late
     );
-    assert_eq!(
-        std::fs::read_to_string(replica.join("gitfleet-fence")).unwrap(),
-        "8\n"
-    );
+    assert_eq!(gitfleet::node::fence::read(&replica).unwrap(), 8);
     assert!(!replica.join("gitfleet-fence.holder").exists());
     for _ in 0..100 {
         if !a_holder_runs() {
