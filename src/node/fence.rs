@@ -171,14 +171,15 @@ pub fn enter(replica: &Path, token: u64) -> Result<FenceGuard, FenceError> {
 /// Takes the lock on `file`, waiting up to `wait` for whoever holds it.
 fn lock(mut file: File, wait: Duration) -> Result<Flock<File>, FenceError> {
     let started = Instant::now();
-    let mut pause = Duration::from_millis(1);
+    // Most holders let go within milliseconds (a raise, a push's commit): look again soon.
+    let mut pause = Duration::from_micros(500);
     loop {
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(lock) => return Ok(lock),
             Err((returned, Errno::EWOULDBLOCK)) if started.elapsed() < wait => {
                 file = returned;
                 std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(20));
+                pause = (pause * 2).min(Duration::from_millis(5));
             }
             Err((_, Errno::EWOULDBLOCK)) => return Err(FenceError::Busy(wait)),
             Err((_, errno)) => return Err(FenceError::Io(errno.into())),

@@ -39,6 +39,19 @@ pub fn check_git_protocol(value: &str) -> Result<(), NodeError> {
     Ok(())
 }
 
+/// Raises the replica's fence to a push's token while receive-pack takes the pack, so that
+/// the sync of the raise is not on the push's path: when the hook checks the token as the refs
+/// are committed, the fence already holds it and nothing is written. The check there still
+/// decides (a newer token accepted meanwhile refuses the push); a raise refused or failed here
+/// is left for the hook to report.
+fn raise_ahead(replica: std::path::PathBuf, token: u64) {
+    tokio::task::spawn_blocking(move || {
+        if let Err(error) = super::fence::enter(&replica, token) {
+            tracing::debug!(%error, token, "the fence was not raised ahead of the push");
+        }
+    });
+}
+
 fn is_v2(git_protocol: &str) -> bool {
     git_protocol.split(':').any(|part| part == "version=2")
 }
@@ -73,6 +86,7 @@ impl Node {
                     repository.storage.hooks_dir().display()
                 ))
                 .env(super::fence::FENCE_ENV, token.to_string());
+            raise_ahead(repository.path.clone(), token);
         }
         command
             .arg(invocation.service.command())

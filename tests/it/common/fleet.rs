@@ -101,6 +101,11 @@ impl Daemon {
     pub fn log(&self) -> PathBuf {
         self.dir.join(format!("{}.log", self.name))
     }
+
+    /// The running process's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
 }
 
 impl Drop for Daemon {

@@ -3,8 +3,9 @@
 //! HTTP at once while one fault happens: the proxy, a node or the worker is killed with
 //! SIGKILL, PostgreSQL is restarted, a node is stopped (SIGSTOP) for longer than a write
 //! lease, or a single git process is stopped past the straggler timeout and the lease and then
-//! let go on, late (a push's receive-pack; after a node missed writes, its replication's fetch
-//! or the upload-pack on the source it fetches from). Then everything is brought back, and
+//! let go on, late (a push's receive-pack; after a node missed writes, its replication's fetch,
+//! the upload-pack on the source it fetches from, or its refs phase's update-ref), or the
+//! worker is stopped past its lease while it rolls back a write the killed proxy left open. Then everything is brought back, and
 //! the suite checks what a user would:
 //!
 //! * every push whose client saw success is on every replica;
@@ -15,7 +16,8 @@
 //! * no repository is frozen: a new push to each succeeds.
 //!
 //! Each scenario runs once per seed (`GITFLEET_CHAOS_SEEDS`, default "1,2"); the seed picks the
-//! victim, the timings and the clients' pauses. The suite prints one row per run.
+//! victim, the timings and the clients' pauses. `GITFLEET_CHAOS_FAULTS` picks scenarios by a
+//! word of their name (say "update-ref,rollback"). The suite prints one row per run.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -46,10 +48,16 @@ enum Fault {
     StopReplicationFetch,
     /// The upload-pack a replication fetches from, on its source, stopped past the lease.
     StopSourceUploadPack,
+    /// The ref transaction of a replication's refs phase (`update-ref` on its target, under
+    /// the replica's fence lock), stopped past the job's lease and the repository's.
+    StopReplicationUpdateRef,
+    /// The worker, stopped past its lease while it rolls back a write the proxy (killed, and
+    /// kept down until then) left open; the proxy comes back and takes new writes meanwhile.
+    StopRecovery,
 }
 
 impl Fault {
-    const ALL: [Fault; 8] = [
+    const ALL: [Fault; 10] = [
         Fault::KillProxy,
         Fault::KillNode,
         Fault::KillWorker,
@@ -58,6 +66,8 @@ impl Fault {
         Fault::StopReceivePack,
         Fault::StopReplicationFetch,
         Fault::StopSourceUploadPack,
+        Fault::StopReplicationUpdateRef,
+        Fault::StopRecovery,
     ];
 
     fn name(self) -> &'static str {
@@ -70,6 +80,8 @@ impl Fault {
             Fault::StopReceivePack => "SIGSTOP receive-pack",
             Fault::StopReplicationFetch => "SIGSTOP repl. fetch",
             Fault::StopSourceUploadPack => "SIGSTOP repl. source",
+            Fault::StopReplicationUpdateRef => "SIGSTOP repl. update-ref",
+            Fault::StopRecovery => "SIGSTOP worker mid-rollback",
         }
     }
 }
@@ -160,6 +172,21 @@ struct Row {
     kept: usize,
     recovered: usize,
     converged: Duration,
+}
+
+/// The faults to run: all of them, or those whose name contains one of the comma-separated
+/// words of `GITFLEET_CHAOS_FAULTS` (say "update-ref,rollback").
+fn faults() -> Vec<Fault> {
+    let wanted = std::env::var("GITFLEET_CHAOS_FAULTS").unwrap_or_default();
+    let words: Vec<&str> = wanted
+        .split(',')
+        .map(str::trim)
+        .filter(|w| !w.is_empty())
+        .collect();
+    Fault::ALL
+        .into_iter()
+        .filter(|fault| words.is_empty() || words.iter().any(|w| fault.name().contains(w)))
+        .collect()
 }
 
 fn seeds() -> Vec<u64> {
@@ -301,11 +328,14 @@ async fn inflict(fleet: &mut Fleet, fault: Fault, rng: &mut StdRng) -> String {
                 None => "none caught".into(),
             }
         }
-        Fault::StopReplicationFetch | Fault::StopSourceUploadPack => {
+        Fault::StopReplicationFetch
+        | Fault::StopSourceUploadPack
+        | Fault::StopReplicationUpdateRef => {
             let victim = left_behind(fleet, rng).await;
             let stopped = LEASE + millis(rng, 1000, 2000);
             let (nodes, subcommand): (Vec<usize>, _) = match fault {
                 Fault::StopReplicationFetch => (vec![victim], "fetch"),
+                Fault::StopReplicationUpdateRef => (vec![victim], "update-ref"),
                 _ => ((0..3).filter(|i| *i != victim).collect(), "upload-pack"),
             };
             match catch_git(fleet, &nodes, subcommand, Duration::from_secs(15)).await {
@@ -314,6 +344,29 @@ async fn inflict(fleet: &mut Fleet, fault: Fault, rng: &mut StdRng) -> String {
                     format!("storage-{} {stopped:.1?}", index + 1)
                 }
                 None => format!("storage-{} behind, none caught", victim + 1),
+            }
+        }
+        Fault::StopRecovery => {
+            // Writes in flight are left open; with the proxy down, only the worker's recovery
+            // rolls them back, one compare-and-swap (`update-ref`) at a time.
+            fleet.proxy.kill();
+            let stopped = LEASE + millis(rng, 1000, 2000);
+            let caught = catch_git(fleet, &[0, 1, 2], "update-ref", LEASE * 4).await;
+            let worker = fleet.worker.pid().expect("the worker runs");
+            let worker = nix::unistd::Pid::from_raw(worker as i32);
+            match caught {
+                Some((index, _)) => {
+                    nix::sys::signal::kill(worker, nix::sys::signal::Signal::SIGSTOP).unwrap();
+                    // Its lease runs out while new writes come through the proxy again.
+                    fleet.start_proxy();
+                    tokio::time::sleep(stopped).await;
+                    nix::sys::signal::kill(worker, nix::sys::signal::Signal::SIGCONT).unwrap();
+                    format!("update-ref on storage-{}, worker {stopped:.1?}", index + 1)
+                }
+                None => {
+                    fleet.start_proxy();
+                    "no rollback caught".into()
+                }
             }
         }
         Fault::StopNode => {
@@ -571,7 +624,7 @@ async fn no_acknowledged_push_is_lost_and_nothing_stays_frozen_whatever_fails() 
     let mut rows = Vec::new();
     let mut repositories = Vec::new();
     for seed in seeds() {
-        for fault in Fault::ALL {
+        for fault in faults() {
             match run_round(&mut fleet, fault, seed, &mut repositories).await {
                 Ok(row) => {
                     eprintln!(
