@@ -578,7 +578,7 @@ fn recovered_writes(fleet: &Fleet) -> usize {
 
 fn table(rows: &[Row]) -> String {
     let mut out = format!(
-        "{:<22} {:>4} {:<28} {:>9} {:>12} {:>4} {:>10} {:>11} {:>11} {:>9} {:>10}\n",
+        "{:<27} {:>4} {:<34} {:>9} {:>12} {:>4} {:>10} {:>11} {:>11} {:>9} {:>10}\n",
         "scenario",
         "seed",
         "fault",
@@ -593,7 +593,7 @@ fn table(rows: &[Row]) -> String {
     );
     for row in rows {
         out.push_str(&format!(
-            "{:<22} {:>4} {:<28} {:>9} {:>12} {:>4} {:>10} {:>11} {:>11} {:>9} {:>9.1}s\n",
+            "{:<27} {:>4} {:<34} {:>9} {:>12} {:>4} {:>10} {:>11} {:>11} {:>9} {:>9.1}s\n",
             row.scenario,
             row.seed,
             row.detail,
