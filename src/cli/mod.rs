@@ -44,9 +44,6 @@ enum Command {
     Bridge(bridge::BridgeArgs),
     /// Print a signed token for calling a node by hand (grpcurl and the like).
     Token(TokenArgs),
-    /// Run by git on a node, as its reference-transaction hook: not for people.
-    #[command(hide = true)]
-    Hook(HookArgs),
     /// Measure a local cluster against plain git: clones, fetches, pushes and accessor calls,
     /// each next to its baseline, printed as a table and written as JSON.
     Bench(bench::BenchArgs),
@@ -64,49 +61,6 @@ struct TokenArgs {
     /// /gitfleet.v1.RefService/ListRefs.
     #[arg(long, default_value = crate::auth::ANY_METHOD)]
     scope: String,
-}
-
-#[derive(Debug, clap::Args)]
-struct HookArgs {
-    #[command(subcommand)]
-    step: HookStep,
-}
-
-#[derive(Debug, clap::Subcommand)]
-enum HookStep {
-    /// A push's ref updates are locked: check and raise the replica's fence (the token is in
-    /// GITFLEET_FENCE), and leave its lock with a holder until the transaction ends.
-    Prepared,
-}
-
-/// The node's reference-transaction hook, in the replica's directory (git runs hooks there).
-fn hook(args: HookArgs) -> ExitCode {
-    let replica = std::path::Path::new(".");
-    match args.step {
-        HookStep::Prepared => {
-            let token = std::env::var(crate::node::fence::FENCE_ENV)
-                .ok()
-                .and_then(|token| token.parse().ok());
-            let Some(token) = token else {
-                eprintln!(
-                    "gitfleet hook: {} is not a token",
-                    crate::node::fence::FENCE_ENV
-                );
-                return ExitCode::FAILURE;
-            };
-            match crate::node::fence::hook_prepared(
-                replica,
-                token,
-                std::os::unix::process::parent_id(),
-            ) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(error) => {
-                    eprintln!("{error}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
-    }
 }
 
 /// Logs go to stderr; GITFLEET_LOG sets the filter (default "info") and
@@ -198,7 +152,6 @@ pub fn main(cli: Cli) -> ExitCode {
             )
         }
         Command::Bench(args) => report(bench::run(args)),
-        Command::Hook(args) => hook(args),
         Command::Admin(args) => report(
             runtime()
                 .map_err(anyhow::Error::from)

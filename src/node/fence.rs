@@ -16,7 +16,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read as _, Write as _};
-use std::os::unix::fs::{FileExt as _, PermissionsExt as _};
+use std::os::unix::fs::FileExt as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -195,33 +195,67 @@ pub async fn enter_async(replica: &Path, token: u64) -> Result<FenceGuard, Fence
         .map_err(|error| FenceError::Io(std::io::Error::other(error)))?
 }
 
-/// Writes the node's reference-transaction hook into `dir`, for receive-pack's ref updates
-/// (git runs it with `core.hooksPath` pointing there when a push carries a token):
-/// - `prepared`: `gitfleet hook prepared` takes the replica's fence lock, refuses a token
-///   older than the fence (git then aborts the update), raises the fence, and leaves the lock
-///   with a forked holder until the transaction ends;
-/// - `committed` and `aborted`: the holder is told to let go.
+/// The name git runs the hook by, and by which this program knows it was run as the hook.
+pub const HOOK_NAME: &str = "reference-transaction";
+
+/// Installs the node's reference-transaction hook in `dir`, for receive-pack's ref updates
+/// (git runs it with `core.hooksPath` pointing there when a push carries a token). The hook is
+/// a link to this program (`exe`), which [`run_as_hook`] recognises by the name it was run by,
+/// so no shell starts for any of the transaction's states.
 pub fn install_hook(dir: &Path, exe: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    let exe = exe.to_string_lossy().replace('\'', r"'\''");
-    let script = format!(
-        "#!/bin/sh\n\
-         # gitfleet: checks the replica's fence when a push changes its refs.\n\
-         [ -n \"${FENCE_ENV}\" ] || exit 0\n\
-         case \"$1\" in\n\
-         prepared) exec '{exe}' hook prepared ;;\n\
-         committed|aborted) rm -f {HOLDER_FILE} ;;\n\
-         esac\n\
-         exit 0\n"
-    );
-    let path = dir.join("reference-transaction");
-    let new = dir.join("reference-transaction.new");
-    std::fs::write(&new, script)?;
-    std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o755))?;
+    let path = dir.join(HOOK_NAME);
+    let new = dir.join(format!("{HOOK_NAME}.new"));
+    match std::fs::remove_file(&new) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+        _ => {}
+    }
+    std::os::unix::fs::symlink(exe, &new)?;
     std::fs::rename(new, path)
 }
 
-/// `gitfleet hook prepared`, run by git in the replica's directory once a push's ref updates
+/// Runs the hook when this process was started as the node's reference-transaction hook (by
+/// [`HOOK_NAME`]); None otherwise. git runs it in the replica's directory, with the
+/// transaction's state as its argument:
+/// - `prepared`: [`hook_prepared`] checks and raises the fence, and leaves the lock with a
+///   holder until the transaction ends (a refusal makes git abort the update);
+/// - `committed` and `aborted`: the holder is told to let go;
+/// - anything else, or a push with no token (`GITFLEET_FENCE` unset): nothing.
+pub fn run_as_hook() -> Option<std::process::ExitCode> {
+    use std::process::ExitCode;
+    let mut args = std::env::args_os();
+    let name = args.next()?;
+    if Path::new(&name).file_name()? != HOOK_NAME {
+        return None;
+    }
+    let Some(token) = std::env::var_os(FENCE_ENV) else {
+        return Some(ExitCode::SUCCESS);
+    };
+    let replica = Path::new(".");
+    let code = match args.next().as_ref().and_then(|state| state.to_str()) {
+        Some("prepared") => {
+            let Some(token) = token.to_str().and_then(|token| token.parse().ok()) else {
+                eprintln!("gitfleet: {FENCE_ENV} is not a token");
+                return Some(ExitCode::FAILURE);
+            };
+            match hook_prepared(replica, token, std::os::unix::process::parent_id()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("{error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Some("committed" | "aborted") => {
+            let _ = std::fs::remove_file(replica.join(HOLDER_FILE));
+            ExitCode::SUCCESS
+        }
+        _ => ExitCode::SUCCESS,
+    };
+    Some(code)
+}
+
+/// The `prepared` hook, run by git in the replica's directory once a push's ref updates
 /// are locked and about to be committed: enters the fence for `token`, and leaves the lock
 /// with a forked child that holds it until the transaction ends or `git` (the hook's parent,
 /// pid `git`) exits. Must run single-threaded (it forks).

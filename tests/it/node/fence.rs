@@ -179,11 +179,12 @@ async fn push_fenced(
     String::from_utf8_lossy(&said).into_owned()
 }
 
-/// Whether a fence holder (a `gitfleet hook prepared` that forked) is still running anywhere.
+/// Whether a fence holder (a `prepared` hook that forked) is still running anywhere.
 fn a_holder_runs() -> bool {
+    let marker = b"reference-transaction\0prepared\0";
     std::fs::read_dir("/proc").unwrap().flatten().any(|entry| {
         std::fs::read(entry.path().join("cmdline"))
-            .is_ok_and(|cmdline| cmdline.windows(14).any(|w| w == b"hook\0prepared\0"))
+            .is_ok_and(|cmdline| cmdline.windows(marker.len()).any(|w| w == marker))
     })
 }
 
