@@ -79,6 +79,15 @@ impl Node {
         check_git_protocol(invocation.git_protocol)?;
         let mut command = self.state.git.command(None);
         if let (Service::ReceivePack, Some(token)) = (invocation.service, invocation.fence) {
+            // git skips a hook it cannot run: a link whose program is gone would let the push
+            // through unchecked, so the push is refused instead.
+            let hook = repository.storage.hooks_dir().join(super::fence::HOOK_NAME);
+            if !hook.exists() {
+                return Err(NodeError::Io(std::io::Error::other(format!(
+                    "the fence hook {} does not lead to a program; restart the node",
+                    hook.display()
+                ))));
+            }
             command
                 .arg("-c")
                 .arg(format!(

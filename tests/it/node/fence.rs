@@ -382,3 +382,56 @@ async fn a_removal_or_quarantine_older_than_the_fence_removes_nothing() {
         .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
 }
+
+#[tokio::test]
+async fn a_fenced_push_is_refused_when_the_hook_leads_nowhere() {
+    let node = NodeProcess::start();
+    let work = push_history(&node, &["main"]).await;
+    let replica = node.repo_path("s1", "repo.git");
+    let before = refs_of(&replica);
+    // git would skip a hook it cannot run, and the push would go through unchecked.
+    let hook = node
+        .storage_path("s1")
+        .join(".gitfleet/hooks/reference-transaction");
+    std::fs::remove_file(&hook).unwrap();
+    std::os::unix::fs::symlink("/nonexistent/gitfleet", &hook).unwrap();
+    let late = commit_on(work.path(), "unchecked");
+    let request = fenced(
+        tokio_stream::iter(vec![SshRequest {
+            repository: header("s1", "repo.git"),
+            git_protocol: String::new(),
+            stdin: format!("{} {late} refs/heads/unchecked\n", "0".repeat(40))
+                .into_bytes()
+                .into(),
+            close_stdin: true,
+        }]),
+        "3",
+    );
+    let refused = match SshServiceClient::new(node.channel().await)
+        .ssh_receive_pack(request)
+        .await
+    {
+        Err(status) => status,
+        Ok(response) => {
+            let mut stream = response.into_inner();
+            loop {
+                match stream.message().await {
+                    Err(status) => break status,
+                    Ok(None) => panic!("the push was run"),
+                    Ok(Some(_)) => {}
+                }
+            }
+        }
+    };
+    assert!(
+        refused.message().contains("does not lead to a program"),
+        "{refused:?}"
+    );
+    assert_eq!(refs_of(&replica), before);
+    // Without a token (a push that is not fenced), the hook is not needed.
+    run_git(
+        work.path(),
+        &["push", "-q", &node.ssh_url("s1", "repo.git"), "unchecked"],
+    );
+    assert!(refs_of(&replica).contains("refs/heads/unchecked"));
+}
