@@ -37,6 +37,8 @@ struct Push {
     first: bool,
 }
 
+/// A writer whose pushes are refused this many times in a row ends the run.
+const MAX_REFUSED_IN_A_ROW: usize = 3;
 /// Pushes the writers must have made before the replica falls behind, for a baseline.
 const PUSHES_BEFORE: usize = 3 * WRITERS;
 
@@ -73,14 +75,17 @@ pub(super) fn busy_repository(
     let start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
     let pushed = Arc::new(AtomicUsize::new(0));
+    let refused = Arc::new(AtomicUsize::new(0));
     let writers: Vec<_> = work_trees
         .into_iter()
         .enumerate()
         .map(|(writer, work_tree)| {
             let (git, stop, pushed) = (setup.git.clone(), stop.clone(), pushed.clone());
+            let refused = refused.clone();
             std::thread::spawn(move || -> anyhow::Result<Vec<Push>> {
                 let mut pushes = Vec::new();
                 let mut round = 0;
+                let mut in_a_row = 0;
                 while !stop.load(Ordering::Relaxed) {
                     round += 1;
                     std::fs::write(work_tree.join("busy.txt"), format!("{writer} {round}\n"))?;
@@ -91,7 +96,7 @@ pub(super) fn busy_repository(
                         &[],
                     )?;
                     let started = start.elapsed().as_secs_f64();
-                    let took = git.timed(
+                    let pushed_now = git.timed(
                         Some(&work_tree),
                         &[
                             "push",
@@ -100,7 +105,24 @@ pub(super) fn busy_repository(
                             &format!("HEAD:refs/heads/busy-{writer}"),
                         ],
                         &[],
-                    )?;
+                    );
+                    // A refused push (a node's health check timed out on a loaded machine, say)
+                    // is counted and tried again with the next commit; a writer whose pushes
+                    // keep failing ends the run.
+                    let took = match pushed_now {
+                        Ok(took) => {
+                            in_a_row = 0;
+                            took
+                        }
+                        Err(error) => {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                            in_a_row += 1;
+                            if in_a_row >= MAX_REFUSED_IN_A_ROW {
+                                return Err(error);
+                            }
+                            continue;
+                        }
+                    };
                     pushes.push(Push {
                         started,
                         took,
@@ -222,11 +244,13 @@ pub(super) fn busy_repository(
     let converged = caught_up_at - behind_at;
     progress(format_args!(
         "busy repository: up to date again after {converged:.2}s; {} pushes meanwhile, the \
-         longest {:.3}s (before: {} pushes, median {typical:.3}s, longest {:.3}s)",
+         longest {:.3}s (before: {} pushes, median {typical:.3}s, longest {:.3}s); {} pushes \
+         refused",
         during.len(),
         longest(&during),
         before.len(),
-        longest(&before)
+        longest(&before),
+        refused.load(Ordering::Relaxed)
     ));
     Ok(vec![
         Row::new(
@@ -248,5 +272,10 @@ pub(super) fn busy_repository(
             &[(longest(&during) - typical).max(0.0)],
         )
         .target(Target::ValueAtMost(0.5)),
+        Row::new(
+            format!("busy repository ({WRITERS} writers): pushes refused"),
+            "",
+            &[refused.load(Ordering::Relaxed) as f64],
+        ),
     ])
 }

@@ -55,6 +55,7 @@ fn the_benchmark_measures_every_figure_next_to_its_baseline() {
         "busy repository (4 writers): a lagging replica up to date after",
         "busy repository (4 writers): longest push while it caught up",
         "busy repository (4 writers): longest push over the median before",
+        "busy repository (4 writers): pushes refused",
         "ListRefs (101 refs), concurrency 1: p50",
         "ListRefs (101 refs), concurrency 64: calls a second",
         "ListRefs (101 refs), concurrency 64: database statements a call",
