@@ -179,12 +179,19 @@ async fn restore(
                 .into_iter()
                 .find(|entry| entry.quarantine_id == id)
                 .with_context(|| format!("{storage} has no quarantine entry {id}"))?;
-            Some(
-                context
-                    .store
-                    .lock_replica_path(&entry.relative_path)
-                    .await?,
-            )
+            let mut lock = context
+                .store
+                .lock_replica_path(&entry.relative_path)
+                .await?;
+            // Checked before the bytes move: a row that still references the path could be
+            // deleted after the fence is raised, with a newer token than the adoption's.
+            if lock.in_use().await? {
+                bail!(
+                    "{} is the replica path of a repository: remove it first, or restore without --track",
+                    entry.relative_path
+                );
+            }
+            Some(lock)
         }
         None => None,
     };

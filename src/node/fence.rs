@@ -297,20 +297,40 @@ fn hold(replica: &Path, git: u32) {
 /// Raises the fence to `token`: the lower record is overwritten in place and its data synced,
 /// so a crash leaves the old fence or the new one. A file not yet in the two-record form is
 /// replaced whole (written aside, synced, renamed, the directory synced).
+///
+/// A failed sync may leave the new record in the page cache but not on disk, where a later look
+/// would take the fence as raised and a crash would undo it. The file is then written whole
+/// instead; if that fails too, both records are spoiled, so that the fence reads as damaged
+/// (every fenced call refused, and said why) rather than as a raise that might not last.
 fn write(replica: &Path, stored: &Stored, token: u64) -> Result<(), FenceError> {
-    if let Some(records) = stored.records {
-        let slot = match records {
-            [None, _] => 0,
-            [_, None] => 1,
-            [Some(first), Some(second)] => usize::from(second < first),
-        };
-        let file = OpenOptions::new()
-            .write(true)
-            .open(replica.join(FENCE_FILE))?;
-        file.write_all_at(record(token).as_bytes(), (slot * SLOT_SPACING) as u64)?;
-        file.sync_data()?;
-        return Ok(());
+    let Some(records) = stored.records else {
+        return replace(replica, token).inspect_err(|_| spoil(replica));
+    };
+    let slot = match records {
+        [None, _] => 0,
+        [_, None] => 1,
+        [Some(first), Some(second)] => usize::from(second < first),
+    };
+    let file = OpenOptions::new()
+        .write(true)
+        .open(replica.join(FENCE_FILE))?;
+    let written = file
+        .write_all_at(record(token).as_bytes(), (slot * SLOT_SPACING) as u64)
+        .and_then(|()| file.sync_data());
+    match written {
+        Ok(()) => Ok(()),
+        Err(error) => match replace(replica, token) {
+            Ok(()) => Ok(()),
+            Err(_) => {
+                spoil(replica);
+                Err(error.into())
+            }
+        },
     }
+}
+
+/// Writes the fence file whole, aside, and renames it into place.
+fn replace(replica: &Path, token: u64) -> Result<(), FenceError> {
     let mut bytes = vec![0u8; FILE_LEN];
     for slot in 0..2 {
         bytes[slot * SLOT_SPACING..][..RECORD_LEN].copy_from_slice(record(token).as_bytes());
@@ -322,6 +342,21 @@ fn write(replica: &Path, stored: &Stored, token: u64) -> Result<(), FenceError> 
     std::fs::rename(&new, replica.join(FENCE_FILE))?;
     File::open(replica)?.sync_all()?;
     Ok(())
+}
+
+/// Makes both records of the fence file fail their check, as far as anything can still be
+/// written.
+fn spoil(replica: &Path) {
+    let spoiled = [b'x'; RECORD_LEN];
+    if let Ok(file) = OpenOptions::new()
+        .write(true)
+        .open(replica.join(FENCE_FILE))
+    {
+        for slot in 0..2 {
+            let _ = file.write_all_at(&spoiled, (slot * SLOT_SPACING) as u64);
+        }
+        let _ = file.set_len(FILE_LEN as u64);
+    }
 }
 
 #[cfg(test)]
@@ -386,6 +421,19 @@ mod tests {
         file.write_all_at(b"9999", 0).unwrap();
         file.write_all_at(b"9999", SLOT_SPACING as u64).unwrap();
         assert!(matches!(enter(replica.path(), 50), Err(FenceError::Io(_))));
+    }
+
+    #[test]
+    fn a_spoiled_fence_refuses_every_token_instead_of_reading_zero() {
+        let replica = tempfile::tempdir().unwrap();
+        enter(replica.path(), 7).unwrap();
+        spoil(replica.path());
+        assert!(matches!(read(replica.path()), Err(FenceError::Io(_))));
+        assert!(matches!(enter(replica.path(), 100), Err(FenceError::Io(_))));
+        // A one-token file is spoiled too.
+        std::fs::write(replica.path().join(FENCE_FILE), "12\n").unwrap();
+        spoil(replica.path());
+        assert!(matches!(read(replica.path()), Err(FenceError::Io(_))));
     }
 
     fn read_slot(path: &Path, slot: usize) -> Option<u64> {

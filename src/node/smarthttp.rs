@@ -79,12 +79,12 @@ impl Node {
         check_git_protocol(invocation.git_protocol)?;
         let mut command = self.state.git.command(None);
         if let (Service::ReceivePack, Some(token)) = (invocation.service, invocation.fence) {
-            // git skips a hook it cannot run: a link whose program is gone would let the push
-            // through unchecked, so the push is refused instead.
+            // git skips a hook it cannot run: a link whose program is gone, or is not
+            // executable, would let the push through unchecked, so the push is refused instead.
             let hook = repository.storage.hooks_dir().join(super::fence::HOOK_NAME);
-            if !hook.exists() {
+            if nix::unistd::access(&hook, nix::unistd::AccessFlags::X_OK).is_err() {
                 return Err(NodeError::Io(std::io::Error::other(format!(
-                    "the fence hook {} does not lead to a program; restart the node",
+                    "the fence hook {} does not lead to a program it can run; restart the node",
                     hook.display()
                 ))));
             }

@@ -196,10 +196,11 @@ async fn remove_replicas(proxy: &Proxy, removed: &RemovedRepository) {
         match tokio::time::timeout(REMOVE_TIMEOUT, replica.remove(Some(removed.fence))).await {
             Ok(Ok(_)) => Some(storage.clone()),
             Ok(Err(status)) if status.code() == tonic::Code::NotFound => Some(storage.clone()),
-            // Adopted since the row was deleted: the replica is no longer this removal's.
+            // A newer token raised the fence (an adoption, or one that never committed): the
+            // removal job decides, under the replica path's lock.
             Ok(Err(status)) if crate::fleet::is_fenced(&status) => {
-                tracing::info!(%storage, %replica_path, %status, "replica adopted since: not removed");
-                Some(storage.clone())
+                tracing::info!(%storage, %replica_path, %status, "replica fenced: left to its removal job");
+                None
             }
             Ok(Err(status)) => {
                 tracing::warn!(%storage, %replica_path, %status, "replica left to its removal job");

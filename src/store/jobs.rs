@@ -41,8 +41,6 @@ pub struct ClaimedJob {
     pub target: StorageName,
     /// Set on removal jobs, whose repository row is gone.
     pub replica_path: Option<String>,
-    /// Set on removal jobs: the fencing token taken when the row was deleted.
-    pub fence_token: Option<i64>,
     /// This run included.
     pub attempts: i32,
     pub postponed: i32,
@@ -149,7 +147,6 @@ impl Store {
                      FROM ready WHERE j.id = ready.id
                      RETURNING j.id, j.kind, j.repository_id, j.source_storage,
                                j.target_storage, j.attempts, j.postponed, j.lease_token, j.replica_path,
-                               j.fence_token,
                                extract(epoch FROM now() - j.created_at)::float8 AS age",
                 )
                 .bind(kinds)
@@ -435,7 +432,6 @@ fn claimed(row: &sqlx::postgres::PgRow) -> Result<ClaimedJob, StoreError> {
         target: StorageName::parse(&target)
             .map_err(|error| undecodable("target_storage", error))?,
         replica_path: row.try_get("replica_path")?,
-        fence_token: row.try_get("fence_token")?,
         attempts: row.try_get("attempts")?,
         postponed: row.try_get("postponed")?,
         lease_token: row.try_get("lease_token")?,

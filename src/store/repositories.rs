@@ -80,8 +80,9 @@ pub struct RemovedRepository {
     pub replica_path: RelativePath,
     /// Every storage that holds or should hold a replica.
     pub storages: Vec<StorageName>,
-    /// The fencing token its removals carry: taken as the row was deleted, so a replica
-    /// adopted later (whose fence a newer token raised) refuses them.
+    /// The fencing token the proxy's own removal carries: taken as the row was deleted, so a
+    /// replica adopted later (whose fence a newer token raised) refuses it. Removal jobs take
+    /// a fresh one under the replica path's lock instead.
     pub fence: i64,
 }
 
@@ -366,11 +367,10 @@ impl Store {
                          SELECT nextval('repository_lease_tokens') AS token FROM gone
                      ), queued AS (
                          INSERT INTO jobs
-                             (kind, repository_id, target_storage, replica_path, run_after,
-                              fence_token)
+                             (kind, repository_id, target_storage, replica_path, run_after)
                          SELECT $5, gone.id, storage, gone.replica_path,
-                                now() + make_interval(secs => $6::float8), fence.token
-                         FROM gone, fence, unnest(gone.storages) AS storage
+                                now() + make_interval(secs => $6::float8)
+                         FROM gone, unnest(gone.storages) AS storage
                          WHERE $6::float8 IS NOT NULL
                          ON CONFLICT DO NOTHING
                      )

@@ -1,8 +1,9 @@
 //! The remover: deletes one replica of a repository whose row is gone. The job carries the
 //! replica path, and checks right before it acts that no repository row references it again
-//! (a repository adopted back from that path). Its call carries the fencing token taken when
-//! the row was deleted, so a removal that reaches the node after an adoption (which raises the
-//! replica's fence) removes nothing.
+//! (a repository adopted back from that path). Its call carries a fencing token taken under the
+//! replica path's lock, after that look: an adoption, which takes the same lock and raises the
+//! replica's fence with a newer token, then refuses a removal that reaches the node late, and a
+//! fence raised by an adoption that never committed does not stop the removal.
 
 use tonic::Code;
 
@@ -20,12 +21,15 @@ pub(super) async fn run(inner: &Inner, job: &ClaimedJob) -> Outcome {
         let in_use = lock.in_use().await?;
         Ok::<_, StoreError>((lock, in_use))
     };
-    let lock = match lock.await {
+    let (lock, token) = match lock.await {
         Ok((_, true)) => {
             tracing::info!(id = %job.id, %replica_path, "the replica path is tracked again: nothing removed");
             return Outcome::Done;
         }
-        Ok((lock, false)) => lock,
+        Ok((mut lock, false)) => match lock.fence_token().await {
+            Ok(token) => (lock, token),
+            Err(error) => return Outcome::Postponed(error.to_string()),
+        },
         Err(error @ StoreError::Unavailable(_)) => return Outcome::Postponed(error.to_string()),
         Err(error) => return Outcome::Failed(error.to_string()),
     };
@@ -39,7 +43,7 @@ pub(super) async fn run(inner: &Inner, job: &ClaimedJob) -> Outcome {
     if !replica.node.is_healthy() {
         return Outcome::Postponed(format!("{} is down", job.target));
     }
-    let removed = replica.remove(job.fence_token).await;
+    let removed = replica.remove(Some(token)).await;
     if let Err(error) = lock.release().await {
         return Outcome::Postponed(error.to_string());
     }
@@ -49,7 +53,8 @@ pub(super) async fn run(inner: &Inner, job: &ClaimedJob) -> Outcome {
             Outcome::Done
         }
         Err(status) if status.code() == Code::NotFound => Outcome::Done,
-        // A newer lease has acted on the replica since the row was deleted: it was adopted.
+        // A newer token has acted on the replica since the look at the catalog: it is not this
+        // removal's any more.
         Err(status) if crate::fleet::is_fenced(&status) => {
             tracing::info!(id = %job.id, target = %job.target, %replica_path, %status, "the replica was adopted since: nothing removed");
             Outcome::Done

@@ -554,9 +554,9 @@ async fn a_read_that_finds_its_replica_gone_has_it_verified_and_repaired_at_once
     worker.stop().await;
 }
 
-/// A removal (the proxy's, or a removal job's) and a walk's quarantine are decided under the
-/// replica path's lock, but their call can reach the node late: after the lock was let go and
-/// the path was adopted again. Adoption raises the replica's fence, so the late call is refused
+/// The proxy's removal (with the token taken as the row was deleted) and a walk's quarantine
+/// (with one taken under the replica path's lock) can reach the node late: after the path was
+/// adopted again. Adoption raises the replica's fence, so the late call is refused
 /// and the adopted repository keeps its replica.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_removal_or_quarantine_delivered_after_an_adoption_removes_nothing() {
@@ -588,15 +588,6 @@ async fn a_removal_or_quarantine_delivered_after_an_adoption_removes_nothing() {
         panic!("not removed: {deleted:?}");
     };
     let replica_path = removed.replica_path.to_string();
-    // Each removal job carries the token taken as the row went.
-    let tokens: Vec<Option<i64>> = sqlx::query_scalar(
-        "SELECT fence_token FROM jobs WHERE kind = 'remove' AND replica_path = $1",
-    )
-    .bind(&replica_path)
-    .fetch_all(store.pool())
-    .await
-    .unwrap();
-    assert_eq!(tokens, vec![Some(removed.fence); 2]);
     // A walk decides to quarantine the untracked replica, with a token of its own.
     let mut lock = store.lock_replica_path(&replica_path).await.unwrap();
     assert!(!lock.in_use().await.unwrap());
@@ -646,4 +637,72 @@ async fn a_removal_or_quarantine_delivered_after_an_adoption_removes_nothing() {
         refs.contains(&format!("{}\trefs/heads/main", pushed.trim())),
         "{refs}"
     );
+}
+
+/// An adoption that raised the replica's fence and then never committed (the operator's
+/// command failed or died) must not keep the removal job from removing the replica: the job
+/// looks at the catalog under the replica path's lock and takes a newer token there.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fence_raised_by_an_adoption_that_never_committed_does_not_stop_the_removal() {
+    use gitfleet::model::RelativePath;
+    use gitfleet::store::{Deleted, Deletion, Which};
+
+    let cluster = Cluster::start(2).await;
+    cluster.create("orphan.git").await;
+    let _work = cluster.push_main("orphan.git");
+    let record = cluster.record("orphan.git").await;
+    let on_disk = cluster.replica_dir(0, &record);
+    assert!(on_disk.exists());
+    let store = cluster.store();
+    let deleted = store
+        .delete_repository(
+            Which::Path(
+                &Cluster::virtual_storage(),
+                &RelativePath::parse("orphan.git").unwrap(),
+            ),
+            Deletion {
+                force: false,
+                remove_after: Some(Duration::ZERO),
+            },
+        )
+        .await
+        .unwrap();
+    let Deleted::Removed(removed) = deleted else {
+        panic!("not removed: {deleted:?}");
+    };
+    // The adoption's first step, with a token newer than the deletion's; no row follows.
+    let mut lock = store
+        .lock_replica_path(removed.replica_path.as_str())
+        .await
+        .unwrap();
+    let token = lock.fence_token().await.unwrap();
+    lock.release().await.unwrap();
+    assert!(token > removed.fence);
+    gitfleet::proto::node_service_client::NodeServiceClient::new(cluster.nodes[0].channel().await)
+        .raise_fence(gitfleet::fleet::fenced(
+            gitfleet::proto::RaiseFenceRequest {
+                repository: header(STORAGES[0], removed.replica_path.as_str()),
+            },
+            token,
+        ))
+        .await
+        .unwrap();
+
+    let worker = start_worker(
+        repair_config(&cluster),
+        &[JobType::Remover],
+        Hooks::default(),
+    );
+    wait_for(60, "the removal jobs done", || async {
+        let open: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM jobs WHERE kind = 'remove' AND state <> 'done'",
+        )
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+        open == 0
+    })
+    .await;
+    worker.stop().await;
+    assert!(!on_disk.exists(), "{} is still there", on_disk.display());
 }

@@ -94,6 +94,17 @@ async fn catch_git(
     subcommand: &str,
     within: Duration,
 ) -> Option<(usize, i32)> {
+    catch_git_unlike(fleet, nodes, subcommand, &[], within).await
+}
+
+/// [`catch_git`], passing over a process with any of the arguments `unlike`.
+async fn catch_git_unlike(
+    fleet: &Fleet,
+    nodes: &[usize],
+    subcommand: &str,
+    unlike: &[&[u8]],
+    within: Duration,
+) -> Option<(usize, i32)> {
     let markers: Vec<(usize, Vec<u8>)> = nodes
         .iter()
         .map(|&index| {
@@ -112,7 +123,11 @@ async fn catch_git(
             };
             let mut args = cmdline.split(|b| *b == 0);
             let is_git = args.next().is_some_and(|arg0| arg0.ends_with(b"git"));
-            if !is_git || !args.any(|arg| arg == subcommand.as_bytes()) {
+            let args: Vec<&[u8]> = args.collect();
+            if !is_git
+                || !args.contains(&subcommand.as_bytes())
+                || args.iter().any(|arg| unlike.contains(arg))
+            {
                 continue;
             }
             let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
@@ -351,7 +366,10 @@ async fn inflict(fleet: &mut Fleet, fault: Fault, rng: &mut StdRng) -> String {
             // rolls them back, one compare-and-swap (`update-ref`) at a time.
             fleet.proxy.kill();
             let stopped = LEASE + millis(rng, 1000, 2000);
-            let caught = catch_git(fleet, &[0, 1, 2], "update-ref", LEASE * 4).await;
+            // A rollback's compare-and-swap, not a replication's refs phase (`--no-deref`).
+            let caught =
+                catch_git_unlike(fleet, &[0, 1, 2], "update-ref", &[b"--no-deref"], LEASE * 4)
+                    .await;
             let worker = fleet.worker.pid().expect("the worker runs");
             let worker = nix::unistd::Pid::from_raw(worker as i32);
             match caught {
@@ -361,7 +379,7 @@ async fn inflict(fleet: &mut Fleet, fault: Fault, rng: &mut StdRng) -> String {
                     fleet.start_proxy();
                     tokio::time::sleep(stopped).await;
                     nix::sys::signal::kill(worker, nix::sys::signal::Signal::SIGCONT).unwrap();
-                    format!("update-ref on storage-{}, worker {stopped:.1?}", index + 1)
+                    format!("rollback on storage-{}, worker {stopped:.1?}", index + 1)
                 }
                 None => {
                     fleet.start_proxy();
