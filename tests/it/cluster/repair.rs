@@ -706,3 +706,62 @@ async fn a_fence_raised_by_an_adoption_that_never_committed_does_not_stop_the_re
     worker.stop().await;
     assert!(!on_disk.exists(), "{} is still there", on_disk.display());
 }
+
+/// `quarantine restore --track` adopts the path it restores. A row that still references that
+/// path could be deleted after the restore raised the replica's fence, with a newer token, and
+/// its removal would then take the adopted replica: the restore refuses a referenced path before
+/// any byte moves.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restore_that_would_adopt_a_path_a_repository_still_references_is_refused() {
+    use gitfleet::proto::QuarantineRepositoryRequest;
+    use gitfleet::proto::node_service_client::NodeServiceClient;
+
+    let cluster = Cluster::start(2).await;
+    cluster.create("held.git").await;
+    let _work = cluster.push_main("held.git");
+    let record = cluster.record("held.git").await;
+    // The replica on storage-1 goes to quarantine while its row stays.
+    let id = NodeServiceClient::new(cluster.nodes[0].channel().await)
+        .quarantine_repository(QuarantineRepositoryRequest {
+            repository: header(STORAGES[0], record.replica_path.as_str()),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .quarantine_id;
+    let on_disk = cluster.replica_dir(0, &record);
+    assert!(!on_disk.exists());
+
+    admin_refuses(
+        &cluster,
+        &[
+            "quarantine",
+            "restore",
+            "--storage",
+            STORAGES[0],
+            &id,
+            "--track",
+            "default/again.git",
+        ],
+        "is the replica path of a repository",
+    );
+    // Nothing moved: the entry is still in quarantine, and no row was made.
+    assert!(!on_disk.exists());
+    let listed = admin_says(
+        &cluster,
+        &["quarantine", "list", "--storage", STORAGES[0]],
+        &id,
+    );
+    assert!(listed.contains(record.replica_path.as_str()), "{listed}");
+    let store = cluster.store();
+    assert!(
+        store
+            .find_repository(
+                &Cluster::virtual_storage(),
+                &gitfleet::model::RelativePath::parse("again.git").unwrap()
+            )
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
