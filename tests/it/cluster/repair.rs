@@ -554,32 +554,23 @@ async fn a_read_that_finds_its_replica_gone_has_it_verified_and_repaired_at_once
     worker.stop().await;
 }
 
-/// The proxy's removal (with the token taken as the row was deleted) and a walk's quarantine
-/// (with one taken under the replica path's lock) can reach the node late: after the path was
-/// adopted again. Adoption raises the replica's fence, so the late call is refused
-/// and the adopted repository keeps its replica.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_removal_or_quarantine_delivered_after_an_adoption_removes_nothing() {
-    use gitfleet::model::RelativePath;
-    use gitfleet::proto::node_service_client::NodeServiceClient;
-    use gitfleet::proto::repository_service_client::RepositoryServiceClient;
-    use gitfleet::proto::{QuarantineRepositoryRequest, RemoveRepositoryRequest};
+/// Deletes `default/RELATIVE_PATH`'s row as the proxy does, its removal jobs due after
+/// `remove_after`, and leaves the disks alone.
+async fn delete_row(
+    store: &gitfleet::store::Store,
+    relative_path: &str,
+    remove_after: Duration,
+) -> gitfleet::store::RemovedRepository {
     use gitfleet::store::{Deleted, Deletion, Which};
-
-    let cluster = Cluster::start(2).await;
-    cluster.create("late.git").await;
-    let work = cluster.push_main("late.git");
-    let pushed = run_git(work.path(), &["rev-parse", "main"]);
-    let store = cluster.store();
     let deleted = store
         .delete_repository(
             Which::Path(
                 &Cluster::virtual_storage(),
-                &RelativePath::parse("late.git").unwrap(),
+                &gitfleet::model::RelativePath::parse(relative_path).unwrap(),
             ),
             Deletion {
                 force: false,
-                remove_after: Some(Duration::from_secs(3600)),
+                remove_after: Some(remove_after),
             },
         )
         .await
@@ -587,6 +578,24 @@ async fn a_removal_or_quarantine_delivered_after_an_adoption_removes_nothing() {
     let Deleted::Removed(removed) = deleted else {
         panic!("not removed: {deleted:?}");
     };
+    removed
+}
+
+/// The proxy's removal (with the token taken as the row was deleted) and a walk's quarantine
+/// (with one taken under the replica path's lock) can reach the node late: after the path was
+/// adopted again. Adoption raises the replica's fence, so the late call is refused
+/// and the adopted repository keeps its replica.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_removal_or_quarantine_delivered_after_an_adoption_removes_nothing() {
+    use gitfleet::proto::node_service_client::NodeServiceClient;
+    use gitfleet::proto::repository_service_client::RepositoryServiceClient;
+    use gitfleet::proto::{QuarantineRepositoryRequest, RemoveRepositoryRequest};
+    let cluster = Cluster::start(2).await;
+    cluster.create("late.git").await;
+    let work = cluster.push_main("late.git");
+    let pushed = run_git(work.path(), &["rev-parse", "main"]);
+    let store = cluster.store();
+    let removed = delete_row(&store, "late.git", Duration::from_secs(3600)).await;
     let replica_path = removed.replica_path.to_string();
     // A walk decides to quarantine the untracked replica, with a token of its own.
     let mut lock = store.lock_replica_path(&replica_path).await.unwrap();
@@ -644,9 +653,6 @@ async fn a_removal_or_quarantine_delivered_after_an_adoption_removes_nothing() {
 /// looks at the catalog under the replica path's lock and takes a newer token there.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fence_raised_by_an_adoption_that_never_committed_does_not_stop_the_removal() {
-    use gitfleet::model::RelativePath;
-    use gitfleet::store::{Deleted, Deletion, Which};
-
     let cluster = Cluster::start(2).await;
     cluster.create("orphan.git").await;
     let _work = cluster.push_main("orphan.git");
@@ -654,22 +660,7 @@ async fn a_fence_raised_by_an_adoption_that_never_committed_does_not_stop_the_re
     let on_disk = cluster.replica_dir(0, &record);
     assert!(on_disk.exists());
     let store = cluster.store();
-    let deleted = store
-        .delete_repository(
-            Which::Path(
-                &Cluster::virtual_storage(),
-                &RelativePath::parse("orphan.git").unwrap(),
-            ),
-            Deletion {
-                force: false,
-                remove_after: Some(Duration::ZERO),
-            },
-        )
-        .await
-        .unwrap();
-    let Deleted::Removed(removed) = deleted else {
-        panic!("not removed: {deleted:?}");
-    };
+    let removed = delete_row(&store, "orphan.git", Duration::ZERO).await;
     // The adoption's first step, with a token newer than the deletion's; no row follows.
     let mut lock = store
         .lock_replica_path(removed.replica_path.as_str())
