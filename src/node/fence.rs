@@ -228,11 +228,16 @@ pub fn run_as_hook() -> Option<std::process::ExitCode> {
     if Path::new(&name).file_name()? != HOOK_NAME {
         return None;
     }
+    let replica = Path::new(".");
+    let state = args.next();
+    let state = state.as_ref().and_then(|state| state.to_str());
+    if let Some(socket) = std::env::var_os(super::prepare::PREPARE_ENV) {
+        return Some(prepared_push(replica, Path::new(&socket), state));
+    }
     let Some(token) = std::env::var_os(FENCE_ENV) else {
         return Some(ExitCode::SUCCESS);
     };
-    let replica = Path::new(".");
-    let code = match args.next().as_ref().and_then(|state| state.to_str()) {
+    let code = match state {
         Some("prepared") => {
             let Some(token) = token.to_str().and_then(|token| token.parse().ok()) else {
                 eprintln!("gitfleet: {FENCE_ENV} is not a token");
@@ -253,6 +258,37 @@ pub fn run_as_hook() -> Option<std::process::ExitCode> {
         _ => ExitCode::SUCCESS,
     };
     Some(code)
+}
+
+/// The hook of a prepared push (see [`super::prepare`]): at `prepared`, the updates go to the
+/// node, and its decision either commits them under its token, through the fence, or aborts
+/// them with its reason.
+fn prepared_push(replica: &Path, socket: &Path, state: Option<&str>) -> std::process::ExitCode {
+    use super::prepare::{Decision, ask, read_updates};
+    use std::process::ExitCode;
+    match state {
+        Some("prepared") => {}
+        Some("committed" | "aborted") => {
+            let _ = std::fs::remove_file(replica.join(HOLDER_FILE));
+            return ExitCode::SUCCESS;
+        }
+        _ => return ExitCode::SUCCESS,
+    }
+    let decision = match read_updates() {
+        Ok(updates) => ask(socket, &updates),
+        Err(error) => Decision::Abort(format!("cannot read the ref updates: {error}")),
+    };
+    let refused = match decision {
+        Decision::Commit(token) => {
+            match hook_prepared(replica, token, std::os::unix::process::parent_id()) {
+                Ok(()) => return ExitCode::SUCCESS,
+                Err(error) => error.to_string(),
+            }
+        }
+        Decision::Abort(reason) => reason,
+    };
+    eprintln!("{refused}");
+    ExitCode::FAILURE
 }
 
 /// The `prepared` hook, run by git in the replica's directory once a push's ref updates

@@ -5,6 +5,7 @@ pub mod fence;
 mod locks;
 mod maintenance;
 mod objects;
+pub mod prepare;
 mod refs;
 mod replication;
 mod repository;

@@ -32,6 +32,7 @@ mod node {
     mod errors;
     mod fence;
     mod git;
+    mod prepare;
     mod process;
     mod refs;
     mod replication;

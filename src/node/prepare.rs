@@ -1,0 +1,211 @@
+//! A prepared push: receive-pack has checked the pack and locked its ref updates, and waits
+//! for a decision before it commits them. The node's reference-transaction hook
+//! (started by git at `prepared`) connects to the push's rendezvous, a unix socket the node
+//! listens on, sends the ref updates git is about to make (`OLD NEW REF` lines, then the end of
+//! its half of the connection), and waits for one answer line:
+//! - `commit TOKEN`: the hook enters the replica's fence with the token (refusing it if a
+//!   newer one was accepted), leaves the lock with its holder, and git commits;
+//! - `abort REASON`: the hook says why and fails, so git aborts the update.
+//!
+//! No answer (the node went away, or [`DECISION_WAIT`] passed) aborts the update too: a
+//! prepared push never commits on its own. The updates are those of git's ref transaction,
+//! after its own checks: a push to the branch HEAD points at reports HEAD as well. By then
+//! receive-pack has moved the pack's objects out of its quarantine, so an aborted push leaves
+//! them unreferenced, for housekeeping to prune after its grace period.
+
+use std::io::{Read as _, Write as _};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::model::{ObjectId, RefName};
+
+/// The environment that carries a prepared push's rendezvous to the hook.
+pub const PREPARE_ENV: &str = "GITFLEET_PREPARE";
+
+/// How long a prepared push waits for its decision before it aborts.
+pub const DECISION_WAIT: Duration = Duration::from_secs(300);
+
+/// The most bytes of ref updates one prepared push may report: room for about 100,000 refs.
+const MAX_UPDATE_BYTES: u64 = 16 << 20;
+
+/// One ref update a prepared push is about to make.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreparedUpdate {
+    pub name: String,
+    pub old: String,
+    pub new: String,
+}
+
+/// Where one push's hook finds its node: a socket in the storage's temporary area, removed
+/// when this is dropped.
+#[derive(Debug)]
+pub struct Rendezvous {
+    listener: tokio::net::UnixListener,
+    path: PathBuf,
+}
+
+impl Rendezvous {
+    /// Listens on a new socket in `dir`, which must be short enough for a socket's path
+    /// (about 100 bytes).
+    pub fn bind(dir: &Path) -> std::io::Result<Self> {
+        let path = dir.join(format!("prepare-{:016x}.sock", rand::random::<u64>()));
+        let listener = tokio::net::UnixListener::bind(&path)?;
+        Ok(Self { listener, path })
+    }
+
+    /// The socket's path, for [`PREPARE_ENV`].
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Waits for the hook, and reads the ref updates it reports.
+    pub async fn prepared(&self) -> std::io::Result<Prepared> {
+        let (mut stream, _) = self.listener.accept().await?;
+        let mut text = String::new();
+        (&mut stream)
+            .take(MAX_UPDATE_BYTES + 1)
+            .read_to_string(&mut text)
+            .await?;
+        if text.len() as u64 > MAX_UPDATE_BYTES {
+            return Err(invalid(format!(
+                "the push's ref updates are longer than {MAX_UPDATE_BYTES} bytes"
+            )));
+        }
+        let updates = text.lines().map(parse_update).collect::<Result<_, _>>()?;
+        Ok(Prepared { updates, stream })
+    }
+}
+
+impl Drop for Rendezvous {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A push whose hook waits for the decision. Dropping it without one aborts the push.
+#[derive(Debug)]
+pub struct Prepared {
+    pub updates: Vec<PreparedUpdate>,
+    stream: tokio::net::UnixStream,
+}
+
+impl Prepared {
+    /// Lets the push commit under `token`, which its replica's fence checks first.
+    pub async fn commit(mut self, token: u64) -> std::io::Result<()> {
+        self.stream
+            .write_all(format!("commit {token}\n").as_bytes())
+            .await
+    }
+
+    /// Aborts the push; git tells its client `reason`.
+    pub async fn abort(mut self, reason: &str) -> std::io::Result<()> {
+        let reason = reason.replace('\n', " ");
+        self.stream
+            .write_all(format!("abort {reason}\n").as_bytes())
+            .await
+    }
+}
+
+fn parse_update(line: &str) -> std::io::Result<PreparedUpdate> {
+    let mut parts = line.splitn(3, ' ');
+    let (Some(old), Some(new), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(invalid(format!("{line:?} is not an \"old new ref\" line")));
+    };
+    let checked = ObjectId::parse(old)
+        .and_then(|_| ObjectId::parse(new))
+        .map(drop)
+        .map_err(|error| invalid(error.to_string()))
+        .and_then(|()| {
+            // HEAD and other symbolic refs come through too.
+            if name == "HEAD" {
+                Ok(())
+            } else {
+                RefName::parse(name)
+                    .map(drop)
+                    .map_err(|error| invalid(error.to_string()))
+            }
+        });
+    checked.map(|()| PreparedUpdate {
+        name: name.to_owned(),
+        old: old.to_owned(),
+        new: new.to_owned(),
+    })
+}
+
+fn invalid(message: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, message)
+}
+
+/// The decision a prepared push's hook got.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision {
+    Commit(u64),
+    Abort(String),
+}
+
+/// The hook's side: reports the updates git gave on standard input to the node at `socket`,
+/// and waits for the decision. Any failure to get one is an abort.
+pub fn ask(socket: &Path, updates: &[u8]) -> Decision {
+    let asked = (|| -> std::io::Result<String> {
+        let mut stream = UnixStream::connect(socket)?;
+        stream.set_read_timeout(Some(DECISION_WAIT))?;
+        stream.write_all(updates)?;
+        stream.shutdown(std::net::Shutdown::Write)?;
+        let mut answer = String::new();
+        stream.take(64 << 10).read_to_string(&mut answer)?;
+        Ok(answer)
+    })();
+    let answer = match asked {
+        Ok(answer) => answer,
+        Err(error) => return Decision::Abort(format!("no decision from the node: {error}")),
+    };
+    let line = answer.lines().next().unwrap_or_default();
+    match line.split_once(' ') {
+        Some(("commit", token)) => match token.parse() {
+            Ok(token) => Decision::Commit(token),
+            Err(_) => Decision::Abort(format!("the node answered {line:?}")),
+        },
+        Some(("abort", reason)) => Decision::Abort(reason.to_owned()),
+        _ if line.is_empty() => Decision::Abort("the node gave no decision".into()),
+        _ => Decision::Abort(format!("the node answered {line:?}")),
+    }
+}
+
+/// Reads what git gives the hook on standard input.
+pub fn read_updates() -> std::io::Result<Vec<u8>> {
+    let mut updates = Vec::new();
+    std::io::stdin()
+        .take(MAX_UPDATE_BYTES + 1)
+        .read_to_end(&mut updates)?;
+    Ok(updates)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn updates_are_parsed_and_bad_lines_refused() {
+        let zero = "0".repeat(40);
+        let one = "1".repeat(40);
+        assert_eq!(
+            parse_update(&format!("{zero} {one} refs/heads/main")).unwrap(),
+            PreparedUpdate {
+                name: "refs/heads/main".into(),
+                old: zero.clone(),
+                new: one.clone()
+            }
+        );
+        assert!(parse_update(&format!("{zero} {one} HEAD")).is_ok());
+        for bad in [
+            "nonsense".to_owned(),
+            format!("{zero} xyz refs/heads/main"),
+            format!("{zero} {one} refs/heads/a..b"),
+        ] {
+            assert!(parse_update(&bad).is_err(), "{bad}");
+        }
+    }
+}
