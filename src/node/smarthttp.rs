@@ -6,6 +6,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
+use super::prepare::Rendezvous;
 use super::{Node, NodeError};
 use crate::git::pipe::{self, Output};
 use crate::git::pktline;
@@ -67,6 +68,9 @@ pub(super) struct Invocation<'a> {
     /// The caller's fencing token: a push's ref updates are checked against the replica's
     /// fence, by the node's reference-transaction hook, as they are committed.
     pub fence: Option<u64>,
+    /// A prepared push's rendezvous (see [`super::prepare`]): the hook reports the updates
+    /// there and waits for the decision, which brings the token.
+    pub prepare: Option<&'a std::path::Path>,
 }
 
 impl Node {
@@ -78,7 +82,8 @@ impl Node {
         let repository = self.state.storages.existing(invocation.header)?;
         check_git_protocol(invocation.git_protocol)?;
         let mut command = self.state.git.command(None);
-        if let (Service::ReceivePack, Some(token)) = (invocation.service, invocation.fence) {
+        let hooked = invocation.fence.is_some() || invocation.prepare.is_some();
+        if invocation.service == Service::ReceivePack && hooked {
             // git skips a hook it cannot run: a link whose program is gone, or is not
             // executable, would let the push through unchecked, so the push is refused instead.
             let hook = repository.storage.hooks_dir().join(super::fence::HOOK_NAME);
@@ -88,14 +93,17 @@ impl Node {
                     hook.display()
                 ))));
             }
-            command
-                .arg("-c")
-                .arg(format!(
-                    "core.hooksPath={}",
-                    repository.storage.hooks_dir().display()
-                ))
-                .env(super::fence::FENCE_ENV, token.to_string());
-            raise_ahead(repository.path.clone(), token);
+            command.arg("-c").arg(format!(
+                "core.hooksPath={}",
+                repository.storage.hooks_dir().display()
+            ));
+            if let Some(token) = invocation.fence {
+                command.env(super::fence::FENCE_ENV, token.to_string());
+                raise_ahead(repository.path.clone(), token);
+            }
+            if let Some(rendezvous) = invocation.prepare {
+                command.env(super::prepare::PREPARE_ENV, rendezvous);
+            }
         }
         command
             .arg(invocation.service.command())
@@ -246,6 +254,7 @@ impl SmartHttpService for Node {
                 args: &["--stateless-rpc"],
                 git_protocol: &first.git_protocol,
                 fence: None,
+                prepare: None,
             },
             Some(input),
             None,
@@ -261,6 +270,14 @@ impl SmartHttpService for Node {
         let fence = super::refs::fence_token(request.metadata())?;
         let mut stream = request.into_inner();
         let first = first_message(&mut stream).await?;
+        if first.prepare {
+            if fence.is_some() {
+                return Err(Status::invalid_argument(
+                    "a prepared push takes its token with its decision, not in its header",
+                ));
+            }
+            return Ok(Response::new(self.prepared_receive_pack(first, stream)?));
+        }
         let input = request_data(first.data, stream, |message: PostReceivePackRequest| {
             message.data
         });
@@ -271,16 +288,95 @@ impl SmartHttpService for Node {
                 args: &["--stateless-rpc"],
                 git_protocol: &first.git_protocol,
                 fence,
+                prepare: None,
             },
             Some(input),
             None,
-            |data| PostReceivePackResponse { data },
+            |data| PostReceivePackResponse {
+                data,
+                prepared: None,
+            },
         )?;
         Ok(Response::new(output))
     }
 }
 
 impl Node {
+    /// A prepared push (see [`super::prepare`]): receive-pack runs with the rendezvous; once
+    /// its hook reports the updates, they are answered as `prepared`, and the caller's
+    /// decision, the next message after its data, is handed to the hook. receive-pack's own
+    /// report follows, as for any push. A caller that goes away without a decision aborts it.
+    fn prepared_receive_pack(
+        &self,
+        first: PostReceivePackRequest,
+        mut stream: Streaming<PostReceivePackRequest>,
+    ) -> Result<ReceiverStream<Result<PostReceivePackResponse, Status>>, NodeError> {
+        let located = self.state.storages.existing(first.repository.as_ref())?;
+        let rendezvous = Rendezvous::bind(&located.storage.tmp_dir())?;
+        let (data_sender, data) = mpsc::channel::<Result<Bytes, Status>>(8);
+        let (decided, decision) = tokio::sync::oneshot::channel::<push_decision::Decision>();
+        tokio::spawn(async move {
+            if data_sender.send(Ok(first.data)).await.is_err() {
+                return;
+            }
+            loop {
+                match stream.message().await {
+                    Ok(Some(message)) => {
+                        if let Some(decision) = message.decision.and_then(|d| d.decision) {
+                            let _ = decided.send(decision);
+                            return;
+                        }
+                        if data_sender.send(Ok(message.data)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(status) => {
+                        let _ = data_sender.send(Err(status)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        let mut output = self.stream_service(
+            Invocation {
+                header: first.repository.as_ref(),
+                service: Service::ReceivePack,
+                args: &["--stateless-rpc"],
+                git_protocol: &first.git_protocol,
+                fence: None,
+                prepare: Some(rendezvous.path()),
+            },
+            Some(ReceiverStream::new(data)),
+            None,
+            |data| PostReceivePackResponse {
+                data,
+                prepared: None,
+            },
+        )?;
+        let (sender, receiver) = mpsc::channel(8);
+        tokio::spawn(async move {
+            let step = decide(rendezvous, decision, sender.clone());
+            tokio::pin!(step);
+            let mut deciding = true;
+            loop {
+                tokio::select! {
+                    item = output.next() => match item {
+                        // receive-pack is over: a rendezvous not reached yet never will be.
+                        None => return,
+                        Some(item) => {
+                            if sender.send(item).await.is_err() {
+                                return;
+                            }
+                        }
+                    },
+                    () = &mut step, if deciding => deciding = false,
+                }
+            }
+        });
+        Ok(ReceiverStream::new(receiver))
+    }
+
     fn info_refs(
         &self,
         request: InfoRefsRequest,
@@ -302,11 +398,55 @@ impl Node {
                 args: &["--stateless-rpc", "--advertise-refs"],
                 git_protocol: &request.git_protocol,
                 fence: None,
+                prepare: None,
             },
             None::<tokio_stream::Empty<Result<Bytes, Status>>>,
             prefix,
             |data| InfoRefsResponse { data },
         )
+    }
+}
+
+/// Waits for the prepared push's hook, answers its updates as `prepared`, and hands it the
+/// caller's decision; no decision (the caller went away) aborts.
+async fn decide(
+    rendezvous: Rendezvous,
+    decision: tokio::sync::oneshot::Receiver<push_decision::Decision>,
+    sender: mpsc::Sender<Result<PostReceivePackResponse, Status>>,
+) {
+    let prepared = match rendezvous.prepared().await {
+        Ok(prepared) => prepared,
+        Err(error) => {
+            tracing::warn!(%error, "a prepared push's hook could not be heard");
+            return;
+        }
+    };
+    let updates = prepared
+        .updates
+        .iter()
+        .map(|update| RefUpdate {
+            name: update.name.clone(),
+            old_target: update.old.clone(),
+            new_target: update.new.clone(),
+        })
+        .collect();
+    let answered = sender
+        .send(Ok(PostReceivePackResponse {
+            data: Bytes::new(),
+            prepared: Some(PreparedPush { updates }),
+        }))
+        .await;
+    let decided = match (answered, decision.await) {
+        (Ok(()), Ok(push_decision::Decision::CommitToken(token))) => prepared.commit(token).await,
+        (Ok(()), Ok(push_decision::Decision::AbortReason(reason))) => prepared.abort(&reason).await,
+        _ => {
+            prepared
+                .abort("the push's caller went away before deciding")
+                .await
+        }
+    };
+    if let Err(error) = decided {
+        tracing::warn!(%error, "a prepared push's decision could not be handed over");
     }
 }
 

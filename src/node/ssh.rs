@@ -29,6 +29,7 @@ impl Node {
             args: &[],
             git_protocol: &first.git_protocol,
             fence,
+            prepare: None,
         })?;
         let input = stdin_of(first, stream);
         let (sender, receiver) = mpsc::channel(8);

@@ -115,6 +115,7 @@ mod tests {
             }),
             git_protocol: "version=2".into(),
             data: Bytes::copy_from_slice(data),
+            ..Default::default()
         }
         .encode_to_vec()
     }

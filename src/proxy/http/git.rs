@@ -201,6 +201,7 @@ async fn post(
                 repository: first.take().flatten(),
                 git_protocol: git_protocol.clone(),
                 data,
+                ..Default::default()
             });
             let response = client.post_receive_pack(messages).await;
             answer(response, |m| m.data, Some(&fault)).await?

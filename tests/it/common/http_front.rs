@@ -192,6 +192,7 @@ async fn serve(mut connection: TcpStream, channel: AuthedChannel, hidden: Hidden
                         repository: if i == 0 { header.clone() } else { None },
                         git_protocol: git_protocol.clone(),
                         data: data.to_vec().into(),
+                        ..Default::default()
                     }
                 });
                 let messages: Vec<_> = messages.collect();

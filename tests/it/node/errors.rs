@@ -318,6 +318,7 @@ async fn post_receive_pack(node: &NodeProcess, body: Vec<u8>) -> Result<Vec<u8>,
             },
             git_protocol: String::new(),
             data: chunk.to_vec().into(),
+            ..Default::default()
         })
         .collect();
     let mut stream = SmartHttpServiceClient::new(node.channel().await)
@@ -452,6 +453,7 @@ async fn a_push_stream_that_stops_halfway_changes_nothing_and_leaves_no_process(
             repository: header("s1", "repo.git"),
             git_protocol: String::new(),
             data: body.into(),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -151,3 +151,123 @@ async fn a_prepared_push_without_a_decision_aborts_and_one_with_an_older_token_i
     );
     assert!(!has_main(&repository));
 }
+
+/// The body of a push creating `branch` at `commit` (from `work`): its command, a flush, and
+/// the pack.
+fn push_body(work: &Path, branch: &str, commit: &str) -> Vec<u8> {
+    let pack = std::process::Command::new("git")
+        .current_dir(work)
+        .args(["pack-objects", "--stdout", "--revs", "-q"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write as _;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(format!("{commit}\n").as_bytes())?;
+            child.wait_with_output()
+        })
+        .unwrap()
+        .stdout;
+    let zero = "0".repeat(40);
+    let mut body = gitfleet::git::pktline::encode(
+        format!("{zero} {commit} refs/heads/{branch}\0report-status\n").as_bytes(),
+    );
+    body.extend_from_slice(b"0000");
+    body.extend_from_slice(&pack);
+    body
+}
+
+/// A prepared push over PostReceivePack: answers `prepared` with its updates, waits, and
+/// reports each ref as git does once the decision came.
+#[tokio::test]
+async fn a_node_answers_a_prepared_push_and_applies_the_decision() {
+    use gitfleet::proto::smart_http_service_client::SmartHttpServiceClient;
+    use gitfleet::proto::{PostReceivePackRequest, PushDecision, push_decision};
+
+    let node = NodeProcess::start();
+    let work = push_history(&node, &["main"]).await;
+    let replica = node.repo_path("s1", "repo.git");
+    for (branch, decision) in [
+        ("kept", push_decision::Decision::CommitToken(11)),
+        (
+            "dropped",
+            push_decision::Decision::AbortReason("the write lock is on".into()),
+        ),
+    ] {
+        run_git(work.path(), &["checkout", "-q", "-B", branch]);
+        std::fs::write(work.path().join(format!("{branch}.txt")), branch).unwrap();
+        run_git(work.path(), &["add", "."]);
+        run_git(work.path(), &["commit", "-q", "-m", branch]);
+        let commit = run_git(work.path(), &["rev-parse", "HEAD"])
+            .trim()
+            .to_owned();
+        let (requests, inbound) = tokio::sync::mpsc::channel(4);
+        requests
+            .send(PostReceivePackRequest {
+                repository: header("s1", "repo.git"),
+                data: push_body(work.path(), branch, &commit).into(),
+                prepare: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut responses = SmartHttpServiceClient::new(node.channel().await)
+            .post_receive_pack(tokio_stream::wrappers::ReceiverStream::new(inbound))
+            .await
+            .unwrap()
+            .into_inner();
+        let prepared = loop {
+            let message = responses.message().await.unwrap().expect("prepared");
+            if let Some(prepared) = message.prepared {
+                break prepared;
+            }
+        };
+        assert_eq!(prepared.updates.len(), 1, "{prepared:?}");
+        assert_eq!(prepared.updates[0].name, format!("refs/heads/{branch}"));
+        assert_eq!(prepared.updates[0].new_target, commit);
+        assert!(!refs_of(&replica).contains(&format!("refs/heads/{branch}")));
+
+        let commits = matches!(decision, push_decision::Decision::CommitToken(_));
+        requests
+            .send(PostReceivePackRequest {
+                decision: Some(PushDecision {
+                    decision: Some(decision),
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mut report = Vec::new();
+        let ended = loop {
+            match responses.message().await {
+                Ok(Some(message)) => report.extend_from_slice(&message.data),
+                Ok(None) => break None,
+                Err(status) => break Some(status),
+            }
+        };
+        let report = String::from_utf8_lossy(&report);
+        if commits {
+            assert!(ended.is_none(), "{ended:?}");
+            assert!(
+                report.contains(&format!("ok refs/heads/{branch}")),
+                "{report}"
+            );
+            assert!(refs_of(&replica).contains(&format!("refs/heads/{branch}")));
+            assert_eq!(fence::read(&replica).unwrap(), 11);
+        } else {
+            // git's receive-pack stops at a hook's abort without a report (the node will have
+            // to write the `ng` lines itself); the reason comes back in the error.
+            let ended = ended.expect("an error");
+            assert!(
+                ended.message().contains("the write lock is on"),
+                "{report} {ended:?}"
+            );
+            assert!(!refs_of(&replica).contains(&format!("refs/heads/{branch}")));
+            assert_eq!(fence::read(&replica).unwrap(), 11);
+        }
+    }
+}
