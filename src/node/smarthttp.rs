@@ -436,17 +436,25 @@ async fn decide(
             prepared: Some(PreparedPush { updates }),
         }))
         .await;
-    let decided = match (answered, decision.await) {
-        (Ok(()), Ok(push_decision::Decision::CommitToken(token))) => prepared.commit(token).await,
-        (Ok(()), Ok(push_decision::Decision::AbortReason(reason))) => prepared.abort(&reason).await,
-        _ => {
-            prepared
-                .abort("the push's caller went away before deciding")
-                .await
-        }
+    let decision = match (answered, decision.await) {
+        (Ok(()), Ok(decision)) => decision,
+        _ => push_decision::Decision::AbortReason(
+            "the push's caller went away before deciding".into(),
+        ),
     };
-    if let Err(error) = decided {
-        tracing::warn!(%error, "a prepared push's decision could not be handed over");
+    // git (2.47) commits a push without --atomic one ref transaction per command, so the hook
+    // comes back for each later one: it gets the same decision at once. `prepared` reported
+    // the first transaction only.
+    let mut next = Some(prepared);
+    while let Some(prepared) = next.take() {
+        let handed = match &decision {
+            push_decision::Decision::CommitToken(token) => prepared.commit(*token).await,
+            push_decision::Decision::AbortReason(reason) => prepared.abort(reason).await,
+        };
+        if let Err(error) = handed {
+            tracing::warn!(%error, "a prepared push's decision could not be handed over");
+        }
+        next = rendezvous.prepared().await.ok();
     }
 }
 

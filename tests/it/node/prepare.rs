@@ -155,6 +155,11 @@ async fn a_prepared_push_without_a_decision_aborts_and_one_with_an_older_token_i
 /// The body of a push creating `branch` at `commit` (from `work`): its command, a flush, and
 /// the pack.
 fn push_body(work: &Path, branch: &str, commit: &str) -> Vec<u8> {
+    push_body_of(work, &[branch], commit)
+}
+
+/// The body of a push creating each of `branches` at `commit`.
+fn push_body_of(work: &Path, branches: &[&str], commit: &str) -> Vec<u8> {
     let pack = std::process::Command::new("git")
         .current_dir(work)
         .args(["pack-objects", "--stdout", "--revs", "-q"])
@@ -173,9 +178,13 @@ fn push_body(work: &Path, branch: &str, commit: &str) -> Vec<u8> {
         .unwrap()
         .stdout;
     let zero = "0".repeat(40);
-    let mut body = gitfleet::git::pktline::encode(
-        format!("{zero} {commit} refs/heads/{branch}\0report-status\n").as_bytes(),
-    );
+    let mut body = Vec::new();
+    for (i, branch) in branches.iter().enumerate() {
+        let capabilities = if i == 0 { "\0report-status" } else { "" };
+        body.extend(gitfleet::git::pktline::encode(
+            format!("{zero} {commit} refs/heads/{branch}{capabilities}\n").as_bytes(),
+        ));
+    }
     body.extend_from_slice(b"0000");
     body.extend_from_slice(&pack);
     body
@@ -270,4 +279,64 @@ async fn a_node_answers_a_prepared_push_and_applies_the_decision() {
             assert_eq!(fence::read(&replica).unwrap(), 11);
         }
     }
+}
+
+/// git commits a push without --atomic one ref transaction per command: the hook comes back for
+/// each, and each later one gets the decision the first one got.
+#[tokio::test]
+async fn every_ref_of_a_prepared_push_gets_its_decision() {
+    use gitfleet::proto::smart_http_service_client::SmartHttpServiceClient;
+    use gitfleet::proto::{PostReceivePackRequest, PushDecision, push_decision};
+
+    let node = NodeProcess::start();
+    let work = push_history(&node, &["main"]).await;
+    let replica = node.repo_path("s1", "repo.git");
+    let commit = run_git(work.path(), &["rev-parse", "main"])
+        .trim()
+        .to_owned();
+    let (requests, inbound) = tokio::sync::mpsc::channel(4);
+    requests
+        .send(PostReceivePackRequest {
+            repository: header("s1", "repo.git"),
+            data: push_body_of(work.path(), &["one", "two", "three"], &commit).into(),
+            prepare: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut responses = SmartHttpServiceClient::new(node.channel().await)
+        .post_receive_pack(tokio_stream::wrappers::ReceiverStream::new(inbound))
+        .await
+        .unwrap()
+        .into_inner();
+    let prepared = loop {
+        let message = responses.message().await.unwrap().expect("prepared");
+        if let Some(prepared) = message.prepared {
+            break prepared;
+        }
+    };
+    assert_eq!(prepared.updates[0].name, "refs/heads/one", "{prepared:?}");
+    requests
+        .send(PostReceivePackRequest {
+            decision: Some(PushDecision {
+                decision: Some(push_decision::Decision::CommitToken(13)),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut report = Vec::new();
+    while let Some(message) = responses.message().await.unwrap() {
+        report.extend_from_slice(&message.data);
+    }
+    let report = String::from_utf8_lossy(&report);
+    let refs = refs_of(&replica);
+    for branch in ["one", "two", "three"] {
+        assert!(
+            report.contains(&format!("ok refs/heads/{branch}")),
+            "{report}"
+        );
+        assert!(refs.contains(&format!("refs/heads/{branch}")), "{refs}");
+    }
+    assert_eq!(fence::read(&replica).unwrap(), 13);
 }
