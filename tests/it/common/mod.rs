@@ -502,3 +502,45 @@ pub fn bench_runtime() -> tokio::runtime::Runtime {
         .build()
         .unwrap()
 }
+
+/// The body of a push (commands, flush, pack) creating each of `branches` at `commit`, read
+/// from the repository at `work`; the first command asks for report-status.
+pub fn creating_push(work: &Path, branches: &[&str], commit: &str) -> Vec<u8> {
+    let pack = Command::new("git")
+        .current_dir(work)
+        .args(["pack-objects", "--stdout", "--revs", "-q"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write as _;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(format!("{commit}\n").as_bytes())?;
+            child.wait_with_output()
+        })
+        .unwrap()
+        .stdout;
+    let zero = "0".repeat(40);
+    let mut body = Vec::new();
+    for (i, branch) in branches.iter().enumerate() {
+        let capabilities = if i == 0 { "\0report-status" } else { "" };
+        body.extend(gitfleet::git::pktline::encode(
+            format!("{zero} {commit} refs/heads/{branch}{capabilities}\n").as_bytes(),
+        ));
+    }
+    body.extend_from_slice(b"0000");
+    body.extend_from_slice(&pack);
+    body
+}
+
+/// A new commit on a branch of its own in `work`; returns its id.
+pub fn commit_on(work: &Path, branch: &str) -> String {
+    run_git(work, &["checkout", "-q", "-B", branch]);
+    std::fs::write(work.join(format!("{branch}.txt")), branch).unwrap();
+    run_git(work, &["add", "."]);
+    run_git(work, &["commit", "-q", "-m", branch]);
+    run_git(work, &["rev-parse", "HEAD"]).trim().to_owned()
+}

@@ -115,15 +115,6 @@ async fn a_ref_change_with_an_older_token_than_the_fence_changes_nothing() {
     assert_eq!(refused.code(), Code::InvalidArgument);
 }
 
-/// A new commit on a branch of its own in `work`; returns its id.
-fn commit_on(work: &Path, branch: &str) -> String {
-    run_git(work, &["checkout", "-q", "-B", branch]);
-    std::fs::write(work.join(format!("{branch}.txt")), branch).unwrap();
-    run_git(work, &["add", "."]);
-    run_git(work, &["commit", "-q", "-m", branch]);
-    run_git(work, &["rev-parse", "HEAD"]).trim().to_owned()
-}
-
 /// Pushes `commit` to a new branch of `s1/repo.git` as git's client would over SshReceivePack,
 /// with `token` in the fence header; returns what receive-pack wrote (its report, and the
 /// hook's words on stderr).
@@ -134,29 +125,7 @@ async fn push_fenced(
     commit: &str,
     token: &str,
 ) -> String {
-    let pack = std::process::Command::new("git")
-        .current_dir(work)
-        .args(["pack-objects", "--stdout", "--revs", "-q"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut child| {
-            use std::io::Write as _;
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(format!("{commit}\n").as_bytes())?;
-            child.wait_with_output()
-        })
-        .unwrap()
-        .stdout;
-    let zero = "0".repeat(40);
-    let mut stdin = gitfleet::git::pktline::encode(
-        format!("{zero} {commit} refs/heads/{branch}\0report-status\n").as_bytes(),
-    );
-    stdin.extend_from_slice(b"0000");
-    stdin.extend_from_slice(&pack);
+    let stdin = creating_push(work, &[branch], commit);
     let request = fenced(
         tokio_stream::iter(vec![SshRequest {
             repository: header("s1", "repo.git"),

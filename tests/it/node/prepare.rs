@@ -8,6 +8,8 @@ use std::process::Stdio;
 use crate::common::*;
 use gitfleet::node::fence;
 use gitfleet::node::prepare::{PREPARE_ENV, PreparedUpdate, Rendezvous};
+use gitfleet::proto::smart_http_service_client::SmartHttpServiceClient;
+use gitfleet::proto::{PostReceivePackRequest, PreparedPush, PushDecision, push_decision};
 
 /// A bare repository with the node's hook installed beside it, a work tree with one commit,
 /// and the push of that commit, started with the rendezvous and waiting at `prepared`.
@@ -152,153 +154,17 @@ async fn a_prepared_push_without_a_decision_aborts_and_one_with_an_older_token_i
     assert!(!has_main(&repository));
 }
 
-/// The body of a push creating `branch` at `commit` (from `work`): its command, a flush, and
-/// the pack.
-fn push_body(work: &Path, branch: &str, commit: &str) -> Vec<u8> {
-    push_body_of(work, &[branch], commit)
-}
+type Requests = tokio::sync::mpsc::Sender<PostReceivePackRequest>;
+type Responses = tonic::Streaming<gitfleet::proto::PostReceivePackResponse>;
 
-/// The body of a push creating each of `branches` at `commit`.
-fn push_body_of(work: &Path, branches: &[&str], commit: &str) -> Vec<u8> {
-    let pack = std::process::Command::new("git")
-        .current_dir(work)
-        .args(["pack-objects", "--stdout", "--revs", "-q"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .and_then(|mut child| {
-            use std::io::Write as _;
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(format!("{commit}\n").as_bytes())?;
-            child.wait_with_output()
-        })
-        .unwrap()
-        .stdout;
-    let zero = "0".repeat(40);
-    let mut body = Vec::new();
-    for (i, branch) in branches.iter().enumerate() {
-        let capabilities = if i == 0 { "\0report-status" } else { "" };
-        body.extend(gitfleet::git::pktline::encode(
-            format!("{zero} {commit} refs/heads/{branch}{capabilities}\n").as_bytes(),
-        ));
-    }
-    body.extend_from_slice(b"0000");
-    body.extend_from_slice(&pack);
-    body
-}
-
-/// A prepared push over PostReceivePack: answers `prepared` with its updates, waits, and
-/// reports each ref as git does once the decision came.
-#[tokio::test]
-async fn a_node_answers_a_prepared_push_and_applies_the_decision() {
-    use gitfleet::proto::smart_http_service_client::SmartHttpServiceClient;
-    use gitfleet::proto::{PostReceivePackRequest, PushDecision, push_decision};
-
-    let node = NodeProcess::start();
-    let work = push_history(&node, &["main"]).await;
-    let replica = node.repo_path("s1", "repo.git");
-    for (branch, decision) in [
-        ("kept", push_decision::Decision::CommitToken(11)),
-        (
-            "dropped",
-            push_decision::Decision::AbortReason("the write lock is on".into()),
-        ),
-    ] {
-        run_git(work.path(), &["checkout", "-q", "-B", branch]);
-        std::fs::write(work.path().join(format!("{branch}.txt")), branch).unwrap();
-        run_git(work.path(), &["add", "."]);
-        run_git(work.path(), &["commit", "-q", "-m", branch]);
-        let commit = run_git(work.path(), &["rev-parse", "HEAD"])
-            .trim()
-            .to_owned();
-        let (requests, inbound) = tokio::sync::mpsc::channel(4);
-        requests
-            .send(PostReceivePackRequest {
-                repository: header("s1", "repo.git"),
-                data: push_body(work.path(), branch, &commit).into(),
-                prepare: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let mut responses = SmartHttpServiceClient::new(node.channel().await)
-            .post_receive_pack(tokio_stream::wrappers::ReceiverStream::new(inbound))
-            .await
-            .unwrap()
-            .into_inner();
-        let prepared = loop {
-            let message = responses.message().await.unwrap().expect("prepared");
-            if let Some(prepared) = message.prepared {
-                break prepared;
-            }
-        };
-        assert_eq!(prepared.updates.len(), 1, "{prepared:?}");
-        assert_eq!(prepared.updates[0].name, format!("refs/heads/{branch}"));
-        assert_eq!(prepared.updates[0].new_target, commit);
-        assert!(!refs_of(&replica).contains(&format!("refs/heads/{branch}")));
-
-        let commits = matches!(decision, push_decision::Decision::CommitToken(_));
-        requests
-            .send(PostReceivePackRequest {
-                decision: Some(PushDecision {
-                    decision: Some(decision),
-                }),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        let mut report = Vec::new();
-        let ended = loop {
-            match responses.message().await {
-                Ok(Some(message)) => report.extend_from_slice(&message.data),
-                Ok(None) => break None,
-                Err(status) => break Some(status),
-            }
-        };
-        let report = String::from_utf8_lossy(&report);
-        if commits {
-            assert!(ended.is_none(), "{ended:?}");
-            assert!(
-                report.contains(&format!("ok refs/heads/{branch}")),
-                "{report}"
-            );
-            assert!(refs_of(&replica).contains(&format!("refs/heads/{branch}")));
-            assert_eq!(fence::read(&replica).unwrap(), 11);
-        } else {
-            // git's receive-pack stops at a hook's abort without a report (the node will have
-            // to write the `ng` lines itself); the reason comes back in the error.
-            let ended = ended.expect("an error");
-            assert!(
-                ended.message().contains("the write lock is on"),
-                "{report} {ended:?}"
-            );
-            assert!(!refs_of(&replica).contains(&format!("refs/heads/{branch}")));
-            assert_eq!(fence::read(&replica).unwrap(), 11);
-        }
-    }
-}
-
-/// git commits a push without --atomic one ref transaction per command: the hook comes back for
-/// each, and each later one gets the decision the first one got.
-#[tokio::test]
-async fn every_ref_of_a_prepared_push_gets_its_decision() {
-    use gitfleet::proto::smart_http_service_client::SmartHttpServiceClient;
-    use gitfleet::proto::{PostReceivePackRequest, PushDecision, push_decision};
-
-    let node = NodeProcess::start();
-    let work = push_history(&node, &["main"]).await;
-    let replica = node.repo_path("s1", "repo.git");
-    let commit = run_git(work.path(), &["rev-parse", "main"])
-        .trim()
-        .to_owned();
+/// Starts a prepared PostReceivePack of `body` on the node, and reads up to its `prepared`
+/// answer.
+async fn prepare_push(node: &NodeProcess, body: Vec<u8>) -> (Requests, Responses, PreparedPush) {
     let (requests, inbound) = tokio::sync::mpsc::channel(4);
     requests
         .send(PostReceivePackRequest {
             repository: header("s1", "repo.git"),
-            data: push_body_of(work.path(), &["one", "two", "three"], &commit).into(),
+            data: body.into(),
             prepare: true,
             ..Default::default()
         })
@@ -315,21 +181,93 @@ async fn every_ref_of_a_prepared_push_gets_its_decision() {
             break prepared;
         }
     };
-    assert_eq!(prepared.updates[0].name, "refs/heads/one", "{prepared:?}");
+    (requests, responses, prepared)
+}
+
+/// Sends the decision, and reads the rest: receive-pack's report, and the error the answer
+/// ended with, if any.
+async fn send_decision(
+    requests: Requests,
+    mut responses: Responses,
+    decision: push_decision::Decision,
+) -> (String, Option<tonic::Status>) {
     requests
         .send(PostReceivePackRequest {
             decision: Some(PushDecision {
-                decision: Some(push_decision::Decision::CommitToken(13)),
+                decision: Some(decision),
             }),
             ..Default::default()
         })
         .await
         .unwrap();
     let mut report = Vec::new();
-    while let Some(message) = responses.message().await.unwrap() {
-        report.extend_from_slice(&message.data);
+    let ended = loop {
+        match responses.message().await {
+            Ok(Some(message)) => report.extend_from_slice(&message.data),
+            Ok(None) => break None,
+            Err(status) => break Some(status),
+        }
+    };
+    (String::from_utf8_lossy(&report).into_owned(), ended)
+}
+
+/// A prepared push over PostReceivePack: answers `prepared` with its updates, waits, and
+/// applies the decision.
+#[tokio::test]
+async fn a_node_answers_a_prepared_push_and_applies_the_decision() {
+    let node = NodeProcess::start();
+    let work = push_history(&node, &["main"]).await;
+    let replica = node.repo_path("s1", "repo.git");
+    let committed = push_decision::Decision::CommitToken(11);
+    let aborted = push_decision::Decision::AbortReason("the write lock is on".into());
+    for (branch, decision) in [("kept", committed), ("dropped", aborted)] {
+        let commit = commit_on(work.path(), branch);
+        let body = creating_push(work.path(), &[branch], &commit);
+        let (requests, responses, prepared) = prepare_push(&node, body).await;
+        assert_eq!(prepared.updates.len(), 1, "{prepared:?}");
+        assert_eq!(prepared.updates[0].name, format!("refs/heads/{branch}"));
+        assert_eq!(prepared.updates[0].new_target, commit);
+        assert!(!refs_of(&replica).contains(&format!("refs/heads/{branch}")));
+
+        let commits = matches!(decision, push_decision::Decision::CommitToken(_));
+        let (report, ended) = send_decision(requests, responses, decision).await;
+        if commits {
+            assert!(ended.is_none(), "{ended:?}");
+            assert!(
+                report.contains(&format!("ok refs/heads/{branch}")),
+                "{report}"
+            );
+            assert!(refs_of(&replica).contains(&format!("refs/heads/{branch}")));
+        } else {
+            // git's receive-pack stops at a hook's abort without a report (whoever decided
+            // writes the `ng` lines); the reason comes back in the error.
+            let ended = ended.expect("an error");
+            assert!(
+                ended.message().contains("the write lock is on"),
+                "{report} {ended:?}"
+            );
+            assert!(!refs_of(&replica).contains(&format!("refs/heads/{branch}")));
+        }
+        assert_eq!(fence::read(&replica).unwrap(), 11);
     }
-    let report = String::from_utf8_lossy(&report);
+}
+
+/// git commits a push without --atomic one ref transaction per command: the hook comes back for
+/// each, and each later one gets the decision the first one got.
+#[tokio::test]
+async fn every_ref_of_a_prepared_push_gets_its_decision() {
+    let node = NodeProcess::start();
+    let work = push_history(&node, &["main"]).await;
+    let replica = node.repo_path("s1", "repo.git");
+    let commit = run_git(work.path(), &["rev-parse", "main"])
+        .trim()
+        .to_owned();
+    let body = creating_push(work.path(), &["one", "two", "three"], &commit);
+    let (requests, responses, prepared) = prepare_push(&node, body).await;
+    assert_eq!(prepared.updates[0].name, "refs/heads/one", "{prepared:?}");
+    let decision = push_decision::Decision::CommitToken(13);
+    let (report, ended) = send_decision(requests, responses, decision).await;
+    assert!(ended.is_none(), "{ended:?}");
     let refs = refs_of(&replica);
     for branch in ["one", "two", "three"] {
         assert!(
