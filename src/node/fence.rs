@@ -198,20 +198,30 @@ pub async fn enter_async(replica: &Path, token: u64) -> Result<FenceGuard, Fence
 /// The name git runs the hook by, and by which this program knows it was run as the hook.
 pub const HOOK_NAME: &str = "reference-transaction";
 
+/// The hook a prepared push reports its commands from, with the pack still in quarantine (see
+/// [`super::prepare`]); it does nothing for any other push.
+pub const PRE_RECEIVE: &str = "pre-receive";
+
+/// Every hook the node installs, each a link to this program.
+pub const HOOKS: [&str; 2] = [HOOK_NAME, PRE_RECEIVE];
+
 /// Installs the node's reference-transaction hook in `dir`, for receive-pack's ref updates
 /// (git runs it with `core.hooksPath` pointing there when a push carries a token). The hook is
 /// a link to this program (`exe`), which [`run_as_hook`] recognises by the name it was run by,
 /// so no shell starts for any of the transaction's states.
 pub fn install_hook(dir: &Path, exe: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    let path = dir.join(HOOK_NAME);
-    let new = dir.join(format!("{HOOK_NAME}.new"));
-    match std::fs::remove_file(&new) {
-        Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
-        _ => {}
+    for name in HOOKS {
+        let path = dir.join(name);
+        let new = dir.join(format!("{name}.new"));
+        match std::fs::remove_file(&new) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+            _ => {}
+        }
+        std::os::unix::fs::symlink(exe, &new)?;
+        std::fs::rename(new, path)?;
     }
-    std::os::unix::fs::symlink(exe, &new)?;
-    std::fs::rename(new, path)
+    Ok(())
 }
 
 /// Runs the hook when this process was started as the node's reference-transaction hook (by
@@ -225,7 +235,14 @@ pub fn run_as_hook() -> Option<std::process::ExitCode> {
     use std::process::ExitCode;
     let mut args = std::env::args_os();
     let name = args.next()?;
-    if Path::new(&name).file_name()? != HOOK_NAME {
+    let name = Path::new(&name).file_name()?;
+    if name == PRE_RECEIVE {
+        return Some(match std::env::var_os(super::prepare::PREPARE_ENV) {
+            Some(socket) => super::prepare::pre_receive(Path::new(&socket)),
+            None => ExitCode::SUCCESS,
+        });
+    }
+    if name != HOOK_NAME {
         return None;
     }
     let replica = Path::new(".");

@@ -1,17 +1,17 @@
-//! A prepared push: receive-pack has checked the pack and locked its ref updates, and waits
-//! for a decision before it commits them. The node's reference-transaction hook
-//! (started by git at `prepared`) connects to the push's rendezvous, a unix socket the node
-//! listens on, sends the ref updates git is about to make (`OLD NEW REF` lines, then the end of
-//! its half of the connection), and waits for one answer line:
-//! - `commit TOKEN`: the hook enters the replica's fence with the token (refusing it if a
-//!   newer one was accepted), leaves the lock with its holder, and git commits;
-//! - `abort REASON`: the hook says why and fails, so git aborts the update.
+//! A prepared push: receive-pack has the pack in its quarantine and waits for a decision
+//! before it changes any ref. The node's `pre-receive` hook (started by git with every command
+//! of the push, before the objects move in) connects to the push's rendezvous, a unix socket
+//! the node listens on, sends the commands (`OLD NEW REF` lines, then the end of its half of
+//! the connection), and waits for one answer line:
+//! - `commit TOKEN`: the hook lets receive-pack go on. Each ref transaction that follows (git
+//!   2.47 commits a push without --atomic one transaction per command) is checked by the
+//!   `reference-transaction` hook, which asks the rendezvous again, gets the same answer, and
+//!   enters the replica's fence with the token (refusing it if a newer one was accepted);
+//! - `abort REASON`: the hook says why and fails, so receive-pack refuses every command
+//!   ("pre-receive hook declined") and drops the quarantined objects.
 //!
-//! No answer (the node went away, or [`DECISION_WAIT`] passed) aborts the update too: a
-//! prepared push never commits on its own. The updates are those of git's ref transaction,
-//! after its own checks: a push to the branch HEAD points at reports HEAD as well. By then
-//! receive-pack has moved the pack's objects out of its quarantine, so an aborted push leaves
-//! them unreferenced, for housekeeping to prune after its grace period.
+//! No answer (the node went away, or [`DECISION_WAIT`] passed) aborts too: a prepared push
+//! never commits on its own.
 
 use std::io::{Read as _, Write as _};
 use std::os::unix::net::UnixStream;
@@ -171,6 +171,22 @@ pub fn ask(socket: &Path, updates: &[u8]) -> Decision {
         Some(("abort", reason)) => Decision::Abort(reason.to_owned()),
         _ if line.is_empty() => Decision::Abort("the node gave no decision".into()),
         _ => Decision::Abort(format!("the node answered {line:?}")),
+    }
+}
+
+/// The `pre-receive` hook of a prepared push: reports the push's commands to the node at
+/// `socket`, and lets receive-pack go on only on a commit.
+pub fn pre_receive(socket: &Path) -> std::process::ExitCode {
+    let decision = match read_updates() {
+        Ok(updates) => ask(socket, &updates),
+        Err(error) => Decision::Abort(format!("cannot read the push's commands: {error}")),
+    };
+    match decision {
+        Decision::Commit(_) => std::process::ExitCode::SUCCESS,
+        Decision::Abort(reason) => {
+            eprintln!("{reason}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 

@@ -86,12 +86,14 @@ impl Node {
         if invocation.service == Service::ReceivePack && hooked {
             // git skips a hook it cannot run: a link whose program is gone, or is not
             // executable, would let the push through unchecked, so the push is refused instead.
-            let hook = repository.storage.hooks_dir().join(super::fence::HOOK_NAME);
-            if nix::unistd::access(&hook, nix::unistd::AccessFlags::X_OK).is_err() {
-                return Err(NodeError::Io(std::io::Error::other(format!(
-                    "the fence hook {} does not lead to a program it can run; restart the node",
-                    hook.display()
-                ))));
+            for name in super::fence::HOOKS {
+                let hook = repository.storage.hooks_dir().join(name);
+                if nix::unistd::access(&hook, nix::unistd::AccessFlags::X_OK).is_err() {
+                    return Err(NodeError::Io(std::io::Error::other(format!(
+                        "the fence hook {} does not lead to a program it can run; restart the node",
+                        hook.display()
+                    ))));
+                }
             }
             command.arg("-c").arg(format!(
                 "core.hooksPath={}",
@@ -442,9 +444,8 @@ async fn decide(
             "the push's caller went away before deciding".into(),
         ),
     };
-    // git (2.47) commits a push without --atomic one ref transaction per command, so the hook
-    // comes back for each later one: it gets the same decision at once. `prepared` reported
-    // the first transaction only.
+    // Each ref transaction that follows (git 2.47 commits a push without --atomic one
+    // transaction per command) asks again, for the token, and gets the same decision.
     let mut next = Some(prepared);
     while let Some(prepared) = next.take() {
         let handed = match &decision {

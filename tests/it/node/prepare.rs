@@ -1,6 +1,7 @@
-//! A prepared push, driven by real git: receive-pack runs with the node's reference-transaction
-//! hook, stops with the pack in quarantine and its ref updates reported at the rendezvous, and
-//! commits only on the node's decision, under that decision's token and the replica's fence.
+//! A prepared push, driven by real git: receive-pack runs with the node's hooks, stops with the
+//! pack in quarantine and its commands reported at the rendezvous (pre-receive), and commits
+//! only on the node's decision, under that decision's token and the replica's fence
+//! (reference-transaction).
 
 use std::path::Path;
 use std::process::Stdio;
@@ -69,20 +70,23 @@ async fn a_prepared_push_waits_for_its_decision_and_commits_under_its_token() {
     let rendezvous = Rendezvous::bind(sockets.path()).unwrap();
     let setup = start_push(&rendezvous);
     let prepared = rendezvous.prepared().await.unwrap();
-    // The branch, and HEAD, which points at it.
-    let update = |name: &str| PreparedUpdate {
-        name: name.into(),
-        old: "0".repeat(40),
-        new: setup.commit.clone(),
-    };
     assert_eq!(
         prepared.updates,
-        [update("refs/heads/main"), update("HEAD")]
+        [PreparedUpdate {
+            name: "refs/heads/main".into(),
+            old: "0".repeat(40),
+            new: setup.commit.clone(),
+        }]
     );
-    // Held at the ref update: no ref has moved yet.
+    // Held before any ref moves, with the pack still in quarantine.
     assert!(!has_main(&setup.repository()));
+    assert!(!has_object(&setup.repository(), &setup.commit));
 
     prepared.commit(7).await.unwrap();
+    // The ref transaction asks again, for the token: the branch and HEAD, which points at it.
+    let transaction = rendezvous.prepared().await.unwrap();
+    assert_eq!(transaction.updates.len(), 2, "{:?}", transaction.updates);
+    transaction.commit(7).await.unwrap();
     let repository = setup.repository();
     let output = setup.push.wait_with_output().await.unwrap();
     assert!(output.status.success(), "{output:?}");
@@ -113,9 +117,8 @@ async fn an_aborted_prepared_push_changes_nothing_and_says_why() {
         "{said}"
     );
     assert!(!has_main(&repository));
-    // The pack's objects stay, unreferenced.
-    assert!(has_object(&repository, &commit));
-    assert_eq!(run_git(&repository, &["for-each-ref"]), "");
+    // The quarantined pack went with the push.
+    assert!(!has_object(&repository, &commit));
 }
 
 #[tokio::test]
@@ -138,13 +141,10 @@ async fn a_prepared_push_without_a_decision_aborts_and_one_with_an_older_token_i
     let setup = start_push(&rendezvous);
     let repository = setup.repository();
     fence::enter(&repository, 9).unwrap();
-    rendezvous
-        .prepared()
-        .await
-        .unwrap()
-        .commit(8)
-        .await
-        .unwrap();
+    for _step in ["pre-receive", "reference-transaction"] {
+        let prepared = rendezvous.prepared().await.unwrap();
+        prepared.commit(8).await.unwrap();
+    }
     let output = setup.push.wait_with_output().await.unwrap();
     assert!(!output.status.success(), "{output:?}");
     assert!(
@@ -239,21 +239,18 @@ async fn a_node_answers_a_prepared_push_and_applies_the_decision() {
             );
             assert!(refs_of(&replica).contains(&format!("refs/heads/{branch}")));
         } else {
-            // git's receive-pack stops at a hook's abort without a report (whoever decided
-            // writes the `ng` lines); the reason comes back in the error.
-            let ended = ended.expect("an error");
-            assert!(
-                ended.message().contains("the write lock is on"),
-                "{report} {ended:?}"
-            );
+            // Every command is refused; the reason is the node's to log, and whoever decided
+            // tells the client.
+            let refused = format!("ng refs/heads/{branch} pre-receive hook declined");
+            assert!(report.contains(&refused), "{report} {ended:?}");
             assert!(!refs_of(&replica).contains(&format!("refs/heads/{branch}")));
         }
         assert_eq!(fence::read(&replica).unwrap(), 11);
     }
 }
 
-/// git commits a push without --atomic one ref transaction per command: the hook comes back for
-/// each, and each later one gets the decision the first one got.
+/// Every command of a push is prepared at once; git then commits a push without --atomic one
+/// ref transaction per command, and each checks the decision's token at the fence.
 #[tokio::test]
 async fn every_ref_of_a_prepared_push_gets_its_decision() {
     let node = NodeProcess::start();
@@ -264,7 +261,11 @@ async fn every_ref_of_a_prepared_push_gets_its_decision() {
         .to_owned();
     let body = creating_push(work.path(), &["one", "two", "three"], &commit);
     let (requests, responses, prepared) = prepare_push(&node, body).await;
-    assert_eq!(prepared.updates[0].name, "refs/heads/one", "{prepared:?}");
+    let names: Vec<&str> = prepared.updates.iter().map(|u| u.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["refs/heads/one", "refs/heads/two", "refs/heads/three"]
+    );
     let decision = push_decision::Decision::CommitToken(13);
     let (report, ended) = send_decision(requests, responses, decision).await;
     assert!(ended.is_none(), "{ended:?}");
