@@ -202,16 +202,19 @@ pub const HOOK_NAME: &str = "reference-transaction";
 /// [`super::prepare`]); it does nothing for any other push.
 pub const PRE_RECEIVE: &str = "pre-receive";
 
-/// Every hook the node installs, each a link to this program.
-pub const HOOKS: [&str; 2] = [HOOK_NAME, PRE_RECEIVE];
+/// The hooks of a push that carries a fencing token: only the ref transactions' check, so that
+/// no other hook costs a process start.
+pub const FENCED_HOOKS: &[&str] = &[HOOK_NAME];
+/// The hooks of a prepared push.
+pub const PREPARED_HOOKS: &[&str] = &[HOOK_NAME, PRE_RECEIVE];
 
 /// Installs the node's reference-transaction hook in `dir`, for receive-pack's ref updates
 /// (git runs it with `core.hooksPath` pointing there when a push carries a token). The hook is
 /// a link to this program (`exe`), which [`run_as_hook`] recognises by the name it was run by,
 /// so no shell starts for any of the transaction's states.
-pub fn install_hook(dir: &Path, exe: &Path) -> std::io::Result<()> {
+pub fn install_hook(dir: &Path, exe: &Path, names: &[&str]) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    for name in HOOKS {
+    for name in names {
         let path = dir.join(name);
         let new = dir.join(format!("{name}.new"));
         match std::fs::remove_file(&new) {

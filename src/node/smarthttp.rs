@@ -82,12 +82,19 @@ impl Node {
         let repository = self.state.storages.existing(invocation.header)?;
         check_git_protocol(invocation.git_protocol)?;
         let mut command = self.state.git.command(None);
-        let hooked = invocation.fence.is_some() || invocation.prepare.is_some();
-        if invocation.service == Service::ReceivePack && hooked {
+        let hooks = match (invocation.fence, invocation.prepare) {
+            (_, Some(_)) => Some((
+                repository.storage.prepared_hooks_dir(),
+                super::fence::PREPARED_HOOKS,
+            )),
+            (Some(_), None) => Some((repository.storage.hooks_dir(), super::fence::FENCED_HOOKS)),
+            (None, None) => None,
+        };
+        if let (Service::ReceivePack, Some((dir, names))) = (invocation.service, hooks) {
             // git skips a hook it cannot run: a link whose program is gone, or is not
             // executable, would let the push through unchecked, so the push is refused instead.
-            for name in super::fence::HOOKS {
-                let hook = repository.storage.hooks_dir().join(name);
+            for name in names {
+                let hook = dir.join(name);
                 if nix::unistd::access(&hook, nix::unistd::AccessFlags::X_OK).is_err() {
                     return Err(NodeError::Io(std::io::Error::other(format!(
                         "the fence hook {} does not lead to a program it can run; restart the node",
@@ -95,10 +102,9 @@ impl Node {
                     ))));
                 }
             }
-            command.arg("-c").arg(format!(
-                "core.hooksPath={}",
-                repository.storage.hooks_dir().display()
-            ));
+            command
+                .arg("-c")
+                .arg(format!("core.hooksPath={}", dir.display()));
             if let Some(token) = invocation.fence {
                 command.env(super::fence::FENCE_ENV, token.to_string());
                 raise_ahead(repository.path.clone(), token);

@@ -80,6 +80,11 @@ impl Storage {
         self.internal_dir().join("hooks")
     }
 
+    /// The git hooks of a prepared push (see [`super::prepare`]).
+    pub fn prepared_hooks_dir(&self) -> PathBuf {
+        self.internal_dir().join("prepared-hooks")
+    }
+
     /// A fresh, unused path in the temporary area.
     pub fn tmp_path(&self, purpose: &str) -> PathBuf {
         self.tmp_dir()
@@ -96,7 +101,13 @@ impl Storage {
         }
         std::fs::create_dir_all(self.tmp_dir())?;
         std::fs::create_dir_all(self.quarantine_dir())?;
-        super::fence::install_hook(&self.hooks_dir(), &std::env::current_exe()?)?;
+        let exe = std::env::current_exe()?;
+        super::fence::install_hook(&self.hooks_dir(), &exe, super::fence::FENCED_HOOKS)?;
+        super::fence::install_hook(
+            &self.prepared_hooks_dir(),
+            &exe,
+            super::fence::PREPARED_HOOKS,
+        )?;
         super::maintenance::recover_quarantine(self)
     }
 }

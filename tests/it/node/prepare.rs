@@ -30,7 +30,7 @@ fn start_push(rendezvous: &Rendezvous) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     run_git(dir.path(), &["init", "-q", "--bare", "r.git"]);
     let hooks = dir.path().join("hooks");
-    fence::install_hook(&hooks, Path::new(BINARY)).unwrap();
+    fence::install_hook(&hooks, Path::new(BINARY), fence::PREPARED_HOOKS).unwrap();
     let work = dir.path().join("work");
     make_history(&work);
     let commit = run_git(&work, &["rev-parse", "main"]).trim().to_owned();
