@@ -183,6 +183,15 @@ where
         status: Status::unavailable("the storage is not configured on this proxy"),
     })?;
     node.call(path, request).await.map_err(|status| {
+        // A connection that broke mid-call (the node died) comes back as CANCELLED, which the
+        // proxy never asks for: the node could not be reached, and a caller may try again.
+        let status = match status.code() {
+            tonic::Code::Cancelled => Status::unavailable(format!(
+                "the connection to the node broke: {}",
+                status.message()
+            )),
+            _ => status,
+        };
         if is_unreachable(&status) {
             nodes.report_unreachable(storage);
         }
