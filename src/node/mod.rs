@@ -2,6 +2,7 @@
 
 mod error;
 pub mod fence;
+pub mod hook;
 mod locks;
 mod maintenance;
 mod objects;

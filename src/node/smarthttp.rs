@@ -85,9 +85,9 @@ impl Node {
         let hooks = match (invocation.fence, invocation.prepare) {
             (_, Some(_)) => Some((
                 repository.storage.prepared_hooks_dir(),
-                super::fence::PREPARED_HOOKS,
+                super::hook::PREPARED_HOOKS,
             )),
-            (Some(_), None) => Some((repository.storage.hooks_dir(), super::fence::FENCED_HOOKS)),
+            (Some(_), None) => Some((repository.storage.hooks_dir(), super::hook::FENCED_HOOKS)),
             (None, None) => None,
         };
         if let (Service::ReceivePack, Some((dir, names))) = (invocation.service, hooks) {
@@ -106,7 +106,7 @@ impl Node {
                 .arg("-c")
                 .arg(format!("core.hooksPath={}", dir.display()));
             if let Some(token) = invocation.fence {
-                command.env(super::fence::FENCE_ENV, token.to_string());
+                command.env(super::hook::FENCE_ENV, token.to_string());
                 raise_ahead(repository.path.clone(), token);
             }
             if let Some(rendezvous) = invocation.prepare {

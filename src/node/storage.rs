@@ -102,11 +102,11 @@ impl Storage {
         std::fs::create_dir_all(self.tmp_dir())?;
         std::fs::create_dir_all(self.quarantine_dir())?;
         let exe = std::env::current_exe()?;
-        super::fence::install_hook(&self.hooks_dir(), &exe, super::fence::FENCED_HOOKS)?;
-        super::fence::install_hook(
+        super::hook::install_hook(&self.hooks_dir(), &exe, super::hook::FENCED_HOOKS)?;
+        super::hook::install_hook(
             &self.prepared_hooks_dir(),
             &exe,
-            super::fence::PREPARED_HOOKS,
+            super::hook::PREPARED_HOOKS,
         )?;
         super::maintenance::recover_quarantine(self)
     }

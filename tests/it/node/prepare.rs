@@ -7,8 +7,8 @@ use std::path::Path;
 use std::process::Stdio;
 
 use crate::common::*;
-use gitfleet::node::fence;
 use gitfleet::node::prepare::{PREPARE_ENV, PreparedUpdate, Rendezvous};
+use gitfleet::node::{fence, hook};
 use gitfleet::proto::smart_http_service_client::SmartHttpServiceClient;
 use gitfleet::proto::{PostReceivePackRequest, PreparedPush, PushDecision, push_decision};
 
@@ -30,7 +30,7 @@ fn start_push(rendezvous: &Rendezvous) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     run_git(dir.path(), &["init", "-q", "--bare", "r.git"]);
     let hooks = dir.path().join("hooks");
-    fence::install_hook(&hooks, Path::new(BINARY), fence::PREPARED_HOOKS).unwrap();
+    hook::install_hook(&hooks, Path::new(BINARY), hook::PREPARED_HOOKS).unwrap();
     let work = dir.path().join("work");
     make_history(&work);
     let commit = run_git(&work, &["rev-parse", "main"]).trim().to_owned();
