@@ -11,6 +11,23 @@ pub struct InvalidInput {
     pub reason: String,
 }
 
+/// An `OLD NEW NAME` ref-update line, as a push's commands and git's hooks carry it: both ids
+/// checked, the name as given (each caller decides which names it takes). `what` names the
+/// input in the error.
+pub fn parse_ref_command<'a>(
+    what: &'static str,
+    line: &'a str,
+) -> Result<(ObjectId, ObjectId, &'a str), InvalidInput> {
+    let mut parts = line.splitn(3, ' ');
+    let (Some(old), Some(new), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(InvalidInput::new(
+            what,
+            format!("{line:?} is not an \"old new ref\" command"),
+        ));
+    };
+    Ok((ObjectId::parse(old)?, ObjectId::parse(new)?, name))
+}
+
 impl InvalidInput {
     pub fn new(what: &'static str, reason: impl Into<String>) -> Self {
         Self {

@@ -425,13 +425,7 @@ impl NodeService for Node {
             ))
         })?;
         self.detached(move |node| async move {
-            let replica = node
-                .state
-                .storages
-                .existing(request.get_ref().repository.as_ref())?;
-            enter_replica_fence(&replica, Some(token)).await?;
-            tracing::info!(%replica, token, "fence raised");
-            Ok(())
+            node.raise_replica_fence(request.into_inner(), token).await
         })
         .await?;
         Ok(Response::new(RaiseFenceResponse {}))

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::model::{ObjectId, RefName};
+use crate::model::{RefName, parse_ref_command};
 
 /// The environment that carries a prepared push's rendezvous to the hook.
 pub const PREPARE_ENV: &str = "GITFLEET_PREPARE";
@@ -110,28 +110,16 @@ impl Prepared {
 }
 
 fn parse_update(line: &str) -> std::io::Result<PreparedUpdate> {
-    let mut parts = line.splitn(3, ' ');
-    let (Some(old), Some(new), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
-        return Err(invalid(format!("{line:?} is not an \"old new ref\" line")));
-    };
-    let checked = ObjectId::parse(old)
-        .and_then(|_| ObjectId::parse(new))
-        .map(drop)
-        .map_err(|error| invalid(error.to_string()))
-        .and_then(|()| {
-            // HEAD and other symbolic refs come through too.
-            if name == "HEAD" {
-                Ok(())
-            } else {
-                RefName::parse(name)
-                    .map(drop)
-                    .map_err(|error| invalid(error.to_string()))
-            }
-        });
-    checked.map(|()| PreparedUpdate {
+    let (old, new, name) =
+        parse_ref_command("ref update", line).map_err(|error| invalid(error.to_string()))?;
+    // HEAD and other symbolic refs come through too.
+    if name != "HEAD" {
+        RefName::parse(name).map_err(|error| invalid(error.to_string()))?;
+    }
+    Ok(PreparedUpdate {
         name: name.to_owned(),
-        old: old.to_owned(),
-        new: new.to_owned(),
+        old: old.as_str().to_owned(),
+        new: new.as_str().to_owned(),
     })
 }
 

@@ -98,6 +98,18 @@ impl Node {
         Ok(())
     }
 
+    /// Raises a replica's fence to `token`, changing nothing else.
+    pub(super) async fn raise_replica_fence(
+        &self,
+        request: RaiseFenceRequest,
+        token: u64,
+    ) -> Result<(), NodeError> {
+        let replica = self.state.storages.existing(request.repository.as_ref())?;
+        enter_replica_fence(&replica, Some(token)).await?;
+        tracing::info!(%replica, token, "fence raised");
+        Ok(())
+    }
+
     async fn rename(&self, request: RenameRepositoryRequest) -> Result<(), NodeError> {
         let source = self.state.storages.existing(request.repository.as_ref())?;
         let new_path = RelativePath::parse(&request.new_relative_path)?;

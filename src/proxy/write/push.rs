@@ -120,12 +120,7 @@ impl CommandReader {
         if line.starts_with("push-cert") {
             return Err(bad("signed pushes are not supported"));
         }
-        let mut parts = line.splitn(3, ' ');
-        let (Some(old), Some(new), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
-            return Err(bad(&format!("{line:?} is not an \"old new ref\" command")));
-        };
-        let old = crate::model::ObjectId::parse(old)?;
-        let new = crate::model::ObjectId::parse(new)?;
+        let (old, new, name) = crate::model::parse_ref_command("push", line)?;
         let name = crate::model::RefName::parse(name)?;
         self.changes.push(RefChange {
             name: name.as_str().to_owned(),
