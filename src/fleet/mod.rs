@@ -9,4 +9,4 @@ mod replica;
 
 pub use nodes::{NodeHandle, Nodes, VirtualStorage};
 pub use placement::{NewPlacement, majority};
-pub use replica::{Replica, fenced, is_fenced, replica_header, set_fence};
+pub use replica::{ChangedRefs, Replica, fenced, is_fenced, replica_header, set_fence};

@@ -178,42 +178,49 @@ impl Replica<'_> {
         }
     }
 
-    /// Whether every ref a write changed is back where the write found it: at its old value,
-    /// absent where the write created it, and HEAD on its old branch. None when the replica
-    /// cannot be read. A HEAD change with no old value never reached a replica: the proxy
-    /// records HEAD's old branch before it sends the change anywhere.
-    pub async fn refs_at_old(&self, changes: &[RefChange]) -> Option<bool> {
-        let head = changes
-            .iter()
-            .find(|change| change.name == "HEAD" && !change.old.is_empty());
-        if let Some(head) = head
-            && self.head().await.ok()? != head.old
-        {
-            return Some(false);
-        }
-        let changes: Vec<&RefChange> = changes.iter().filter(|c| c.name != "HEAD").collect();
-        if changes.is_empty() {
-            return Some(true);
-        }
-        let request = ListRefsRequest {
-            repository: Some(self.header()),
-            prefixes: changes.iter().map(|change| change.name.clone()).collect(),
+    /// Where the refs a write changed stand on the replica, and HEAD's branch when the write
+    /// changed HEAD. None when the replica cannot be read.
+    pub async fn changed_refs(&self, changes: &[RefChange]) -> Option<ChangedRefs> {
+        let head = match changes.iter().any(|change| change.name == "HEAD") {
+            true => Some(self.head().await.ok()?),
+            false => None,
         };
-        let mut stream = RefServiceClient::new(self.node.authed())
-            .list_refs(request)
-            .await
-            .ok()?
-            .into_inner();
-        let mut found: HashMap<String, String> = HashMap::new();
-        while let Some(batch) = stream.message().await.ok()? {
-            found.extend(batch.refs.into_iter().map(|r| (r.name, r.target)));
-        }
-        Some(changes.iter().all(|change| {
-            let absent = change.old.bytes().all(|b| b == b'0');
-            match found.get(&change.name) {
-                None => absent,
-                Some(target) => !absent && *target == change.old,
+        let names: Vec<String> = changes
+            .iter()
+            .filter(|change| change.name != "HEAD")
+            .map(|change| change.name.clone())
+            .collect();
+        let wanted: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
+        let mut refs: HashMap<String, String> = HashMap::new();
+        if !names.is_empty() {
+            let request = ListRefsRequest {
+                repository: Some(self.header()),
+                prefixes: names.to_vec(),
+            };
+            let mut stream = RefServiceClient::new(self.node.authed())
+                .list_refs(request)
+                .await
+                .ok()?
+                .into_inner();
+            while let Some(batch) = stream.message().await.ok()? {
+                refs.extend(
+                    batch
+                        .refs
+                        .into_iter()
+                        .filter(|r| wanted.contains(r.name.as_str()))
+                        .map(|r| (r.name, r.target)),
+                );
             }
-        }))
+        }
+        Some(ChangedRefs { head, refs })
     }
+}
+
+/// The values of the refs a write changed, on one replica.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangedRefs {
+    /// HEAD's branch, when the write changed HEAD.
+    pub head: Option<String>,
+    /// Each changed ref that exists, and its object id.
+    pub refs: HashMap<String, String>,
 }

@@ -1,8 +1,74 @@
-//! Reads the report-status that `git receive-pack` sends at the end of a push, with or without
-//! side-band, so the node can tell a failed push from a good one: receive-pack exits 0 even
-//! when it rejected the pack.
+//! git's report-status, the answer `git receive-pack` ends a push with: `unpack ok`, then
+//! `ok REF` or `ng REF REASON` per command, with or without side-band. Read by the node, to
+//! tell a failed push from a good one (receive-pack exits 0 even when it rejected the pack),
+//! and by the proxy, to learn which refs a replica moved; written by the proxy when it refuses
+//! a push itself, in the form the client asked for.
 
-use super::pktline::{Decoder, Packet};
+use super::pktline::{Decoder, Packet, encode};
+
+/// The push capabilities that shape an answer, from the first command's line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PushCapabilities {
+    pub report_status: bool,
+    pub side_band: bool,
+    pub atomic: bool,
+}
+
+impl PushCapabilities {
+    /// Reads the space-separated capabilities after the NUL of the first command.
+    pub fn parse(capabilities: &str) -> Self {
+        let mut parsed = Self::default();
+        for capability in capabilities.split_ascii_whitespace() {
+            match capability {
+                "report-status" | "report-status-v2" => parsed.report_status = true,
+                "side-band" | "side-band-64k" => parsed.side_band = true,
+                "atomic" => parsed.atomic = true,
+                _ => {}
+            }
+        }
+        parsed
+    }
+}
+
+/// A report the proxy writes: `unpack ok` (the pack was fine; the refusal is the proxy's),
+/// then each command's status (None: `ok`, or the reason of an `ng`). With side-band,
+/// `message` goes first on band 2, where git shows it as `remote: gitfleet: ...`.
+pub fn encode_report(
+    capabilities: &PushCapabilities,
+    refs: &[(String, Option<String>)],
+    message: &str,
+) -> Vec<u8> {
+    let mut inner = encode(b"unpack ok\n");
+    for (name, refused) in refs {
+        let line = match refused {
+            None => format!("ok {name}\n"),
+            Some(reason) => format!("ng {name} {}\n", one_line(reason)),
+        };
+        inner.extend(encode(line.as_bytes()));
+    }
+    inner.extend_from_slice(b"0000");
+    if !capabilities.side_band {
+        return inner;
+    }
+    let mut answer = Vec::new();
+    if !message.is_empty() {
+        let mut band = vec![2u8];
+        band.extend_from_slice(format!("gitfleet: {}\n", one_line(message)).as_bytes());
+        answer.extend(encode(&band));
+    }
+    // A side-band packet carries at most 65,515 bytes after its band byte.
+    for chunk in inner.chunks(65_515) {
+        let mut band = vec![1u8];
+        band.extend_from_slice(chunk);
+        answer.extend(encode(&band));
+    }
+    answer.extend_from_slice(b"0000");
+    answer
+}
+
+fn one_line(text: &str) -> String {
+    text.replace(['\n', '\r'], " ")
+}
 
 /// What receive-pack reported.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -20,6 +86,13 @@ pub struct Report {
 impl Report {
     pub fn unpack_failed(&self) -> Option<&str> {
         self.unpack.as_deref().filter(|status| *status != "ok")
+    }
+
+    /// The report in a whole receive-pack answer.
+    pub fn read(answer: &[u8]) -> Self {
+        let mut scanner = ReportScanner::default();
+        scanner.push(answer);
+        scanner.finish()
     }
 }
 
@@ -85,13 +158,44 @@ impl ReportScanner {
 
 #[cfg(test)]
 mod tests {
-    use super::super::pktline::encode;
     use super::*;
 
     fn sideband(band: u8, payload: &[u8]) -> Vec<u8> {
         let mut data = vec![band];
         data.extend_from_slice(payload);
         encode(&data)
+    }
+
+    #[test]
+    fn the_proxy_s_report_reads_back_in_both_forms() {
+        let refs = vec![
+            ("refs/heads/main".to_owned(), None),
+            (
+                "refs/heads/feat/x".to_owned(),
+                Some("failed to update ref".to_owned()),
+            ),
+        ];
+        for side_band in [false, true] {
+            let capabilities = PushCapabilities {
+                report_status: true,
+                side_band,
+                atomic: false,
+            };
+            let report = Report::read(&encode_report(&capabilities, &refs, "why\nnot"));
+            assert_eq!(report.unpack.as_deref(), Some("ok"));
+            assert_eq!(report.updated, ["refs/heads/main"]);
+            assert_eq!(
+                report.rejected,
+                [(
+                    "refs/heads/feat/x".to_owned(),
+                    "failed to update ref".to_owned()
+                )]
+            );
+        }
+        let parsed =
+            PushCapabilities::parse(" report-status-v2 side-band-64k quiet atomic agent=git/2.47");
+        assert!(parsed.report_status && parsed.side_band && parsed.atomic);
+        assert_eq!(PushCapabilities::parse(""), PushCapabilities::default());
     }
 
     #[test]

@@ -138,7 +138,10 @@ impl Node {
         S: Stream<Item = Result<Bytes, Status>> + Send + 'static,
     {
         let command = self.service_command(&invocation)?;
+        // A prepared push's caller reads git's report itself, where a partial push is an
+        // answer and not a failure: only a failed run ends its stream with an error.
         let service = invocation.service;
+        let judge_report = service == Service::ReceivePack && invocation.prepare.is_none();
         let (sender, receiver) = mpsc::channel(8);
         let kill = self.state.kill.clone();
         tokio::spawn(async move {
@@ -147,7 +150,7 @@ impl Node {
             {
                 return;
             }
-            let mut report = (service == Service::ReceivePack).then(ReportScanner::default);
+            let mut report = judge_report.then(ReportScanner::default);
             let exit = pipe::run(command, input, &kill, &sender, |output| match output {
                 Output::Stdout(chunk) => {
                     if let Some(report) = report.as_mut() {
@@ -324,7 +327,10 @@ impl Node {
         let (data_sender, data) = mpsc::channel::<Result<Bytes, Status>>(8);
         let (decided, decision) = tokio::sync::oneshot::channel::<push_decision::Decision>();
         tokio::spawn(async move {
-            if data_sender.send(Ok(first.data)).await.is_err() {
+            let mut data_sender = Some(data_sender);
+            if let Some(sender) = &data_sender
+                && sender.send(Ok(first.data)).await.is_err()
+            {
                 return;
             }
             loop {
@@ -334,13 +340,22 @@ impl Node {
                             let _ = decided.send(decision);
                             return;
                         }
-                        if data_sender.send(Ok(message.data)).await.is_err() {
+                        if message.end_of_data {
+                            // receive-pack's input ends; the decision is still to come.
+                            data_sender = None;
+                            continue;
+                        }
+                        if let Some(sender) = &data_sender
+                            && sender.send(Ok(message.data)).await.is_err()
+                        {
                             return;
                         }
                     }
                     Ok(None) => return,
                     Err(status) => {
-                        let _ = data_sender.send(Err(status)).await;
+                        if let Some(sender) = &data_sender {
+                            let _ = sender.send(Err(status)).await;
+                        }
                         return;
                     }
                 }

@@ -148,10 +148,13 @@ async fn handle(
         virtual_storage,
         relative_path,
     };
+    // A push is refused by its own first statement, with git's report: `ng` and the reason
+    // for each ref.
     if matches!(
         info.kind,
         RpcKind::Mutator | RpcKind::Creator | RpcKind::Remover
-    ) && let Some(reason) = proxy.state.write_lock.locked()
+    ) && info.path != write::POST_RECEIVE_PACK
+        && let Some(reason) = proxy.state.write_lock.locked()
     {
         return Err(ProxyError::WriteLocked(reason));
     }

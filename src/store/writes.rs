@@ -11,7 +11,7 @@ use crate::model::{RelativePath, RepositoryId, StorageName};
 
 /// One ref update a write will make. `old` and `new` are object ids (all zeros: absent), or
 /// for a symbolic ref such as HEAD, the ref it points to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct RefChange {
     #[serde(rename = "ref")]
     pub name: String,
@@ -107,6 +107,44 @@ impl Store {
         changes: &[RefChange],
         healthy: &[StorageName],
     ) -> Result<WriteStart, StoreError> {
+        let write = (virtual_storage, relative_path, rpc, changes);
+        self.start_write(write, owner, lease, healthy, None).await
+    }
+
+    /// Phase 2 of a prepared push: as [`Store::begin_write`], with the ref changes the
+    /// replicas prepared, targeting only the `prepared` storages that are still up to date,
+    /// and in the same statement the pending write becomes the intent (its row is deleted).
+    /// The pending row stays when no intent was recorded.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn begin_prepared_write(
+        &self,
+        virtual_storage: &StorageName,
+        relative_path: &RelativePath,
+        pending: i64,
+        owner: &str,
+        lease: Duration,
+        rpc: &str,
+        changes: &[RefChange],
+        prepared: &[StorageName],
+    ) -> Result<WriteStart, StoreError> {
+        let write = (virtual_storage, relative_path, rpc, changes);
+        self.start_write(write, owner, lease, prepared, Some(pending))
+            .await
+    }
+
+    async fn start_write(
+        &self,
+        (virtual_storage, relative_path, rpc, changes): (
+            &StorageName,
+            &RelativePath,
+            &str,
+            &[RefChange],
+        ),
+        owner: &str,
+        lease: Duration,
+        healthy: &[StorageName],
+        pending: Option<i64>,
+    ) -> Result<WriteStart, StoreError> {
         let changes = serde_json::to_value(changes)
             .map_err(|error| StoreError::Failed(sqlx::Error::Encode(Box::new(error))))?;
         let row = self
@@ -157,6 +195,9 @@ impl Store {
                          FROM lease, targets
                          WHERE NOT EXISTS (SELECT 1 FROM stale)
                          RETURNING id
+                     ), promoted AS (
+                         DELETE FROM pending_writes p USING intent WHERE p.id = $8
+                         RETURNING p.id
                      )
                      SELECT snapshot.id AS repository, snapshot.generation AS snapshot_generation,
                             snapshot.replica_path, snapshot.free,
@@ -187,6 +228,7 @@ impl Store {
                 .bind(rpc)
                 .bind(changes)
                 .bind(texts(healthy))
+                .bind(pending)
                 .fetch_optional(&self.pool),
             )
             .await?;

@@ -1,5 +1,6 @@
 //! The recovery job: finishes writes whose proxy went away (its lease expired with the intent
-//! still open). It takes over the repository's lease, which fences the old proxy out, sets
+//! still open), and forgets pushes that were pending when their proxy went away (no ref moved
+//! for them: their replicas abort on their own). It takes over the repository's lease, which fences the old proxy out, sets
 //! every ref the write moved back to where it was on each target (compare-and-swap, so a
 //! replica the write never reached is left as it is), and closes the intent with the
 //! repository's generation unchanged. A target it cannot roll back (its node is down, or its
@@ -13,9 +14,9 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use super::{Inner, JobType, Pause};
-use crate::fleet::majority;
+use crate::fleet::{ChangedRefs, majority};
 use crate::model::StorageName;
-use crate::store::{Deletion, Interrupted, Which};
+use crate::store::{Deletion, Interrupted, RefChange, Which};
 use crate::toolkit::LeaseKeeper;
 
 /// How long the removal of an undone creation's replicas waits, so that a node still making
@@ -43,7 +44,11 @@ pub(super) async fn run(inner: Arc<Inner>, shutdown: CancellationToken) -> anyho
                 inner.metrics.count_run(JobType::Recovery, recovered);
                 continue;
             }
-            Ok(None) => {}
+            Ok(None) => match inner.store.purge_expired_pending_writes().await {
+                Ok(0) => {}
+                Ok(purged) => tracing::info!(purged, "abandoned pending pushes forgotten"),
+                Err(error) => tracing::warn!(%error, "cannot purge abandoned pending pushes"),
+            },
             Err(error) => tracing::warn!(%error, "cannot look for interrupted writes"),
         }
         tokio::select! {
@@ -63,6 +68,7 @@ async fn recover(inner: &Inner, write: &Interrupted, keeper: &LeaseKeeper) -> bo
     }
     let nodes = &inner.nodes;
     let mut outdated: Vec<StorageName> = Vec::new();
+    let mut seen: Vec<(StorageName, ChangedRefs)> = Vec::new();
     for storage in &write.targets {
         if keeper.is_lost() {
             tracing::warn!(
@@ -82,10 +88,12 @@ async fn recover(inner: &Inner, write: &Interrupted, keeper: &LeaseKeeper) -> bo
         replica
             .reverse_changes(&write.changes, write.lease_token)
             .await;
-        if replica.refs_at_old(&write.changes).await != Some(true) {
-            outdated.push(storage.clone());
+        match replica.changed_refs(&write.changes).await {
+            Some(refs) => seen.push((storage.clone(), refs)),
+            None => outdated.push(storage.clone()),
         }
     }
+    outdated.extend(not_undone(&write.changes, &seen));
     let survivors = write
         .up_to_date
         .iter()
@@ -204,5 +212,103 @@ async fn recover_creation(inner: &Inner, write: &Interrupted, keeper: &LeaseKeep
             tracing::warn!(intent = write.intent, %error, "the creation was not undone; tried again later");
             false
         }
+    }
+}
+
+/// The replicas on which the write may still be visible once rolled back. A ref is back when
+/// it holds its old value (absent for a ref the write created), and HEAD on its old branch. A
+/// ref at neither its old nor its new value is back only when every replica that answered
+/// holds that same value: the write's old value was out of date (a push that lost a race to
+/// an earlier one, which git refused), and the replicas agree on the ref. Where they differ,
+/// the replica is diverged and is repaired.
+fn not_undone(changes: &[RefChange], seen: &[(StorageName, ChangedRefs)]) -> Vec<StorageName> {
+    const ABSENT: &str = "";
+    let value = |refs: &ChangedRefs, name: &str| -> String {
+        refs.refs
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| ABSENT.to_owned())
+    };
+    let normal = |oid: &str| -> String {
+        match oid.bytes().all(|b| b == b'0') {
+            true => ABSENT.to_owned(),
+            false => oid.to_owned(),
+        }
+    };
+    seen.iter()
+        .filter(|(_, refs)| {
+            !changes.iter().all(|change| {
+                if change.name == "HEAD" {
+                    return change.old.is_empty() || refs.head.as_deref() == Some(&change.old);
+                }
+                let here = value(refs, &change.name);
+                if here == normal(&change.old) {
+                    return true;
+                }
+                here != normal(&change.new)
+                    && seen
+                        .iter()
+                        .all(|(_, other)| value(other, &change.name) == here)
+            })
+        })
+        .map(|(storage, _)| storage.clone())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn storage(name: &str) -> StorageName {
+        StorageName::parse(name).unwrap()
+    }
+
+    fn at(main: Option<&str>) -> ChangedRefs {
+        ChangedRefs {
+            head: None,
+            refs: main
+                .map(|oid| ("refs/heads/main".to_owned(), oid.to_owned()))
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_replica_is_undone_at_the_old_value_or_where_every_replica_agrees() {
+        let (old, new, other) = ("1".repeat(40), "2".repeat(40), "3".repeat(40));
+        let change = [RefChange {
+            name: "refs/heads/main".into(),
+            old: old.clone(),
+            new: new.clone(),
+        }];
+        let judge = |values: &[Option<&str>]| {
+            let seen: Vec<(StorageName, ChangedRefs)> = values
+                .iter()
+                .enumerate()
+                .map(|(i, value)| (storage(&format!("s{i}")), at(*value)))
+                .collect();
+            not_undone(&change, &seen)
+        };
+        assert!(judge(&[Some(&old), Some(&old), Some(&old)]).is_empty());
+        assert_eq!(
+            judge(&[Some(&old), Some(&new), Some(&old)]),
+            [storage("s1")]
+        );
+        // A push that lost a race: the ref moved before it, everywhere alike.
+        assert!(judge(&[Some(&other), Some(&other), Some(&other)]).is_empty());
+        // Moved on one replica only: diverged.
+        assert_eq!(
+            judge(&[Some(&old), Some(&old), Some(&other)]),
+            [storage("s2")]
+        );
+        assert_eq!(judge(&[None, Some(&old), Some(&old)]), [storage("s0")]);
+        // A creation undone is an absent ref; a deletion that stayed is one too.
+        let creation = [RefChange {
+            name: "refs/heads/main".into(),
+            old: "0".repeat(40),
+            new: new.clone(),
+        }];
+        let seen = vec![(storage("a"), at(None)), (storage("b"), at(Some(&new)))];
+        assert_eq!(not_undone(&creation, &seen), [storage("b")]);
     }
 }

@@ -19,6 +19,7 @@ mod cluster {
     mod proxy_faults;
     mod proxy_http;
     mod proxy_process;
+    mod push;
     mod read_failover;
     mod recovery;
     mod repair;

@@ -115,8 +115,9 @@ pub(super) fn admit(
     if service == Service::ReceivePack && caller.scope != TokenScope::ReadWrite {
         return Err(GatewayError::ReadOnly(caller.name));
     }
-    // Turned away before the pack is sent, with the reason git shows its user.
-    if service == Service::ReceivePack
+    // Turned away before the pack is sent, with the reason git shows its user. A push whose
+    // pack is already on its way is refused by the push itself, with an `ng` per ref.
+    if let Endpoint::Advertise(Service::ReceivePack) = request.endpoint
         && let Some(reason) = write_lock
     {
         return Err(GatewayError::WriteLocked(reason));
@@ -231,10 +232,18 @@ mod tests {
 
         let writer = headers("read-write-token-0123456789", push_type);
         assert_eq!(admit(&tokens, &writer, &push, None).unwrap().name, "writer");
+        // The lock turns a push away at its advertisement; a pack already on its way is
+        // refused by the push, ref by ref.
+        let advertise = read(
+            Method::GET,
+            "/default/x.git/info/refs?service=git-receive-pack",
+        )
+        .unwrap();
         assert!(matches!(
-            admit(&tokens, &writer, &push, Some("upgrade".into())),
+            admit(&tokens, &headers("read-write-token-0123456789", None), &advertise, Some("upgrade".into())),
             Err(GatewayError::WriteLocked(reason)) if reason == "upgrade"
         ));
+        assert!(admit(&tokens, &writer, &push, Some("upgrade".into())).is_ok());
         let reader = headers("read-only-token-0123456789", push_type);
         assert!(matches!(
             admit(&tokens, &reader, &push, None),

@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use super::Write;
+use crate::model::StorageName;
 use crate::proxy::ProxyState;
 use crate::proxy::error::ProxyError;
 use crate::store::{StoreError, WriteLease, WriteStart};
@@ -65,9 +66,12 @@ impl Write {
     /// Takes the lease and records the intent, waiting while another write holds it, up to
     /// `writes.lease_wait` from `started`. Returns the lease and when the statement that took
     /// it was sent.
+    /// A prepared push passes its pending write and the storages that prepared it in
+    /// agreement: the pending write becomes the intent, and the write targets only those.
     pub(super) async fn begin(
         &self,
         started: Instant,
+        prepared: Option<(i64, &[StorageName])>,
     ) -> Result<(WriteLease, tokio::time::Instant), ProxyError> {
         let state = &self.proxy.state;
         let deadline = tokio::time::Instant::from_std(started) + state.config.writes.lease_wait.0;
@@ -77,19 +81,39 @@ impl Write {
         );
         let attempt = || async {
             let sent = tokio::time::Instant::now();
-            match state
-                .store
-                .begin_write(
-                    &self.virtual_storage,
-                    &self.relative_path,
-                    &state.instance_id,
-                    state.config.writes.lease.0,
-                    self.path,
-                    &self.changes,
-                    &state.nodes.healthy(),
-                )
-                .await
-            {
+            let store = &state.store;
+            let owner = &state.instance_id;
+            let lease = state.config.writes.lease.0;
+            let started = match prepared {
+                None => {
+                    store
+                        .begin_write(
+                            &self.virtual_storage,
+                            &self.relative_path,
+                            owner,
+                            lease,
+                            self.path,
+                            &self.changes,
+                            &state.nodes.healthy(),
+                        )
+                        .await
+                }
+                Some((pending, storages)) => {
+                    store
+                        .begin_prepared_write(
+                            &self.virtual_storage,
+                            &self.relative_path,
+                            pending,
+                            owner,
+                            lease,
+                            self.path,
+                            &self.changes,
+                            storages,
+                        )
+                        .await
+                }
+            };
+            match started {
                 Ok(WriteStart::Busy) => Err(Begin::Busy),
                 Ok(start) => Ok((start, sent)),
                 Err(error) => Err(Begin::Store(error)),

@@ -7,8 +7,10 @@ mod close;
 mod fanout;
 mod judge;
 mod lease;
+mod prepare;
 mod push;
 mod ssh_push;
+mod two_phase;
 mod undo;
 
 use std::time::{Duration, Instant};
@@ -36,7 +38,7 @@ pub(super) use ssh_push::{SSH_RECEIVE_PACK, receive_pack as ssh_receive_pack};
 
 const UPDATE_REFS: &str = "/gitfleet.v1.RefService/UpdateRefs";
 const SET_DEFAULT_BRANCH: &str = "/gitfleet.v1.RefService/SetDefaultBranch";
-const POST_RECEIVE_PACK: &str = "/gitfleet.v1.SmartHttpService/PostReceivePack";
+pub(super) const POST_RECEIVE_PACK: &str = "/gitfleet.v1.SmartHttpService/PostReceivePack";
 
 pub(super) async fn mutator(
     proxy: &Proxy,
@@ -51,8 +53,22 @@ pub(super) async fn mutator(
         UPDATE_REFS => (update_refs_changes(&call.first)?, Vec::new()),
         SET_DEFAULT_BRANCH => (default_branch_change(&call.first)?, Vec::new()),
         POST_RECEIVE_PACK => {
+            prepare::check_client_message(&call.first)?;
             let head = push::read_head(&call.first, &mut call.inbound).await?;
-            (head.changes, head.messages)
+            for message in &head.messages {
+                prepare::check_client_message(message)?;
+            }
+            let write = Write::new(proxy, call, head.changes, head.messages);
+            // The push runs to its end even if the caller goes away.
+            let task = proxy.state.writes.spawn(
+                write
+                    .push(head.capabilities)
+                    .instrument(tracing::Span::current()),
+            );
+            let reply = task
+                .await
+                .map_err(|error| ProxyError::Task(error.to_string()))??;
+            return Ok(answer(reply));
         }
         // A mutator whose changes the proxy cannot read is refused: it could not be recorded.
         other => return Err(ProxyError::NotServed(other.to_owned())),
@@ -178,7 +194,7 @@ impl Write {
         let _turn = tokio::time::timeout(wait, queue.lock_owned())
             .await
             .map_err(|_| self.busy(started))?;
-        let (lease, begin_sent) = self.begin(started).await?;
+        let (lease, begin_sent) = self.begin(started, None).await?;
         tracing::Span::current().record("generation", lease.generation);
 
         let needed = majority(lease.assigned.len());
@@ -382,17 +398,16 @@ pub(super) fn respond(
     reply: Result<Reply, Status>,
 ) -> Result<Response<ResponseStream>, ProxyError> {
     match reply {
-        Ok(Reply { metadata, messages }) => {
-            let stream: ResponseStream = Box::pin(tokio_stream::iter(messages.into_iter().map(Ok)));
-            Ok(Response::from_parts(
-                metadata,
-                stream,
-                tonic::Extensions::default(),
-            ))
-        }
+        Ok(reply) => Ok(answer(reply)),
         Err(status) => Err(ProxyError::Node {
             storage: storage.clone(),
             status,
         }),
     }
+}
+
+/// A reply, as the caller's answer.
+fn answer(Reply { metadata, messages }: Reply) -> Response<ResponseStream> {
+    let stream: ResponseStream = Box::pin(tokio_stream::iter(messages.into_iter().map(Ok)));
+    Response::from_parts(metadata, stream, tonic::Extensions::default())
 }

@@ -6,6 +6,7 @@ use prost::Message as _;
 use tonic::Streaming;
 
 use crate::git::pktline::{Decoder, Packet};
+use crate::git::report::PushCapabilities;
 use crate::proxy::error::ProxyError;
 use crate::store::RefChange;
 
@@ -24,6 +25,8 @@ struct GitInput {
 #[derive(Debug)]
 pub struct PushHead {
     pub changes: Vec<RefChange>,
+    /// What the client asked of the answer.
+    pub capabilities: PushCapabilities,
     pub messages: Vec<Bytes>,
 }
 
@@ -59,7 +62,11 @@ async fn read_commands(
             .map_err(|_| ProxyError::Undecodable("push request"))?
             .data;
         if let Some(changes) = reader.push(&data)? {
-            return Ok(PushHead { changes, messages });
+            return Ok(PushHead {
+                changes,
+                capabilities: PushCapabilities::parse(&reader.capabilities),
+                messages,
+            });
         }
         message = match inbound.message().await.map_err(ProxyError::Inbound)? {
             Some(next) => next,
@@ -84,6 +91,8 @@ pub struct CommandReader {
     decoder: Decoder,
     seen: usize,
     changes: Vec<RefChange>,
+    /// The capabilities after the first command's NUL.
+    capabilities: String,
 }
 
 impl CommandReader {
@@ -110,7 +119,13 @@ impl CommandReader {
 
     fn line(&mut self, line: &[u8]) -> Result<(), ProxyError> {
         // Capabilities follow a NUL on the first command.
-        let line = line.split(|byte| *byte == 0).next().unwrap_or_default();
+        let mut parts = line.splitn(2, |byte| *byte == 0);
+        let line = parts.next().unwrap_or_default();
+        if let Some(capabilities) = parts.next()
+            && self.changes.is_empty()
+        {
+            self.capabilities = String::from_utf8_lossy(capabilities).into_owned();
+        }
         let line = std::str::from_utf8(line)
             .map_err(|_| bad("a command is not UTF-8"))?
             .trim_end_matches('\n');

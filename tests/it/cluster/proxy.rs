@@ -155,7 +155,8 @@ async fn reads_are_spread_over_the_replicas_and_cost_no_database_round_trip() {
     }
     Cluster::wait_for_notifications(&cluster.proxy, notified, 3).await;
     refs.find_default_branch(find()).await.unwrap();
-    // A push: its ref advertisement is a read from the cache, the push itself two statements.
+    // A push: its ref advertisement is a read from the cache, the push itself three
+    // statements (pending, then lease and intent, then the commit).
     commit_branch(work.path(), "pushed");
     let round_trips = cluster.round_trips();
     run_git(
@@ -164,8 +165,8 @@ async fn reads_are_spread_over_the_replicas_and_cost_no_database_round_trip() {
     );
     assert_eq!(
         cluster.round_trips() - round_trips,
-        2,
-        "a push is two statements"
+        3,
+        "a push is three statements"
     );
     let record = cluster.record("spread.git").await;
     assert_eq!(record.generation, 5);

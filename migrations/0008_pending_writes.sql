@@ -1,0 +1,20 @@
+-- A push whose pack is on its way to the replicas. It is recorded before the first byte leaves
+-- the proxy, with no lease: the replicas keep the pack in git's quarantine and move no ref
+-- until the push becomes a write intent under the repository's lease. A row whose proxy died
+-- is deleted by recovery once it expires; nothing on a replica ever changed for it.
+CREATE TABLE pending_writes (
+    id               bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    repository_id    bigint      NOT NULL REFERENCES repositories (id) ON DELETE CASCADE,
+    owner            text        NOT NULL,
+    -- The gRPC method of the write.
+    rpc              text        NOT NULL,
+    -- The commands the client announced: [{"ref": ..., "old": ..., "new": ...}, ...]
+    ref_updates      jsonb       NOT NULL,
+    -- The replicas the pack is sent to: assigned, up to date and reachable when it started.
+    target_storages  text[]      NOT NULL,
+    base_generation  bigint      NOT NULL,
+    expires_at       timestamptz NOT NULL,
+    created_at       timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX pending_writes_by_repository ON pending_writes (repository_id);
+CREATE INDEX pending_writes_by_expiry ON pending_writes (expires_at);

@@ -1,0 +1,393 @@
+//! A push as a two-phase commit on the replicas.
+//!
+//! 0. The push is recorded as pending (its commands and targets, no lease).
+//! 1. The pack goes to every target as a prepared push: each keeps the objects in git's
+//!    quarantine and reports the ref updates it is ready to make. No lease is held, so a slow
+//!    client holds no other push.
+//! 2. Once a majority has prepared identical updates, the lease is taken and the pending write
+//!    becomes the intent with those updates (one statement); the prepared replicas are told to
+//!    commit under the lease's token, the others to abort. Each answers with git's own report.
+//! 3. The replicas that report the same refs moved, if a majority, commit the generation (one
+//!    statement); the rest are repaired. The client gets git's report from one of them: `ok`
+//!    and `ng` per ref, a partial push included.
+//!
+//! The proxy's own refusals (the write lock, a majority out of reach, a push it could not
+//! record) reach git as `ng` lines with the reason, when the client asked for a report.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use bytes::Bytes;
+use prost::Message as _;
+use tonic::Status;
+use tonic::metadata::MetadataMap;
+
+use super::prepare::{self, Event, Opening, Replicas, answer_data};
+use super::{Reply, Write};
+use crate::fleet::majority;
+use crate::git::report::{PushCapabilities, Report, encode_report};
+use crate::model::StorageName;
+use crate::proto::PostReceivePackResponse;
+use crate::proxy::error::ProxyError;
+use crate::store::{PendingStart, PendingWrite, RefChange};
+
+/// Where one replica stands in phase 1.
+enum Phase1 {
+    Waiting,
+    Prepared(Vec<RefChange>),
+    Ended(Result<Reply, Status>),
+}
+
+impl Write {
+    /// Runs a push (`PostReceivePack`) as a two-phase commit, and answers with git's report.
+    pub(super) async fn push(
+        mut self,
+        capabilities: PushCapabilities,
+    ) -> Result<Reply, ProxyError> {
+        let state = self.proxy.state.clone();
+        let writes = &state.config.writes;
+        // By then the push has become an intent, or has ended.
+        let expiry = writes.timeout.0 + writes.lease_wait.0 + writes.lease.0;
+        let recorded = state
+            .store
+            .record_pending_write(
+                &self.virtual_storage,
+                &self.relative_path,
+                &state.instance_id,
+                self.path,
+                &self.changes,
+                &state.nodes.healthy(),
+                expiry,
+            )
+            .await?;
+        let pending = match recorded {
+            PendingStart::Recorded(pending) => pending,
+            PendingStart::NotFound => return Err(ProxyError::NotFound(self.repository.clone())),
+            PendingStart::Locked(reason) => {
+                return self
+                    .refuse(&capabilities, ProxyError::WriteLocked(reason))
+                    .await;
+            }
+            PendingStart::Unreachable {
+                assigned,
+                reachable,
+            } => {
+                let error = ProxyError::not_enough(self.repository.clone(), &assigned, &reachable);
+                return self.refuse(&capabilities, error).await;
+            }
+        };
+        let mut promoted = false;
+        let answer = self
+            .two_phases(&pending, &capabilities, &mut promoted)
+            .await;
+        if !promoted && let Err(error) = state.store.drop_pending_write(pending.id).await {
+            tracing::debug!(%error, "the pending write is left to expire");
+        }
+        answer
+    }
+
+    async fn two_phases(
+        &mut self,
+        pending: &PendingWrite,
+        capabilities: &PushCapabilities,
+        promoted: &mut bool,
+    ) -> Result<Reply, ProxyError> {
+        let state = self.proxy.state.clone();
+        let started = Instant::now();
+        let needed = majority(pending.assigned.len());
+        let limit = state.config.writes.timeout.0;
+        let opening = Opening {
+            first: &self.first,
+            located: &self.located,
+            prefix: &self.prefix,
+            replica_path: &pending.replica_path,
+            timeout: self.deadline.map_or(limit, |deadline| deadline.min(limit)),
+        };
+        let mut replicas =
+            prepare::start(&self.proxy, &pending.targets, opening, self.inbound.take());
+
+        // Phase 1: the pack to every target, no lease held.
+        let phase1 = self.prepare(&mut replicas, needed).await;
+        let mut groups: HashMap<&Vec<RefChange>, Vec<usize>> = HashMap::new();
+        for (index, standing) in phase1.iter().enumerate() {
+            if let Phase1::Prepared(updates) = standing {
+                groups.entry(updates).or_default().push(index);
+            }
+        }
+        let best = groups.into_iter().max_by_key(|(_, members)| members.len());
+        let Some((updates, members)) = best.filter(|(_, members)| members.len() >= needed) else {
+            replicas
+                .abort_all("the push was not prepared by a majority of replicas")
+                .await;
+            return self
+                .unprepared(capabilities, &replicas, phase1, needed, pending)
+                .await;
+        };
+        self.changes = updates.clone();
+        let agreeing: Vec<StorageName> = members
+            .iter()
+            .map(|&index| replicas.storages[index].clone())
+            .collect();
+
+        // Phase 2: under the lease, short.
+        let wait = state.config.writes.lease_wait.0;
+        let queue = self
+            .proxy
+            .write_queue(&self.virtual_storage, &self.relative_path);
+        let turn = tokio::time::timeout(wait, queue.lock_owned()).await;
+        let begun = match turn {
+            Err(_) => Err(self.busy(started)),
+            Ok(_turn) => self.begin(started, Some((pending.id, &agreeing))).await,
+        };
+        let (lease, begun_at) = match begun {
+            Ok(begun) => begun,
+            Err(error) => {
+                replicas.abort_all(&error.to_string()).await;
+                return self.refuse(capabilities, error).await;
+            }
+        };
+        *promoted = true;
+        tracing::Span::current().record("generation", lease.generation);
+        let keeper = self.keep(&lease, begun_at);
+        self.lease_lost = keeper.lost().clone();
+        let mut committing = Vec::new();
+        for index in 0..replicas.storages.len() {
+            if lease.targets.contains(&replicas.storages[index]) {
+                if replicas.commit(index, lease.token).await {
+                    committing.push(index);
+                }
+            } else {
+                replicas
+                    .abort(index, "the replica was left out of the push")
+                    .await;
+            }
+        }
+        let mut finished = self.finish(&mut replicas, &committing, needed).await;
+        if self.lease_lost.is_cancelled() {
+            let error = self.failed(
+                "the write lease was lost while the replicas committed; the recovery job rolls it back",
+            );
+            return self.refuse(capabilities, error).await;
+        }
+
+        // Which refs each replica moved, by its own report.
+        let mut outcomes: HashMap<Vec<String>, Vec<usize>> = HashMap::new();
+        for (&index, reply) in &finished {
+            if let Ok(reply) = reply {
+                let report = Report::read(&answer_data(reply));
+                if report.unpack.is_some() {
+                    outcomes.entry(report.updated).or_default().push(index);
+                }
+            }
+        }
+        let best = outcomes
+            .into_iter()
+            .max_by_key(|(_, members)| members.len());
+        let Some((moved, mut current)) = best.filter(|(_, members)| members.len() >= needed) else {
+            // The intent stays open: once the lease runs out, recovery rolls the push back
+            // wherever it landed.
+            drop(keeper);
+            let error = self.failed(&format!(
+                "fewer than {needed} replicas agree on which refs the push moved; the recovery job rolls it back"
+            ));
+            return self.refuse(capabilities, error).await;
+        };
+        current.sort_unstable();
+        let storages: Vec<StorageName> = current
+            .iter()
+            .map(|&index| replicas.storages[index].clone())
+            .collect();
+        let answer = finished
+            .remove(&current[0])
+            .and_then(Result::ok)
+            .expect("a replica in agreement has answered");
+        if moved.is_empty() && storages.len() == lease.targets.len() {
+            // Nothing moved anywhere: git refused every command, and says why.
+            self.release(&lease).await?;
+            return Ok(answer);
+        }
+        match self.commit(&lease, &storages, &storages[0]).await? {
+            super::close::Commit::Done(outcome) => {
+                tracing::info!(
+                    generation = outcome.generation,
+                    current = ?storages,
+                    queued = ?outcome.queued,
+                    moved = moved.len(),
+                    "push committed"
+                );
+                state.routing.invalidate(lease.repository);
+                Ok(answer)
+            }
+            super::close::Commit::Refused | super::close::Commit::Lost => {
+                drop(keeper);
+                let error = self.failed(
+                    "the replicas changed under the push before it was recorded; the recovery job rolls it back",
+                );
+                self.refuse(capabilities, error).await
+            }
+        }
+    }
+
+    /// Waits until every target has prepared or ended, or, once a majority has, for
+    /// `writes.straggler_timeout` more: a replica that hangs (its node stopped, its disk stuck)
+    /// is left out and repaired later, rather than holding the push.
+    async fn prepare(&self, replicas: &mut Replicas, needed: usize) -> Vec<Phase1> {
+        let grace = self.proxy.state.config.writes.straggler_timeout.0;
+        let mut phase1: Vec<Phase1> = replicas.storages.iter().map(|_| Phase1::Waiting).collect();
+        let mut deadline = None;
+        loop {
+            let waiting = phase1
+                .iter()
+                .filter(|s| matches!(s, Phase1::Waiting))
+                .count();
+            if waiting == 0 {
+                break;
+            }
+            // Prepared or ended: a replica that answered either way.
+            let answered = phase1.len() - waiting;
+            if answered >= needed && deadline.is_none() {
+                deadline = Some(tokio::time::Instant::now() + grace);
+            }
+            let event = match deadline {
+                None => replicas.events.recv().await,
+                Some(deadline) => {
+                    match tokio::time::timeout_at(deadline, replicas.events.recv()).await {
+                        Ok(event) => event,
+                        Err(_) => break,
+                    }
+                }
+            };
+            match event {
+                Some(Event::Prepared(index, updates)) => phase1[index] = Phase1::Prepared(updates),
+                Some(Event::Finished(index, reply)) => {
+                    if let Err(status) = &reply {
+                        tracing::warn!(storage = %replicas.storages[index], %status, "replica did not prepare the push");
+                    }
+                    phase1[index] = Phase1::Ended(reply);
+                }
+                None => break,
+            }
+        }
+        phase1
+    }
+
+    /// Waits for the answers of the replicas told to commit: all of them, or, once a
+    /// majority has answered, `writes.straggler_timeout` more. Stops when the lease is lost.
+    async fn finish(
+        &self,
+        replicas: &mut Replicas,
+        committing: &[usize],
+        needed: usize,
+    ) -> HashMap<usize, Result<Reply, Status>> {
+        let grace = self.proxy.state.config.writes.straggler_timeout.0;
+        let mut finished = HashMap::new();
+        let mut deadline = None;
+        while finished.len() < committing.len() {
+            if finished.len() >= needed && deadline.is_none() {
+                deadline = Some(tokio::time::Instant::now() + grace);
+            }
+            let next = async {
+                match deadline {
+                    None => replicas.events.recv().await,
+                    Some(deadline) => tokio::time::timeout_at(deadline, replicas.events.recv())
+                        .await
+                        .ok()
+                        .flatten(),
+                }
+            };
+            let event = tokio::select! {
+                event = next => event,
+                () = self.lease_lost.cancelled() => None,
+            };
+            match event {
+                Some(Event::Finished(index, reply)) if committing.contains(&index) => {
+                    if let Err(status) = &reply {
+                        tracing::warn!(storage = %replicas.storages[index], %status, "replica did not commit the push");
+                    }
+                    finished.insert(index, reply);
+                }
+                Some(_) => {}
+                None => break,
+            }
+        }
+        finished
+    }
+
+    /// The answer when no majority prepared the push: git's own refusal when no replica
+    /// prepared it and one answered (a bad pack, commands git refused before its hooks), the
+    /// node's error when none answered, and the proxy's refusal otherwise.
+    async fn unprepared(
+        &mut self,
+        capabilities: &PushCapabilities,
+        replicas: &Replicas,
+        phase1: Vec<Phase1>,
+        needed: usize,
+        pending: &PendingWrite,
+    ) -> Result<Reply, ProxyError> {
+        let prepared = phase1
+            .iter()
+            .filter(|s| matches!(s, Phase1::Prepared(_)))
+            .count();
+        if prepared == 0 {
+            let mut failure = None;
+            for (index, standing) in phase1.into_iter().enumerate() {
+                match standing {
+                    Phase1::Ended(Ok(reply)) => return Ok(reply),
+                    Phase1::Ended(Err(status)) if failure.is_none() => {
+                        failure = Some(ProxyError::Node {
+                            storage: replicas.storages[index].clone(),
+                            status,
+                        });
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(failure) = failure {
+                return Err(failure);
+            }
+        }
+        let error = self.failed(&format!(
+            "{prepared} of {} assigned replicas prepared it in agreement, {needed} are needed; nothing changed",
+            pending.assigned.len()
+        ));
+        self.refuse(capabilities, error).await
+    }
+
+    /// Refuses the whole push: as git's report with an `ng` line per command and the reason
+    /// (on side-band too) when the client asked for a report, as the error otherwise. The
+    /// client's stream is read to its end first, if nothing has read it, so that its sender
+    /// sees the answer rather than a broken connection.
+    async fn refuse(
+        &mut self,
+        capabilities: &PushCapabilities,
+        error: ProxyError,
+    ) -> Result<Reply, ProxyError> {
+        tracing::warn!(%error, "push refused");
+        if !capabilities.report_status {
+            return Err(error);
+        }
+        if let Some(inbound) = self.inbound.take() {
+            let limit = self.proxy.state.config.writes.timeout.0;
+            let drain = async move {
+                let mut inbound = inbound;
+                while let Ok(Some(_)) = inbound.message().await {}
+            };
+            let _ = tokio::time::timeout(limit, drain).await;
+        }
+        let reason = error.to_string();
+        let refs: Vec<(String, Option<String>)> = self
+            .changes
+            .iter()
+            .map(|change| (change.name.clone(), Some(reason.clone())))
+            .collect();
+        let data = encode_report(capabilities, &refs, &reason);
+        let message = PostReceivePackResponse {
+            data: Bytes::from(data),
+            prepared: None,
+        };
+        Ok(Reply {
+            metadata: MetadataMap::new(),
+            messages: vec![Bytes::from(message.encode_to_vec())],
+        })
+    }
+}

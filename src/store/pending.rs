@@ -1,0 +1,163 @@
+//! Pending writes: a push recorded before its pack reaches any replica, with no lease. It
+//! becomes a write intent under the lease once the replicas have prepared it (see
+//! `Store::begin_prepared_write`); one whose proxy went away is deleted when it expires, and no
+//! ref ever moved for it.
+
+use std::time::Duration;
+
+use sqlx::Row as _;
+
+use super::{RefChange, Store, StoreError, storage_names, texts, undecodable};
+use crate::model::{RelativePath, RepositoryId, StorageName};
+
+/// A push recorded as pending.
+#[derive(Debug, Clone)]
+pub struct PendingWrite {
+    pub id: i64,
+    pub repository: RepositoryId,
+    pub replica_path: RelativePath,
+    /// The generation the push starts from.
+    pub generation: i64,
+    /// Where the pack goes: assigned, up to date and reachable.
+    pub targets: Vec<StorageName>,
+    pub assigned: Vec<StorageName>,
+}
+
+/// What recording a push as pending found.
+#[derive(Debug)]
+pub enum PendingStart {
+    Recorded(PendingWrite),
+    NotFound,
+    /// The maintenance write lock is on, for this reason.
+    Locked(String),
+    /// Fewer than a majority of the assigned replicas are up to date on reachable nodes.
+    Unreachable {
+        assigned: Vec<StorageName>,
+        reachable: Vec<StorageName>,
+    },
+}
+
+impl Store {
+    /// Records a push as pending, in one statement: its commands, and as targets the
+    /// assigned replicas that are up to date and among `healthy`. Nothing is recorded when the
+    /// write lock is on or the targets are fewer than a majority of the assigned storages.
+    /// The row expires after `expiry`, by when the push must have become an intent.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn record_pending_write(
+        &self,
+        virtual_storage: &StorageName,
+        relative_path: &RelativePath,
+        owner: &str,
+        rpc: &str,
+        changes: &[RefChange],
+        healthy: &[StorageName],
+        expiry: Duration,
+    ) -> Result<PendingStart, StoreError> {
+        let changes = serde_json::to_value(changes)
+            .map_err(|error| StoreError::Failed(sqlx::Error::Encode(Box::new(error))))?;
+        let row = self
+            .measure(
+                "record_pending_write",
+                sqlx::query(
+                    "WITH repo AS (
+                         SELECT r.id, r.generation, r.replica_path,
+                                ARRAY(SELECT a.storage FROM assignments a
+                                      WHERE a.repository_id = r.id ORDER BY a.storage)
+                                    AS assigned,
+                                ARRAY(SELECT a.storage FROM assignments a
+                                      JOIN replicas p ON p.repository_id = a.repository_id
+                                                     AND p.storage = a.storage
+                                      WHERE a.repository_id = r.id
+                                        AND p.generation = r.generation
+                                        AND a.storage = ANY($6) ORDER BY a.storage) AS targets
+                         FROM repositories r
+                         WHERE r.virtual_storage = $1 AND r.relative_path = $2
+                     ), locked AS (
+                         SELECT CASE WHEN write_lock THEN COALESCE(reason, '') END AS reason
+                         FROM maintenance
+                     ), pending AS (
+                         INSERT INTO pending_writes (repository_id, owner, rpc, ref_updates,
+                             target_storages, base_generation, expires_at)
+                         SELECT repo.id, $3, $4, $5, repo.targets, repo.generation,
+                                now() + make_interval(secs => $7)
+                         FROM repo
+                         WHERE cardinality(repo.targets) >= cardinality(repo.assigned) / 2 + 1
+                           AND NOT EXISTS (SELECT 1 FROM locked WHERE reason IS NOT NULL)
+                         RETURNING id
+                     )
+                     SELECT repo.id AS repository, repo.generation, repo.replica_path,
+                            repo.assigned, repo.targets, pending.id AS pending,
+                            (SELECT reason FROM locked) AS locked
+                     FROM repo LEFT JOIN pending ON true",
+                )
+                .bind(virtual_storage.as_str())
+                .bind(relative_path.as_str())
+                .bind(owner)
+                .bind(rpc)
+                .bind(changes)
+                .bind(texts(healthy))
+                .bind(expiry.as_secs_f64())
+                .fetch_optional(&self.pool),
+            )
+            .await?;
+        let Some(row) = row else {
+            return Ok(PendingStart::NotFound);
+        };
+        let assigned = storage_names(&row.try_get::<Vec<String>, _>("assigned")?);
+        let targets = storage_names(&row.try_get::<Vec<String>, _>("targets")?);
+        let Some(id) = row.try_get::<Option<i64>, _>("pending")? else {
+            if let Some(reason) = row.try_get::<Option<String>, _>("locked")? {
+                return Ok(PendingStart::Locked(reason));
+            }
+            return Ok(PendingStart::Unreachable {
+                assigned,
+                reachable: targets,
+            });
+        };
+        let replica_path: String = row.try_get("replica_path")?;
+        Ok(PendingStart::Recorded(PendingWrite {
+            id,
+            repository: RepositoryId(row.try_get("repository")?),
+            replica_path: RelativePath::parse(&replica_path)
+                .map_err(|error| undecodable("replica_path", error))?,
+            generation: row.try_get("generation")?,
+            targets,
+            assigned,
+        }))
+    }
+
+    /// Forgets a pending write that ended without becoming an intent. Its replicas were
+    /// told to abort, or were left to abort on their own.
+    pub async fn drop_pending_write(&self, id: i64) -> Result<(), StoreError> {
+        self.measure(
+            "drop_pending_write",
+            sqlx::query("DELETE FROM pending_writes WHERE id = $1")
+                .bind(id)
+                .execute(&self.pool),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// How many pushes are pending now.
+    pub async fn pending_writes(&self) -> Result<i64, StoreError> {
+        self.measure(
+            "pending_writes",
+            sqlx::query_scalar("SELECT count(*) FROM pending_writes").fetch_one(&self.pool),
+        )
+        .await
+    }
+
+    /// Deletes the pending writes that have expired: their proxies went away before the
+    /// replicas were told to commit, so no ref moved for them. Returns how many.
+    pub async fn purge_expired_pending_writes(&self) -> Result<u64, StoreError> {
+        let purged = self
+            .measure(
+                "purge_expired_pending_writes",
+                sqlx::query("DELETE FROM pending_writes WHERE expires_at < now()")
+                    .execute(&self.pool),
+            )
+            .await?;
+        Ok(purged.rows_affected())
+    }
+}
