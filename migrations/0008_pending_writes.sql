@@ -10,7 +10,7 @@ CREATE TABLE pending_writes (
     rpc              text        NOT NULL,
     -- The commands the client announced: [{"ref": ..., "old": ..., "new": ...}, ...]
     ref_updates      jsonb       NOT NULL,
-    -- The replicas the pack is sent to: assigned, up to date and reachable when it started.
+    -- The replicas the pack is sent to: assigned and reachable when it started.
     target_storages  text[]      NOT NULL,
     base_generation  bigint      NOT NULL,
     expires_at       timestamptz NOT NULL,

@@ -57,14 +57,15 @@ pub fn all(
     let mut rows = Vec::new();
     rows.push(clones(&setup, options.runs, repositories)?);
     rows.push(fetches(&setup, options.runs, repositories)?);
-    rows.push(pushes(&setup, options.runs * 2)?);
+    rows.extend(pushes(&setup, options.runs * 2)?);
     rows.extend(load::accessors(&runtime, &setup, options)?);
     rows.extend(load::parallel_clones(
         &setup,
         options.parallel_clones,
         repositories,
     )?);
-    // Last: it leaves the writers' branches in the small repository.
+    // Last: they leave the writers' branches in the small repository.
+    rows.extend(super::throughput::pushes_per_second(&setup)?);
     rows.extend(super::converge::busy_repository(&runtime, &setup)?);
     let Setup {
         cluster,
@@ -318,7 +319,7 @@ fn fetches(setup: &Setup, runs: usize, repositories: &Repositories) -> anyhow::R
         .limit(&path))
 }
 
-fn pushes(setup: &Setup, runs: usize) -> anyhow::Result<Row> {
+fn pushes(setup: &Setup, runs: usize) -> anyhow::Result<Vec<Row>> {
     let ways = [
         ("gitfleet", setup.small_url.clone()),
         ("daemon", setup.daemon_url(&setup.daemon_small)?),
@@ -365,8 +366,13 @@ fn pushes(setup: &Setup, runs: usize) -> anyhow::Result<Row> {
     }
     progress(format_args!("push of one commit: {runs} runs"));
     let [gitfleet, daemon, path] = seconds;
-    Ok(Row::new("push, one commit (3 replicas)", "s", &gitfleet)
-        .against("git daemon", &daemon)
-        .limit(&path)
-        .target(Target::RatioAtMost(1.5)))
+    Ok(vec![
+        Row::new("push, one commit (3 replicas)", "s", &gitfleet)
+            .against("git daemon", &daemon)
+            .limit(&path)
+            .target(Target::RatioAtMost(1.5)),
+        Row::new("push, one commit, against a local path", "s", &gitfleet)
+            .against("local path", &path)
+            .target(Target::RatioAtMost(2.0)),
+    ])
 }

@@ -10,6 +10,7 @@ mod measure;
 mod report;
 mod rpc;
 mod servers;
+mod throughput;
 
 use std::path::PathBuf;
 use std::sync::OnceLock;

@@ -70,6 +70,8 @@ pub enum Target {
     RatioAtLeast(f64),
     /// gitfleet's median at most this value.
     ValueAtMost(f64),
+    /// gitfleet's median at least this value (a rate).
+    ValueAtLeast(f64),
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -127,6 +129,7 @@ impl Row {
             (Some(Target::RatioAtMost(times)), Some(ratio)) => Some(ratio <= times),
             (Some(Target::RatioAtLeast(times)), Some(ratio)) => Some(ratio >= times),
             (Some(Target::ValueAtMost(value)), _) => Some(self.gitfleet.median <= value),
+            (Some(Target::ValueAtLeast(value)), _) => Some(self.gitfleet.median >= value),
             _ => None,
         };
         self
@@ -138,6 +141,7 @@ fn target_text(target: Option<Target>) -> String {
         Some(Target::RatioAtMost(times)) => format!("<= {times:.2}x"),
         Some(Target::RatioAtLeast(times)) => format!(">= {times:.2}x"),
         Some(Target::ValueAtMost(value)) => format!("<= {}", number(value)),
+        Some(Target::ValueAtLeast(value)) => format!(">= {}", number(value)),
         None => String::new(),
     }
 }

@@ -113,6 +113,15 @@ impl DevCluster {
 
     /// One counter from the proxy's /metrics.
     pub fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        self.scrape()?
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|value| value.trim().parse().ok())
+            .with_context(|| format!("{name} is not in the proxy's /metrics"))
+    }
+
+    /// The proxy's /metrics, whole.
+    pub fn scrape(&self) -> anyhow::Result<String> {
         let address = self.http_address()?;
         let mut stream = std::net::TcpStream::connect(&address)?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -122,11 +131,7 @@ impl DevCluster {
         )?;
         let mut response = String::new();
         stream.read_to_string(&mut response)?;
-        response
-            .lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|value| value.trim().parse().ok())
-            .with_context(|| format!("{name} is not in the proxy's /metrics"))
+        Ok(response)
     }
 
     /// The proxy drains, then the nodes and PostgreSQL stop.

@@ -58,6 +58,9 @@ pub struct ProxyState {
     draining: std::sync::atomic::AtomicBool,
     /// The maintenance write lock, as last heard from PostgreSQL.
     pub write_lock: Arc<write_lock::WriteLockWatch>,
+    /// How long writes held their repository's lease, from the statement that took it to
+    /// the one that committed or released it.
+    pub lease_holds: crate::toolkit::Histogram,
 }
 
 #[derive(Debug, Clone)]
@@ -129,6 +132,7 @@ impl Proxy {
                 writes: TaskTracker::new(),
                 draining: std::sync::atomic::AtomicBool::new(false),
                 write_lock: Arc::default(),
+                lease_holds: Default::default(),
             }),
         })
     }

@@ -18,7 +18,11 @@ pub struct PendingWrite {
     pub replica_path: RelativePath,
     /// The generation the push starts from.
     pub generation: i64,
-    /// Where the pack goes: assigned, up to date and reachable.
+    /// The assigned replicas that are up to date and reachable: a majority of them.
+    pub ready: Vec<StorageName>,
+    /// Where the pack goes: every assigned replica that is reachable. One being repaired may
+    /// be up to date by phase 2, and then it takes the push too, rather than falling behind
+    /// again with every push that was in flight when its repair ended.
     pub targets: Vec<StorageName>,
     pub assigned: Vec<StorageName>,
 }
@@ -39,8 +43,8 @@ pub enum PendingStart {
 
 impl Store {
     /// Records a push as pending, in one statement: its commands, and as targets the
-    /// assigned replicas that are up to date and among `healthy`. Nothing is recorded when the
-    /// write lock is on or the targets are fewer than a majority of the assigned storages.
+    /// assigned replicas among `healthy`. Nothing is recorded when the write lock is on or
+    /// those up to date are fewer than a majority of the assigned storages.
     /// The row expires after `expiry`, by when the push must have become an intent.
     #[allow(clippy::too_many_arguments)]
     pub async fn record_pending_write(
@@ -69,6 +73,11 @@ impl Store {
                                                      AND p.storage = a.storage
                                       WHERE a.repository_id = r.id
                                         AND p.generation = r.generation
+                                        AND a.storage = ANY($6) ORDER BY a.storage) AS ready,
+                                ARRAY(SELECT a.storage FROM assignments a
+                                      JOIN replicas p ON p.repository_id = a.repository_id
+                                                     AND p.storage = a.storage
+                                      WHERE a.repository_id = r.id
                                         AND a.storage = ANY($6) ORDER BY a.storage) AS targets
                          FROM repositories r
                          WHERE r.virtual_storage = $1 AND r.relative_path = $2
@@ -81,12 +90,12 @@ impl Store {
                          SELECT repo.id, $3, $4, $5, repo.targets, repo.generation,
                                 now() + make_interval(secs => $7)
                          FROM repo
-                         WHERE cardinality(repo.targets) >= cardinality(repo.assigned) / 2 + 1
+                         WHERE cardinality(repo.ready) >= cardinality(repo.assigned) / 2 + 1
                            AND NOT EXISTS (SELECT 1 FROM locked WHERE reason IS NOT NULL)
                          RETURNING id
                      )
                      SELECT repo.id AS repository, repo.generation, repo.replica_path,
-                            repo.assigned, repo.targets, pending.id AS pending,
+                            repo.assigned, repo.ready, repo.targets, pending.id AS pending,
                             (SELECT reason FROM locked) AS locked
                      FROM repo LEFT JOIN pending ON true",
                 )
@@ -104,6 +113,7 @@ impl Store {
             return Ok(PendingStart::NotFound);
         };
         let assigned = storage_names(&row.try_get::<Vec<String>, _>("assigned")?);
+        let ready = storage_names(&row.try_get::<Vec<String>, _>("ready")?);
         let targets = storage_names(&row.try_get::<Vec<String>, _>("targets")?);
         let Some(id) = row.try_get::<Option<i64>, _>("pending")? else {
             if let Some(reason) = row.try_get::<Option<String>, _>("locked")? {
@@ -111,7 +121,7 @@ impl Store {
             }
             return Ok(PendingStart::Unreachable {
                 assigned,
-                reachable: targets,
+                reachable: ready,
             });
         };
         let replica_path: String = row.try_get("replica_path")?;
@@ -121,6 +131,7 @@ impl Store {
             replica_path: RelativePath::parse(&replica_path)
                 .map_err(|error| undecodable("replica_path", error))?,
             generation: row.try_get("generation")?,
+            ready,
             targets,
             assigned,
         }))

@@ -2,9 +2,11 @@
 //! keeping a lease alive while work runs under it, naming this process in the leases it takes,
 //! and telling whoever runs a long command how it goes.
 
+pub mod histogram;
 mod lease;
 mod retry;
 
+pub use histogram::Histogram;
 pub use lease::{LeaseKeeper, host_name, owner_id};
 pub use retry::{Backoff, Give, Retry, Stop, retry};
 

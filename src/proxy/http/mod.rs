@@ -255,6 +255,11 @@ fn metrics(gateway: &Gateway) -> Response {
         "Reads routed to each storage.",
         &per_node(&|node| node.reads().to_string()),
     );
+    state.lease_holds.render(
+        &mut out,
+        "gitfleet_proxy_write_lease_held_seconds",
+        "How long writes held their repository's lease.",
+    );
     let mut response = text(StatusCode::OK, out.trim_end());
     response.headers_mut().insert(
         "content-type",

@@ -210,7 +210,9 @@ impl Write {
         if self.changes.iter().any(|change| change.name == "HEAD") {
             self.record_head_before(&lease).await?;
         }
-        self.apply(&lease, needed).await
+        let answer = self.apply(&lease, needed).await;
+        self.proxy.state.lease_holds.record(begin_sent.elapsed());
+        answer
     }
 
     /// Sends the write, judges it and records the outcome.

@@ -29,7 +29,8 @@ use crate::git::report::{PushCapabilities, Report, encode_report};
 use crate::model::StorageName;
 use crate::proto::PostReceivePackResponse;
 use crate::proxy::error::ProxyError;
-use crate::store::{PendingStart, PendingWrite, RefChange};
+use crate::store::{PendingStart, PendingWrite, RefChange, WriteLease};
+use crate::toolkit::LeaseKeeper;
 
 /// Where one replica stands in phase 1.
 enum Phase1 {
@@ -107,7 +108,7 @@ impl Write {
             prepare::start(&self.proxy, &pending.targets, opening, self.inbound.take());
 
         // Phase 1: the pack to every target, no lease held.
-        let phase1 = self.prepare(&mut replicas, needed).await;
+        let phase1 = self.prepare(&mut replicas, &pending.ready, needed).await;
         let mut groups: HashMap<&Vec<RefChange>, Vec<usize>> = HashMap::new();
         for (index, standing) in phase1.iter().enumerate() {
             if let Phase1::Prepared(updates) = standing {
@@ -162,7 +163,26 @@ impl Write {
                     .await;
             }
         }
-        let mut finished = self.finish(&mut replicas, &committing, needed).await;
+        let finished = self.finish(&mut replicas, &committing, needed).await;
+        let answer = self
+            .settle(capabilities, &lease, keeper, &replicas, finished, needed)
+            .await;
+        state.lease_holds.record(begun_at.elapsed());
+        answer
+    }
+
+    /// Phase 2's end: the replicas that report the same refs moved, if a majority, commit
+    /// the generation; the client gets git's report from one of them.
+    async fn settle(
+        &mut self,
+        capabilities: &PushCapabilities,
+        lease: &WriteLease,
+        keeper: LeaseKeeper,
+        replicas: &Replicas,
+        mut finished: HashMap<usize, Result<Reply, Status>>,
+        needed: usize,
+    ) -> Result<Reply, ProxyError> {
+        let state = self.proxy.state.clone();
         if self.lease_lost.is_cancelled() {
             let error = self.failed(
                 "the write lease was lost while the replicas committed; the recovery job rolls it back",
@@ -203,10 +223,10 @@ impl Write {
             .expect("a replica in agreement has answered");
         if moved.is_empty() && storages.len() == lease.targets.len() {
             // Nothing moved anywhere: git refused every command, and says why.
-            self.release(&lease).await?;
+            self.release(lease).await?;
             return Ok(answer);
         }
-        match self.commit(&lease, &storages, &storages[0]).await? {
+        match self.commit(lease, &storages, &storages[0]).await? {
             super::close::Commit::Done(outcome) => {
                 tracing::info!(
                     generation = outcome.generation,
@@ -231,7 +251,12 @@ impl Write {
     /// Waits until every target has prepared or ended, or, once a majority has, for
     /// `writes.straggler_timeout` more: a replica that hangs (its node stopped, its disk stuck)
     /// is left out and repaired later, rather than holding the push.
-    async fn prepare(&self, replicas: &mut Replicas, needed: usize) -> Vec<Phase1> {
+    async fn prepare(
+        &self,
+        replicas: &mut Replicas,
+        ready: &[StorageName],
+        needed: usize,
+    ) -> Vec<Phase1> {
         let grace = self.proxy.state.config.writes.straggler_timeout.0;
         let mut phase1: Vec<Phase1> = replicas.storages.iter().map(|_| Phase1::Waiting).collect();
         let mut deadline = None;
@@ -261,7 +286,16 @@ impl Write {
                 Some(Event::Prepared(index, updates)) => phase1[index] = Phase1::Prepared(updates),
                 Some(Event::Finished(index, reply)) => {
                     if let Err(status) = &reply {
-                        tracing::warn!(storage = %replicas.storages[index], %status, "replica did not prepare the push");
+                        // One not up to date may well lack what the pack builds on.
+                        let storage = &replicas.storages[index];
+                        match ready.contains(storage) {
+                            true => {
+                                tracing::warn!(%storage, %status, "replica did not prepare the push")
+                            }
+                            false => {
+                                tracing::debug!(%storage, %status, "replica did not prepare the push")
+                            }
+                        }
                     }
                     phase1[index] = Phase1::Ended(reply);
                 }

@@ -89,6 +89,7 @@ async fn migrations_run_concurrently_and_twice() {
             "assignments",
             "jobs",
             "maintenance",
+            "pending_writes",
             "reconciler",
             "replica_totals",
             "replicas",
