@@ -18,3 +18,8 @@ CREATE TABLE pending_writes (
 );
 CREATE INDEX pending_writes_by_repository ON pending_writes (repository_id);
 CREATE INDEX pending_writes_by_expiry ON pending_writes (expires_at);
+
+-- A repository a push created (push-to-create) before its first write committed. If that push
+-- fails, and no other push is under way, the repository is deleted again: a failed push leaves
+-- nothing behind. The first committed write clears it.
+ALTER TABLE repositories ADD COLUMN awaiting_first_push boolean NOT NULL DEFAULT false;

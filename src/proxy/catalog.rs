@@ -23,14 +23,16 @@ use crate::store::{Deleted, Deletion, NewRepository, RemovedRepository, Renamed,
 const REMOVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Removal jobs wait this long before they run, so that they do not race the proxy's own
 /// attempt.
-const REMOVAL_JOB_DELAY: Duration = Duration::from_secs(15);
+pub(super) const REMOVAL_JOB_DELAY: Duration = Duration::from_secs(15);
 /// Undoing a creation: nothing was acknowledged, so nothing waits.
 const UNDO: Deletion = Deletion {
     force: true,
     remove_after: Some(REMOVAL_JOB_DELAY),
+    unwritten_only: false,
 };
 
 const EXISTS: &str = "/gitfleet.v1.RepositoryService/RepositoryExists";
+const CREATE: &str = "/gitfleet.v1.RepositoryService/CreateRepository";
 const RENAME: &str = "/gitfleet.v1.RepositoryService/RenameRepository";
 
 /// Writes the repository row and its assignments with the creation's lease and intent, then
@@ -50,10 +52,35 @@ pub(super) async fn create(
     {
         return Err(ProxyError::AlreadyExists(call.repository()));
     }
+    let creation = Creation {
+        first: &call.first,
+        located: &call.located,
+        virtual_storage: &call.virtual_storage,
+        relative_path: &call.relative_path,
+        by_push: false,
+    };
+    make(proxy, &creation).await?;
+    Ok(single(crate::proto::CreateRepositoryResponse {}))
+}
+
+/// A repository to make: where, and the `CreateRepository` message its replicas get.
+pub(super) struct Creation<'a> {
+    pub first: &'a Bytes,
+    pub located: &'a header::Located,
+    pub virtual_storage: &'a StorageName,
+    pub relative_path: &'a RelativePath,
+    /// Made by a push (push-to-create), which undoes it if it fails before it commits.
+    pub by_push: bool,
+}
+
+/// Makes a repository: its row, then its replicas. AlreadyExists when the path is taken.
+pub(super) async fn make(proxy: &Proxy, creation: &Creation<'_>) -> Result<(), ProxyError> {
+    let state = &proxy.state;
+    let repository = format!("{}/{}", creation.virtual_storage, creation.relative_path);
     let virtual_storage = state
         .nodes
-        .virtual_storage(call.virtual_storage.as_str())
-        .ok_or_else(|| ProxyError::UnknownVirtualStorage(call.virtual_storage.to_string()))?;
+        .virtual_storage(creation.virtual_storage.as_str())
+        .ok_or_else(|| ProxyError::UnknownVirtualStorage(creation.virtual_storage.to_string()))?;
     let factor = virtual_storage.replication_factor;
     let NewPlacement {
         assigned,
@@ -61,7 +88,7 @@ pub(super) async fn create(
     } = virtual_storage.place_new(|storage| state.nodes.is_healthy(storage));
     if reachable.len() < majority(factor) {
         return Err(ProxyError::not_enough(
-            call.repository(),
+            repository.clone(),
             &assigned,
             &reachable,
         ));
@@ -70,19 +97,20 @@ pub(super) async fn create(
     let id = state.store.next_repository_id().await?;
     let new = NewRepository {
         id,
-        virtual_storage: call.virtual_storage.clone(),
-        relative_path: call.relative_path.clone(),
+        virtual_storage: creation.virtual_storage.clone(),
+        relative_path: creation.relative_path.clone(),
         primary: reachable[0].clone(),
         assigned: assigned.clone(),
+        awaiting_first_push: creation.by_push,
     };
     let duration = state.config.writes.lease.0;
     let taken_at = tokio::time::Instant::now();
     let Some(lease) = state
         .store
-        .insert_repository(&new, &state.instance_id, duration, call.info.path)
+        .insert_repository(&new, &state.instance_id, duration, CREATE)
         .await?
     else {
-        return Err(ProxyError::AlreadyExists(call.repository()));
+        return Err(ProxyError::AlreadyExists(repository));
     };
     let replica_path = id.replica_path();
     tracing::info!(%id, %replica_path, assigned = ?assigned, "repository recorded");
@@ -91,12 +119,12 @@ pub(super) async fn create(
 
     let attempts = reachable.iter().map(|storage| {
         let message = header::rewrite(
-            &call.first,
-            &call.located,
+            creation.first,
+            creation.located,
             storage.as_str(),
             replica_path.as_str(),
         );
-        unary(proxy, storage, call.info.path, message)
+        unary(proxy, storage, CREATE, message)
     });
     let results = futures_util::future::join_all(attempts).await;
     let mut created = Vec::new();
@@ -121,11 +149,11 @@ pub(super) async fn create(
             .record_created_replicas(&lease, &state.instance_id, &created, &failed, &created[0])
             .await
         {
-            Ok(true) => return Ok(single(crate::proto::CreateRepositoryResponse {})),
+            Ok(true) => return Ok(()),
             // Taken over: the recovery job finishes or undoes the creation.
             Ok(false) => {
                 return Err(ProxyError::WriteFailed {
-                    repository: call.repository(),
+                    repository,
                     reason: "the creation's lease was lost before it was recorded; the \
                              recovery job finishes or undoes it"
                         .into(),
@@ -150,7 +178,7 @@ pub(super) async fn create(
         remove_replicas(proxy, &removed).await;
     }
     Err(ProxyError::WriteFailed {
-        repository: call.repository(),
+        repository,
         reason: format!(
             "only {} of {factor} replicas could be created: {}",
             created.len(),
@@ -185,7 +213,7 @@ pub(super) async fn remove(
 
 /// Removes the replicas of a deleted repository, briefly, and closes the removal jobs of those
 /// that are gone.
-async fn remove_replicas(proxy: &Proxy, removed: &RemovedRepository) {
+pub(super) async fn remove_replicas(proxy: &Proxy, removed: &RemovedRepository) {
     let replica_path = &removed.replica_path;
     let removals = removed.storages.iter().map(|storage| async move {
         let replica = proxy.state.nodes.replica(storage, replica_path)?;

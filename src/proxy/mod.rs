@@ -35,6 +35,9 @@ use crate::store::Store;
 
 /// A request header that sends an accessor to the repository's primary replica.
 pub const ROUTE_HEADER: &str = "gitfleet-route";
+/// Request metadata on a push (`PostReceivePack`): make the repository if it is missing, where
+/// its virtual storage allows push-to-create. The repository is undone if the push fails.
+pub const PUSH_TO_CREATE_HEADER: &str = "gitfleet-push-to-create";
 
 /// Writes to one repository through this proxy take turns on this.
 type WriteQueue = tokio::sync::Mutex<()>;

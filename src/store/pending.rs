@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use sqlx::Row as _;
 
-use super::{RefChange, Store, StoreError, storage_names, texts, undecodable};
+use super::{CREATE_RPC, RefChange, Store, StoreError, storage_names, texts, undecodable};
 use crate::model::{RelativePath, RepositoryId, StorageName};
 
 /// A push recorded as pending.
@@ -38,6 +38,8 @@ pub enum PendingStart {
     Unreachable {
         assigned: Vec<StorageName>,
         reachable: Vec<StorageName>,
+        /// The repository is still being made: its replicas are not recorded yet.
+        creating: bool,
     },
 }
 
@@ -96,7 +98,9 @@ impl Store {
                      )
                      SELECT repo.id AS repository, repo.generation, repo.replica_path,
                             repo.assigned, repo.ready, repo.targets, pending.id AS pending,
-                            (SELECT reason FROM locked) AS locked
+                            (SELECT reason FROM locked) AS locked,
+                            EXISTS (SELECT 1 FROM write_intents i
+                                    WHERE i.repository_id = repo.id AND i.rpc = $8) AS creating
                      FROM repo LEFT JOIN pending ON true",
                 )
                 .bind(virtual_storage.as_str())
@@ -106,6 +110,7 @@ impl Store {
                 .bind(changes)
                 .bind(texts(healthy))
                 .bind(expiry.as_secs_f64())
+                .bind(CREATE_RPC)
                 .fetch_optional(&self.pool),
             )
             .await?;
@@ -122,6 +127,7 @@ impl Store {
             return Ok(PendingStart::Unreachable {
                 assigned,
                 reachable: ready,
+                creating: row.try_get("creating")?,
             });
         };
         let replica_path: String = row.try_get("replica_path")?;

@@ -71,6 +71,8 @@ pub struct NewRepository {
     pub relative_path: RelativePath,
     pub primary: StorageName,
     pub assigned: Vec<StorageName>,
+    /// Made by a push, which deletes it again if it fails before its first write commits.
+    pub awaiting_first_push: bool,
 }
 
 /// What a removal took out of the catalog, for cleaning the disks.
@@ -145,6 +147,9 @@ pub struct Deletion {
     /// Queue one removal job per replica, to run after this delay. None leaves the disks to
     /// the storage walker.
     pub remove_after: Option<std::time::Duration>,
+    /// Only a repository a push made that no write has committed to, with no push pending or
+    /// in flight on it: undoing a push-to-create.
+    pub unwritten_only: bool,
 }
 
 /// What a deletion found.
@@ -219,10 +224,10 @@ impl Store {
                     "WITH repo AS (
                          INSERT INTO repositories
                              (id, virtual_storage, relative_path, replica_path, primary_storage,
-                              lease_owner, lease_token, lease_expires_at)
+                              lease_owner, lease_token, lease_expires_at, awaiting_first_push)
                          OVERRIDING SYSTEM VALUE
                          VALUES ($1, $2, $3, $4, $5, $7, nextval('repository_lease_tokens'),
-                                 now() + make_interval(secs => $8))
+                                 now() + make_interval(secs => $8), $10)
                          ON CONFLICT (virtual_storage, relative_path) DO NOTHING
                          RETURNING id, lease_token, lease_expires_at, generation
                      ), assigned AS (
@@ -248,6 +253,7 @@ impl Store {
                 .bind(owner)
                 .bind(lease.as_secs_f64())
                 .bind(rpc)
+                .bind(new.awaiting_first_push)
                 .fetch_optional(&self.pool),
             )
             .await?;
@@ -359,6 +365,11 @@ impl Store {
                      ), gone AS (
                          DELETE FROM repositories r USING target t
                          WHERE r.id = t.id AND (NOT t.busy OR $4)
+                           AND (NOT $7 OR (r.awaiting_first_push AND r.generation = 0
+                                AND NOT EXISTS (SELECT 1 FROM pending_writes p
+                                                WHERE p.repository_id = r.id)
+                                AND NOT EXISTS (SELECT 1 FROM write_intents i
+                                                WHERE i.repository_id = r.id)))
                          RETURNING ",
                     removed_columns!(),
                     "), ",
@@ -383,6 +394,7 @@ impl Store {
                 .bind(deletion.force)
                 .bind(JOB_REMOVE)
                 .bind(deletion.remove_after.map(|delay| delay.as_secs_f64()))
+                .bind(deletion.unwritten_only)
                 .fetch_optional(&self.pool),
             )
             .await?;
@@ -409,6 +421,7 @@ impl Store {
             let deletion = Deletion {
                 force: started.elapsed() >= wait,
                 remove_after,
+                unwritten_only: false,
             };
             match self.delete_repository(which, deletion).await? {
                 Deleted::Removed(removed) => return Ok(Some(removed)),

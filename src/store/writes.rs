@@ -360,7 +360,7 @@ impl Store {
                      ), repo AS (
                          UPDATE repositories
                          SET generation = generation + 1, lease_owner = NULL,
-                             lease_expires_at = NULL
+                             lease_expires_at = NULL, awaiting_first_push = false
                          WHERE id = $1 AND lease_owner = $2 AND lease_token = $3
                            AND generation = $8
                            AND (SELECT replicas FROM eligible) = cardinality($4::text[])

@@ -193,6 +193,7 @@ async fn recover_creation(inner: &Inner, write: &Interrupted, keeper: &LeaseKeep
     let undo = Deletion {
         force: true,
         remove_after: Some(REMOVAL_DELAY),
+        unwritten_only: false,
     };
     match inner
         .store

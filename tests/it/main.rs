@@ -20,6 +20,7 @@ mod cluster {
     mod proxy_http;
     mod proxy_process;
     mod push;
+    mod push_create;
     mod read_failover;
     mod recovery;
     mod repair;

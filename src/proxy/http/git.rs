@@ -17,8 +17,7 @@ use super::request::{Endpoint, GitRequest, Service, admit, parse};
 use crate::git::pktline;
 use crate::model::RepositoryName;
 use crate::proto::{
-    CreateRepositoryRequest, InfoRefsRequest, PostReceivePackRequest, PostUploadPackRequest,
-    RepositoryExistsRequest, RepositoryHeader,
+    InfoRefsRequest, PostReceivePackRequest, PostUploadPackRequest, RepositoryHeader,
 };
 
 /// The largest fetch negotiation a client may send (the haves and wants of a clone or fetch).
@@ -70,10 +69,10 @@ async fn answer_request(
         }
         Endpoint::Post(service) => {
             let body = request_body(headers, body)?;
-            if service == Service::ReceivePack {
-                create_for_push(&gateway, &caller, &name, &header).await?;
-            }
-            post(gateway, service, header, git_protocol, body).await?
+            // The push makes its repository when it is missing, and only once it is about to
+            // commit: a push that fails leaves nothing.
+            let create = service == Service::ReceivePack && gateway.push_to_create(&name.storage);
+            post(gateway, service, header, git_protocol, body, create).await?
         }
     };
     let mut response = Response::new(Body::from_stream(stream));
@@ -139,48 +138,13 @@ atomic ofs-delta object-format=sha1 agent=gitfleet";
     data
 }
 
-/// Creates the repository a push names, when its virtual storage lets a push create and it
-/// does not exist yet. Two pushes racing to create it both go on.
-async fn create_for_push(
-    gateway: &Gateway,
-    caller: &Caller,
-    name: &RepositoryName,
-    header: &Option<RepositoryHeader>,
-) -> Result<(), tonic::Status> {
-    if !gateway.push_to_create(&name.storage) {
-        return Ok(());
-    }
-    let mut repositories = gateway.repositories();
-    let exists = repositories
-        .repository_exists(RepositoryExistsRequest {
-            repository: header.clone(),
-        })
-        .await?
-        .into_inner()
-        .exists;
-    if exists {
-        return Ok(());
-    }
-    let create = CreateRepositoryRequest {
-        repository: header.clone(),
-        default_branch: String::new(),
-    };
-    match repositories.create_repository(create).await {
-        Ok(_) => {
-            tracing::info!(repository = %name, caller = %caller.name, "created by push");
-            Ok(())
-        }
-        Err(status) if status.code() == tonic::Code::AlreadyExists => Ok(()),
-        Err(status) => Err(status),
-    }
-}
-
 async fn post(
     gateway: Gateway,
     service: Service,
     header: Option<RepositoryHeader>,
     git_protocol: String,
     body: DataStream,
+    create: bool,
 ) -> Result<(String, DataStream), GatewayError> {
     let content_type = format!("application/x-{}-result", service.name());
     let mut first = Some(header);
@@ -203,7 +167,14 @@ async fn post(
                 data,
                 ..Default::default()
             });
-            let response = client.post_receive_pack(messages).await;
+            let mut request = tonic::Request::new(messages);
+            if create {
+                request.metadata_mut().insert(
+                    crate::proxy::PUSH_TO_CREATE_HEADER,
+                    "true".parse().expect("a valid value"),
+                );
+            }
+            let response = client.post_receive_pack(request).await;
             answer(response, |m| m.data, Some(&fault)).await?
         }
     };

@@ -19,7 +19,6 @@ use crate::auth::{CallPathLayer, RecordCallPath, Signer};
 use crate::fleet::majority;
 use crate::http::{metric, text};
 use crate::model::StorageName;
-use crate::proto::repository_service_client::RepositoryServiceClient;
 use crate::proto::smart_http_service_client::SmartHttpServiceClient;
 
 /// The proxy's own gRPC routes, called in process: no network hop, the same checks.
@@ -68,10 +67,6 @@ impl Gateway {
         SmartHttpServiceClient::new(self.internal.clone())
             .max_decoding_message_size(limit)
             .max_encoding_message_size(limit)
-    }
-
-    fn repositories(&self) -> RepositoryServiceClient<Internal> {
-        RepositoryServiceClient::new(self.internal.clone())
     }
 
     fn push_to_create(&self, virtual_storage: &StorageName) -> bool {

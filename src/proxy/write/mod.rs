@@ -58,11 +58,12 @@ pub(super) async fn mutator(
             for message in &head.messages {
                 prepare::check_client_message(message)?;
             }
+            let create = push_to_create(proxy, &call);
             let write = Write::new(proxy, call, head.changes, head.messages);
             // The push runs to its end even if the caller goes away.
             let task = proxy.state.writes.spawn(
                 write
-                    .push(head.capabilities)
+                    .push(head.capabilities, create)
                     .instrument(tracing::Span::current()),
             );
             let reply = task
@@ -86,6 +87,21 @@ pub(super) async fn mutator(
         .await
         .map_err(|error| ProxyError::Task(error.to_string()))??;
     respond(&storage, reply)
+}
+
+/// Whether a push asked to make its repository if it is missing, and its virtual storage lets
+/// a push do that.
+fn push_to_create(proxy: &Proxy, call: &Call) -> bool {
+    let asked = call
+        .metadata
+        .get(super::PUSH_TO_CREATE_HEADER)
+        .is_some_and(|value| value == "true");
+    asked
+        && proxy
+            .state
+            .nodes
+            .virtual_storage(call.virtual_storage.as_str())
+            .is_some_and(|virtual_storage| virtual_storage.push_to_create)
 }
 
 /// Fails at once, before anything is recorded, when a majority of the assigned replicas is

@@ -15,7 +15,7 @@
 //! record) reach git as `ng` lines with the reason, when the client asked for a report.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prost::Message as _;
@@ -27,10 +27,25 @@ use super::{Reply, Write};
 use crate::fleet::majority;
 use crate::git::report::{PushCapabilities, Report, encode_report};
 use crate::model::StorageName;
-use crate::proto::PostReceivePackResponse;
+use crate::proto::{CreateRepositoryRequest, PostReceivePackResponse, RepositoryHeader};
+use crate::proxy::catalog::{self, Creation};
 use crate::proxy::error::ProxyError;
-use crate::store::{PendingStart, PendingWrite, RefChange, WriteLease};
+use crate::proxy::header::{self, HeaderError};
+use crate::store::{Deleted, Deletion, PendingStart, PendingWrite, RefChange, Which, WriteLease};
 use crate::toolkit::LeaseKeeper;
+
+/// The first pause while another push makes the repository; it doubles up to the next.
+const FIRST_CREATION_PAUSE: Duration = Duration::from_millis(20);
+const LONGEST_CREATION_PAUSE: Duration = Duration::from_millis(250);
+
+/// How far a push got.
+#[derive(Debug, Default)]
+struct Progress {
+    /// The pending write became the intent.
+    promoted: bool,
+    /// A generation was committed.
+    committed: bool,
+}
 
 /// Where one replica stands in phase 1.
 enum Phase1 {
@@ -41,57 +56,146 @@ enum Phase1 {
 
 impl Write {
     /// Runs a push (`PostReceivePack`) as a two-phase commit, and answers with git's report.
+    /// With `create`, a missing repository is made first, and undone if the push fails.
     pub(super) async fn push(
         mut self,
         capabilities: PushCapabilities,
+        create: bool,
     ) -> Result<Reply, ProxyError> {
+        let state = self.proxy.state.clone();
+        let pending = match self.open(create).await {
+            Ok(pending) => pending,
+            Err(error @ (ProxyError::NotFound(_) | ProxyError::Database(_))) => return Err(error),
+            Err(error) => return self.refuse(&capabilities, error).await,
+        };
+        let mut progress = Progress::default();
+        let answer = self
+            .two_phases(&pending, &capabilities, &mut progress)
+            .await;
+        if !progress.promoted
+            && let Err(error) = state.store.drop_pending_write(pending.id).await
+        {
+            tracing::debug!(%error, "the pending write is left to expire");
+        }
+        if create && pending.generation == 0 && !progress.committed {
+            self.undo_creation(&pending).await;
+        }
+        answer
+    }
+
+    /// Records the push as pending; with `create`, makes its repository first when it is
+    /// missing, and waits while another push is still making it.
+    async fn open(&mut self, create: bool) -> Result<PendingWrite, ProxyError> {
         let state = self.proxy.state.clone();
         let writes = &state.config.writes;
         // By then the push has become an intent, or has ended.
         let expiry = writes.timeout.0 + writes.lease_wait.0 + writes.lease.0;
-        let recorded = state
-            .store
-            .record_pending_write(
-                &self.virtual_storage,
-                &self.relative_path,
-                &state.instance_id,
-                self.path,
-                &self.changes,
-                &state.nodes.healthy(),
-                expiry,
-            )
-            .await?;
-        let pending = match recorded {
-            PendingStart::Recorded(pending) => pending,
-            PendingStart::NotFound => return Err(ProxyError::NotFound(self.repository.clone())),
-            PendingStart::Locked(reason) => {
-                return self
-                    .refuse(&capabilities, ProxyError::WriteLocked(reason))
-                    .await;
+        let deadline = tokio::time::Instant::now() + writes.lease_wait.0;
+        let mut pause = FIRST_CREATION_PAUSE;
+        let mut made = false;
+        loop {
+            let recorded = state
+                .store
+                .record_pending_write(
+                    &self.virtual_storage,
+                    &self.relative_path,
+                    &state.instance_id,
+                    self.path,
+                    &self.changes,
+                    &state.nodes.healthy(),
+                    expiry,
+                )
+                .await?;
+            match recorded {
+                PendingStart::Recorded(pending) => return Ok(pending),
+                PendingStart::NotFound if create && !made => {
+                    made = true;
+                    match self.make_repository().await {
+                        Ok(()) | Err(ProxyError::AlreadyExists(_)) => {}
+                        Err(error) => return Err(error),
+                    }
+                }
+                PendingStart::NotFound => {
+                    return Err(ProxyError::NotFound(self.repository.clone()));
+                }
+                PendingStart::Locked(reason) => return Err(ProxyError::WriteLocked(reason)),
+                PendingStart::Unreachable { creating: true, .. }
+                    if tokio::time::Instant::now() < deadline =>
+                {
+                    // Another push is making the repository: its replicas come soon.
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(LONGEST_CREATION_PAUSE);
+                }
+                PendingStart::Unreachable {
+                    assigned,
+                    reachable,
+                    ..
+                } => {
+                    return Err(ProxyError::not_enough(
+                        self.repository.clone(),
+                        &assigned,
+                        &reachable,
+                    ));
+                }
             }
-            PendingStart::Unreachable {
-                assigned,
-                reachable,
-            } => {
-                let error = ProxyError::not_enough(self.repository.clone(), &assigned, &reachable);
-                return self.refuse(&capabilities, error).await;
-            }
-        };
-        let mut promoted = false;
-        let answer = self
-            .two_phases(&pending, &capabilities, &mut promoted)
-            .await;
-        if !promoted && let Err(error) = state.store.drop_pending_write(pending.id).await {
-            tracing::debug!(%error, "the pending write is left to expire");
         }
-        answer
+    }
+
+    /// Makes the repository the push names, as `CreateRepository` would, marked as awaiting
+    /// its first push.
+    async fn make_repository(&self) -> Result<(), ProxyError> {
+        let message = Bytes::from(
+            CreateRepositoryRequest {
+                repository: Some(RepositoryHeader {
+                    storage: self.virtual_storage.to_string(),
+                    relative_path: self.relative_path.to_string(),
+                }),
+                default_branch: String::new(),
+            }
+            .encode_to_vec(),
+        );
+        let located = header::locate(&message)?.ok_or(HeaderError::Missing)?;
+        let creation = Creation {
+            first: &message,
+            located: &located,
+            virtual_storage: &self.virtual_storage,
+            relative_path: &self.relative_path,
+            by_push: true,
+        };
+        catalog::make(&self.proxy, &creation).await?;
+        tracing::info!(repository = %self.repository, "made by a push");
+        Ok(())
+    }
+
+    /// Deletes a repository a push made, when no write has committed to it and no other push
+    /// is under way on it, and removes its replicas.
+    async fn undo_creation(&self, pending: &PendingWrite) {
+        let undo = Deletion {
+            force: false,
+            remove_after: Some(catalog::REMOVAL_JOB_DELAY),
+            unwritten_only: true,
+        };
+        let state = &self.proxy.state;
+        match state
+            .store
+            .delete_repository(Which::Id(pending.repository), undo)
+            .await
+        {
+            Ok(Deleted::Removed(removed)) => {
+                tracing::info!(repository = %self.repository, "a push that failed undid the repository it made");
+                state.routing.invalidate(removed.id);
+                catalog::remove_replicas(&self.proxy, &removed).await;
+            }
+            Ok(Deleted::NotFound | Deleted::Busy) => {}
+            Err(error) => tracing::warn!(%error, "the repository a failed push made stays"),
+        }
     }
 
     async fn two_phases(
         &mut self,
         pending: &PendingWrite,
         capabilities: &PushCapabilities,
-        promoted: &mut bool,
+        progress: &mut Progress,
     ) -> Result<Reply, ProxyError> {
         let state = self.proxy.state.clone();
         let started = Instant::now();
@@ -147,7 +251,7 @@ impl Write {
                 return self.refuse(capabilities, error).await;
             }
         };
-        *promoted = true;
+        progress.promoted = true;
         tracing::Span::current().record("generation", lease.generation);
         let keeper = self.keep(&lease, begun_at);
         self.lease_lost = keeper.lost().clone();
@@ -165,7 +269,7 @@ impl Write {
         }
         let finished = self.finish(&mut replicas, &committing, needed).await;
         let answer = self
-            .settle(capabilities, &lease, keeper, &replicas, finished, needed)
+            .settle(capabilities, &lease, keeper, &replicas, finished, progress)
             .await;
         state.lease_holds.record(begun_at.elapsed());
         answer
@@ -180,9 +284,10 @@ impl Write {
         keeper: LeaseKeeper,
         replicas: &Replicas,
         mut finished: HashMap<usize, Result<Reply, Status>>,
-        needed: usize,
+        progress: &mut Progress,
     ) -> Result<Reply, ProxyError> {
         let state = self.proxy.state.clone();
+        let needed = majority(lease.assigned.len());
         if self.lease_lost.is_cancelled() {
             let error = self.failed(
                 "the write lease was lost while the replicas committed; the recovery job rolls it back",
@@ -228,6 +333,7 @@ impl Write {
         }
         match self.commit(lease, &storages, &storages[0]).await? {
             super::close::Commit::Done(outcome) => {
+                progress.committed = true;
                 tracing::info!(
                     generation = outcome.generation,
                     current = ?storages,

@@ -571,6 +571,7 @@ async fn delete_row(
             Deletion {
                 force: false,
                 remove_after: Some(remove_after),
+                unwritten_only: false,
             },
         )
         .await

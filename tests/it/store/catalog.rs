@@ -46,6 +46,7 @@ async fn begin_creation(store: &Store, relative_path: &str) -> WriteLease {
                 relative_path: path(relative_path),
                 primary: name("s1"),
                 assigned: vec![name("s1"), name("s2"), name("s3")],
+                awaiting_first_push: false,
             },
             "proxy-a",
             Duration::from_secs(30),
@@ -125,6 +126,7 @@ async fn a_path_removed_and_created_again_gets_a_new_id_and_replica_path() {
                 relative_path: path("group/project.git"),
                 primary: name("s1"),
                 assigned: vec![name("s1")],
+                awaiting_first_push: false,
             },
             "proxy-a",
             Duration::from_secs(30),
@@ -146,6 +148,7 @@ async fn a_path_removed_and_created_again_gets_a_new_id_and_replica_path() {
     let waiting = Deletion {
         force: false,
         remove_after: Some(Duration::from_secs(60)),
+        unwritten_only: false,
     };
     let busy = store
         .delete_repository(Which::Path(&vs, &rp), waiting)
