@@ -210,7 +210,23 @@ pub(super) fn busy_repository(
         pushes.extend(writer.context("a writer's push failed")?);
     }
 
-    // The writers stopped and every replica was up to date: they hold the same refs.
+    // Once the writers stopped, every replica comes up to date (a push that left one out,
+    // the lagging one still joining, queued its repair), and then they hold the same refs.
+    let stopped = Instant::now();
+    loop {
+        let record = runtime
+            .block_on(store.find_repository(&virtual_storage, &path))?
+            .context("the small repository is gone")?;
+        if record.up_to_date().count() == NODES {
+            break;
+        }
+        ensure!(
+            stopped.elapsed() < DEADLINE,
+            "a replica was still behind {DEADLINE:?} after the writers stopped"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let settled = stopped.elapsed().as_secs_f64();
     let refs: Vec<String> = setup
         .small_replicas
         .iter()
@@ -245,7 +261,7 @@ pub(super) fn busy_repository(
     progress(format_args!(
         "busy repository: up to date again after {converged:.2}s; {} pushes meanwhile, the \
          longest {:.3}s (before: {} pushes, median {typical:.3}s, longest {:.3}s); {} pushes \
-         refused",
+         refused; all up to date {settled:.2}s after the writers stopped",
         during.len(),
         longest(&during),
         before.len(),
@@ -276,6 +292,13 @@ pub(super) fn busy_repository(
             format!("busy repository ({WRITERS} writers): pushes refused"),
             "",
             &[refused.load(Ordering::Relaxed) as f64],
+        ),
+        Row::new(
+            format!(
+                "busy repository ({WRITERS} writers): all up to date after the writers stopped"
+            ),
+            "s",
+            &[settled],
         ),
     ])
 }

@@ -106,8 +106,10 @@ async fn advertise(
             // one, and the repository is made only when the commands arrive: a dry run, or
             // a push that is refused on the client's side, leaves nothing behind.
             Err(status)
-                if status.code() == tonic::Code::NotFound
-                    && gateway.push_to_create(&name.storage) =>
+                if gateway.push_to_create(&name.storage)
+                    && (status.code() == tonic::Code::NotFound
+                        || (status.code() == tonic::Code::Unavailable
+                            && being_made(&gateway, &name).await)) =>
             {
                 tracing::debug!(repository = %name, caller = %caller.name, "advertising a repository a push will create");
                 let advertisement = Bytes::from(empty_receive_pack_advertisement());
@@ -121,6 +123,19 @@ async fn advertise(
     };
     let stream = answer(response, |m| m.data, None).await?;
     Ok((content_type, stream))
+}
+
+/// Whether the repository is still being made (by another push): nothing written yet, and
+/// its replicas not recorded. It is as empty as a missing one.
+async fn being_made(gateway: &Gateway, name: &RepositoryName) -> bool {
+    let store = &gateway.proxy.state().store;
+    match store
+        .find_repository(&name.storage, &name.relative_path)
+        .await
+    {
+        Ok(Some(record)) => record.generation == 0 && record.up_to_date().next().is_none(),
+        _ => false,
+    }
 }
 
 /// What `git receive-pack --advertise-refs` says for an empty repository (protocol v0, which

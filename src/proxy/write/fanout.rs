@@ -18,7 +18,7 @@ use super::{Reply, Write};
 use crate::fleet::set_fence;
 use crate::model::{RelativePath, StorageName};
 use crate::proxy::error::ProxyError;
-use crate::proxy::forward::{later_messages, send};
+use crate::proxy::forward::send;
 use crate::proxy::{Proxy, header};
 
 /// The most response bytes kept per replica while the write is judged.
@@ -68,10 +68,9 @@ impl Write {
                 }
             });
         }
-        let inbound = self.inbound.take();
+        let inbound = self.take_inbound();
         let tee = async move {
-            let Some(inbound) = inbound else { return };
-            let mut inbound = std::pin::pin!(later_messages(inbound));
+            let Some(mut inbound) = inbound else { return };
             while let Some(message) = inbound.next().await {
                 let sent = futures_util::future::join_all(senders.iter().map(|sender| {
                     tokio::time::timeout(REPLICA_STALL_TIMEOUT, sender.send(message.clone()))

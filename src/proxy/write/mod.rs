@@ -17,12 +17,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prost::Message as _;
+use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataMap;
 use tonic::{Response, Status, Streaming};
 use tracing::Instrument as _;
 
 use super::error::{ProxyError, list};
+use super::forward::later_messages;
 use super::header::Located;
 use super::response::ResponseStream;
 use super::{Call, Proxy};
@@ -151,6 +153,10 @@ fn default_branch_change(message: &Bytes) -> Result<Vec<RefChange>, ProxyError> 
     }])
 }
 
+/// The client's messages after those already read, as the nodes are to get them.
+pub(super) type Inbound = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Bytes> + Send>>;
+type Converter = Box<dyn FnMut(Bytes) -> Option<Bytes> + Send + Sync>;
+
 /// What one replica answered.
 pub(super) struct Reply {
     pub metadata: MetadataMap,
@@ -170,6 +176,9 @@ pub(super) struct Write {
     /// Messages read after the first to find a push's commands.
     prefix: Vec<Bytes>,
     inbound: Option<Streaming<Bytes>>,
+    /// Turns the inbound messages into the form the nodes get (None ends the input); None
+    /// passes them as they are.
+    convert: Option<Converter>,
     virtual_storage: StorageName,
     relative_path: RelativePath,
     changes: Vec<RefChange>,
@@ -193,11 +202,52 @@ impl Write {
             located: call.located,
             prefix,
             inbound: Some(call.inbound),
+            convert: None,
             virtual_storage: call.virtual_storage,
             relative_path: call.relative_path,
             changes,
             lease_lost: CancellationToken::new(),
         }
+    }
+
+    /// A push whose messages the proxy made from another form (an ssh push, as
+    /// `PostReceivePack`): `first` carries the repository header.
+    /// `convert` turns each later message of the call into the push's form, and ends its input
+    /// with None.
+    pub(super) fn converted_push(
+        proxy: &Proxy,
+        call: Call,
+        (first, located): (Bytes, Located),
+        prefix: Vec<Bytes>,
+        convert: impl FnMut(Bytes) -> Option<Bytes> + Send + Sync + 'static,
+        changes: Vec<RefChange>,
+    ) -> Self {
+        let repository = call.repository();
+        let deadline = call.deadline();
+        Self {
+            proxy: proxy.clone(),
+            repository,
+            deadline,
+            path: POST_RECEIVE_PACK,
+            first,
+            located,
+            prefix,
+            inbound: Some(call.inbound),
+            convert: Some(Box::new(convert)),
+            virtual_storage: call.virtual_storage,
+            relative_path: call.relative_path,
+            changes,
+            lease_lost: CancellationToken::new(),
+        }
+    }
+
+    /// The client's later messages, as the nodes are to get them; None once taken.
+    fn take_inbound(&mut self) -> Option<Inbound> {
+        let messages = later_messages(self.inbound.take()?);
+        Some(match self.convert.take() {
+            Some(convert) => Box::pin(messages.map_while(convert)),
+            None => Box::pin(messages),
+        })
     }
 
     pub(super) async fn run(mut self) -> Result<Answer, ProxyError> {

@@ -10,14 +10,14 @@ use prost::Message as _;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Status, Streaming};
+use tonic::{Request, Status};
 
-use super::Reply;
+use super::{Inbound, Reply};
 use crate::model::{RelativePath, StorageName};
 use crate::proto::{PostReceivePackRequest, PostReceivePackResponse, PushDecision, push_decision};
 use crate::proxy::Proxy;
 use crate::proxy::error::ProxyError;
-use crate::proxy::forward::{later_messages, send};
+use crate::proxy::forward::send;
 use crate::proxy::header::{self, Located};
 use crate::store::RefChange;
 
@@ -84,7 +84,7 @@ pub(super) fn start(
     proxy: &Proxy,
     storages: &[StorageName],
     opening: Opening<'_>,
-    inbound: Option<Streaming<Bytes>>,
+    inbound: Option<Inbound>,
 ) -> Replicas {
     let (event_tx, events) = mpsc::channel(2 * storages.len() + 2);
     let mut streams = Vec::with_capacity(storages.len());
@@ -210,8 +210,8 @@ async fn call(
 
 /// Passes the client's messages to every replica; one that stops reading is dropped, and the
 /// others go on.
-async fn tee(inbound: Streaming<Bytes>, mut senders: Vec<mpsc::Sender<Bytes>>) {
-    let inbound = later_messages(inbound).map_while(|message| {
+async fn tee(inbound: Inbound, mut senders: Vec<mpsc::Sender<Bytes>>) {
+    let inbound = inbound.map_while(|message| {
         check_client_message(&message).ok()?;
         Some(message)
     });

@@ -1,7 +1,9 @@
 //! A push in git's full-duplex form (`SshReceivePack`, what `gitfleet bridge ssh` speaks).
 //! git reads the ref advertisement before it sends its commands, so one up-to-date replica
-//! advertises first and is then dismissed without a command; the push itself is an ordinary
-//! recorded write, and each replica's own advertisement is cut from its answer.
+//! advertises first and is then dismissed without a command. The push itself is a two-phase
+//! push like one over HTTP: from its commands on, the client's input is the bytes git's
+//! stateless form takes, so the replicas get it as `PostReceivePack`, and git's report comes
+//! back as the session's output.
 
 use bytes::Bytes;
 use prost::Message as _;
@@ -11,14 +13,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument as _;
 
-use super::{Answer, Write, check_reachable, push};
+use super::{Write, check_reachable, push};
 use crate::git::pktline::{Decoder, Packet};
 use crate::model::StorageName;
-use crate::proto::{SshRequest, SshResponse};
+use crate::proto::{PostReceivePackRequest, PostReceivePackResponse, SshRequest, SshResponse};
 use crate::proxy::error::ProxyError;
 use crate::proxy::forward::{choose, later_messages, lookup, send};
 use crate::proxy::response::ResponseStream;
-use crate::proxy::{Call, Proxy};
+use crate::proxy::{Call, Proxy, header};
 
 pub(in crate::proxy) const SSH_RECEIVE_PACK: &str = "/gitfleet.v1.SshService/SshReceivePack";
 
@@ -145,21 +147,71 @@ impl Session {
         drop(self.advertiser_tx);
         while let Ok(Some(_)) = advertisement.message().await {}
 
-        let write = Write::new(&self.proxy, call, head.changes, head.messages);
-        let (storage, reply): Answer = write.run().await?;
-        let reply = reply.map_err(|status| ProxyError::Node {
-            storage: storage.clone(),
-            status,
-        })?;
-        // Each replica advertised too: its answer starts after that.
-        let mut cut = AdvertisementCut::default();
+        // The replicas take the push as git's stateless form, a two-phase push like any other:
+        // the client's input, from its commands on, is the same bytes.
+        let opening = SshRequest::decode(call.first.clone())
+            .map_err(|_| ProxyError::Undecodable("SshRequest"))?;
+        let first = Bytes::from(
+            PostReceivePackRequest {
+                repository: Some(crate::proto::RepositoryHeader {
+                    storage: call.virtual_storage.to_string(),
+                    relative_path: call.relative_path.to_string(),
+                }),
+                git_protocol: opening.git_protocol,
+                data: opening.stdin,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        );
+        let located = header::locate(&first)?.ok_or(header::HeaderError::Missing)?;
+        let mut closed = opening.close_stdin;
+        let mut input = move |message: Bytes| -> Option<Bytes> {
+            if closed {
+                return None;
+            }
+            let request = SshRequest::decode(message).ok()?;
+            closed = request.close_stdin;
+            let data = PostReceivePackRequest {
+                data: request.stdin,
+                ..Default::default()
+            };
+            Some(Bytes::from(data.encode_to_vec()))
+        };
+        let prefix: Vec<Bytes> = head.messages.into_iter().map_while(&mut input).collect();
+        let write = Write::converted_push(
+            &self.proxy,
+            call,
+            (first, located),
+            prefix,
+            input,
+            head.changes,
+        );
+        let reply = write.push(head.capabilities, false).await?;
         for message in reply.messages {
-            if let Some(rest) = cut.rest_of(&message)
-                && self.out_tx.send(Ok(rest)).await.is_err()
+            let Ok(answer) = PostReceivePackResponse::decode(message) else {
+                continue;
+            };
+            let stdout = SshResponse {
+                stdout: answer.data,
+                ..Default::default()
+            };
+            if self
+                .out_tx
+                .send(Ok(Bytes::from(stdout.encode_to_vec())))
+                .await
+                .is_err()
             {
-                break;
+                return Ok(());
             }
         }
+        let exit = SshResponse {
+            exit_status: Some(0),
+            ..Default::default()
+        };
+        let _ = self
+            .out_tx
+            .send(Ok(Bytes::from(exit.encode_to_vec())))
+            .await;
         Ok(())
     }
 }
@@ -178,20 +230,6 @@ impl AdvertisementCut {
             self.feed(&response.stdout);
         }
         self.done
-    }
-
-    /// The part of a replica's message that comes after its advertisement, if any.
-    fn rest_of(&mut self, message: &Bytes) -> Option<Bytes> {
-        if self.done {
-            return Some(message.clone());
-        }
-        let mut response = SshResponse::decode(message.clone()).ok()?;
-        let consumed = self.feed(&response.stdout);
-        if !self.done && response.exit_status.is_none() && response.stderr.is_empty() {
-            return None;
-        }
-        response.stdout = response.stdout.slice(consumed.min(response.stdout.len())..);
-        Some(Bytes::from(response.encode_to_vec()))
     }
 
     /// Reads advertisement bytes; returns how many of `stdout` belonged to it.
@@ -230,22 +268,13 @@ mod tests {
     }
 
     #[test]
-    fn a_replicas_advertisement_is_cut_from_its_answer() {
+    fn the_advertisement_ends_at_its_flush() {
         let mut advertisement =
             encode(b"0000000000000000000000000000000000000000 capabilities^{}\0report-status\n");
         advertisement.extend(b"0000");
         let (head, tail) = advertisement.split_at(20);
-        let mut report = tail.to_vec();
-        report.extend(encode(b"unpack ok\n"));
         let mut cut = AdvertisementCut::default();
-        assert_eq!(cut.rest_of(&stdout(head)), None);
-        let rest = SshResponse::decode(cut.rest_of(&stdout(&report)).unwrap()).unwrap();
-        assert_eq!(rest.stdout.as_ref(), encode(b"unpack ok\n").as_slice());
-        let last = SshResponse {
-            exit_status: Some(0),
-            ..Default::default()
-        };
-        let passed = cut.rest_of(&Bytes::from(last.encode_to_vec())).unwrap();
-        assert_eq!(SshResponse::decode(passed).unwrap().exit_status, Some(0));
+        assert!(!cut.is_done_after(&stdout(head)));
+        assert!(cut.is_done_after(&stdout(tail)));
     }
 }

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prost::Message as _;
+use tokio_stream::StreamExt as _;
 use tonic::Status;
 use tonic::metadata::MetadataMap;
 
@@ -201,6 +202,7 @@ impl Write {
         let started = Instant::now();
         let needed = majority(pending.assigned.len());
         let limit = state.config.writes.timeout.0;
+        let inbound = self.take_inbound();
         let opening = Opening {
             first: &self.first,
             located: &self.located,
@@ -208,8 +210,7 @@ impl Write {
             replica_path: &pending.replica_path,
             timeout: self.deadline.map_or(limit, |deadline| deadline.min(limit)),
         };
-        let mut replicas =
-            prepare::start(&self.proxy, &pending.targets, opening, self.inbound.take());
+        let mut replicas = prepare::start(&self.proxy, &pending.targets, opening, inbound);
 
         // Phase 1: the pack to every target, no lease held.
         let phase1 = self.prepare(&mut replicas, &pending.ready, needed).await;
@@ -506,11 +507,11 @@ impl Write {
         if !capabilities.report_status {
             return Err(error);
         }
-        if let Some(inbound) = self.inbound.take() {
+        if let Some(inbound) = self.take_inbound() {
             let limit = self.proxy.state.config.writes.timeout.0;
             let drain = async move {
                 let mut inbound = inbound;
-                while let Ok(Some(_)) = inbound.message().await {}
+                while inbound.next().await.is_some() {}
             };
             let _ = tokio::time::timeout(limit, drain).await;
         }

@@ -494,6 +494,32 @@ async fn git_over_the_bridge_clones_and_pushes_through_the_proxy() {
     proxy_git(work.path(), &["push", "-q", &url, ":feature"]);
     assert_eq!(cluster.record("ssh.git").await.generation, 2);
 
+    // A partial push: git's own answer for each ref, and exactly the accepted one recorded.
+    let partial = git(work.path())
+        .env("GITFLEET_TOKEN", crate::common::cluster::PROXY_TOKEN)
+        .args([
+            "push",
+            &url,
+            "main:refs/heads/side",
+            "main:refs/heads/main/x",
+        ])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&partial.stderr);
+    assert_eq!(partial.status.code(), Some(1), "{said}");
+    assert!(said.contains("* [new branch]      main -> side"), "{said}");
+    assert!(
+        said.contains("! [remote rejected] main -> main/x ("),
+        "{said}"
+    );
+    let record = cluster.record("ssh.git").await;
+    assert_eq!(record.generation, 3);
+    for index in 0..3 {
+        let refs = refs_of(&cluster.replica_dir(index, &record));
+        assert!(refs.contains("refs/heads/side\n"), "{refs}");
+        assert!(!refs.contains("refs/heads/main/x"), "{refs}");
+    }
+
     let clones = tempfile::tempdir().unwrap();
     proxy_git(
         clones.path(),
