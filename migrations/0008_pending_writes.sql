@@ -23,3 +23,7 @@ CREATE INDEX pending_writes_by_expiry ON pending_writes (expires_at);
 -- fails, and no other push is under way, the repository is deleted again: a failed push leaves
 -- nothing behind. The first committed write clears it.
 ALTER TABLE repositories ADD COLUMN awaiting_first_push boolean NOT NULL DEFAULT false;
+
+-- The refs checksum of the repository's generation (see src/git/checksum.rs): recorded by each
+-- commit, a push's computed from the refs it moved. NULL when not known.
+ALTER TABLE repositories ADD COLUMN refs_checksum text;

@@ -25,6 +25,26 @@ impl Checksum {
         self.count += 1;
     }
 
+    /// The checksum once `changes` (name, old, new; an all-zero id for an absent ref) moved
+    /// the refs of the one given as hex. None when `hex` is not a checksum.
+    pub fn advanced<'a>(
+        hex: &str,
+        changes: impl IntoIterator<Item = (&'a str, &'a str, &'a str)>,
+    ) -> Option<String> {
+        let mut checksum = Checksum::default();
+        hex::decode_to_slice(hex, &mut checksum.state).ok()?;
+        let present = |oid: &str| !oid.bytes().all(|b| b == b'0');
+        for (name, old, new) in changes {
+            if present(old) {
+                checksum.add(name, old);
+            }
+            if present(new) {
+                checksum.add(name, new);
+            }
+        }
+        Some(checksum.hex())
+    }
+
     pub fn count(&self) -> u64 {
         self.count
     }
@@ -52,5 +72,28 @@ mod tests {
         c.add("refs/tags/v1", "bc");
         assert_ne!(a.hex(), c.hex());
         assert_eq!(Checksum::default().hex(), "0".repeat(64));
+    }
+
+    #[test]
+    fn a_checksum_advances_by_the_changes_alone() {
+        let (zero, one, two) = ("0".repeat(40), "1".repeat(40), "2".repeat(40));
+        let mut before = Checksum::default();
+        before.add("refs/heads/main", &one);
+        before.add("refs/heads/gone", &one);
+        before.add("HEAD", "refs/heads/main");
+        let mut after = Checksum::default();
+        after.add("refs/heads/main", &two);
+        after.add("refs/heads/new", &one);
+        after.add("HEAD", "refs/heads/main");
+        let changes = [
+            ("refs/heads/main", one.as_str(), two.as_str()),
+            ("refs/heads/gone", one.as_str(), zero.as_str()),
+            ("refs/heads/new", zero.as_str(), one.as_str()),
+        ];
+        assert_eq!(
+            Checksum::advanced(&before.hex(), changes).as_deref(),
+            Some(after.hex().as_str())
+        );
+        assert_eq!(Checksum::advanced("xyz", []), None);
     }
 }

@@ -139,6 +139,11 @@ pub(super) async fn make(proxy: &Proxy, creation: &Creation<'_>) -> Result<(), P
         }
     }
     if created.len() >= majority(factor) {
+        // The empty repository's refs checksum (HEAD alone), which pushes advance from.
+        let checksum = match state.nodes.replica(&created[0], &replica_path) {
+            Some(replica) => replica.refs_checksum().await.ok(),
+            None => None,
+        };
         let failed: Vec<StorageName> = assigned
             .iter()
             .filter(|storage| !created.contains(storage))
@@ -146,7 +151,14 @@ pub(super) async fn make(proxy: &Proxy, creation: &Creation<'_>) -> Result<(), P
             .collect();
         match state
             .store
-            .record_created_replicas(&lease, &state.instance_id, &created, &failed, &created[0])
+            .record_created_replicas(
+                &lease,
+                &state.instance_id,
+                &created,
+                &failed,
+                &created[0],
+                checksum.as_deref(),
+            )
             .await
         {
             Ok(true) => return Ok(()),

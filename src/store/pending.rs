@@ -166,15 +166,22 @@ impl Store {
     }
 
     /// Deletes the pending writes that have expired: their proxies went away before the
-    /// replicas were told to commit, so no ref moved for them. Returns how many.
-    pub async fn purge_expired_pending_writes(&self) -> Result<u64, StoreError> {
-        let purged = self
+    /// replicas were told to commit, so no ref moved for them. Returns the repositories they
+    /// were for, once each.
+    pub async fn purge_expired_pending_writes(&self) -> Result<Vec<RepositoryId>, StoreError> {
+        let purged: Vec<i64> = self
             .measure(
                 "purge_expired_pending_writes",
-                sqlx::query("DELETE FROM pending_writes WHERE expires_at < now()")
-                    .execute(&self.pool),
+                sqlx::query_scalar(
+                    "WITH purged AS (
+                         DELETE FROM pending_writes WHERE expires_at < now()
+                         RETURNING repository_id
+                     )
+                     SELECT DISTINCT repository_id FROM purged",
+                )
+                .fetch_all(&self.pool),
             )
             .await?;
-        Ok(purged.rows_affected())
+        Ok(purged.into_iter().map(RepositoryId).collect())
     }
 }

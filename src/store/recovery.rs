@@ -45,6 +45,7 @@ impl Interrupted {
             generation: self.generation,
             targets: self.targets.clone(),
             assigned: self.targets.clone(),
+            refs_checksum: None,
         }
     }
 }

@@ -266,6 +266,7 @@ impl Store {
             generation: row.try_get("generation")?,
             targets: new.assigned.clone(),
             assigned: new.assigned.clone(),
+            refs_checksum: None,
         }))
     }
 
@@ -281,6 +282,7 @@ impl Store {
         created: &[StorageName],
         failed: &[StorageName],
         source: &StorageName,
+        checksum: Option<&str>,
     ) -> Result<bool, StoreError> {
         let recorded: bool = self
             .measure(
@@ -315,7 +317,8 @@ impl Store {
                          DELETE FROM write_intents i USING repo
                          WHERE i.id = $8 AND i.repository_id = repo.id
                      ), released AS (
-                         UPDATE repositories r SET lease_owner = NULL, lease_expires_at = NULL
+                         UPDATE repositories r SET lease_owner = NULL, lease_expires_at = NULL,
+                                                   refs_checksum = $9
                          FROM repo WHERE r.id = repo.id
                          RETURNING r.id
                      )
@@ -329,6 +332,7 @@ impl Store {
                 .bind(lease.token)
                 .bind(owner)
                 .bind(lease.intent)
+                .bind(checksum)
                 .fetch_one(&self.pool),
             )
             .await?;

@@ -36,6 +36,8 @@ pub struct WriteLease {
     /// The storages the write goes to: assigned, up to date and healthy.
     pub targets: Vec<StorageName>,
     pub assigned: Vec<StorageName>,
+    /// The refs checksum of the generation the write starts from, when known.
+    pub refs_checksum: Option<String>,
 }
 
 /// A write that was recorded and never committed: its proxy died or lost its lease.
@@ -175,7 +177,8 @@ impl Store {
                            AND (r.lease_reserved_by IS NULL OR r.lease_reserved_until < now())
                            AND s.reachable >= s.assigned / 2 + 1
                            AND NOT (SELECT write_lock FROM maintenance)
-                         RETURNING r.id, r.lease_token, r.generation, r.lease_expires_at
+                         RETURNING r.id, r.lease_token, r.generation, r.lease_expires_at,
+                                   r.refs_checksum
                      ), targets AS (
                          SELECT coalesce(array_agg(a.storage ORDER BY a.storage), '{}') AS storages
                          FROM lease
@@ -202,6 +205,7 @@ impl Store {
                      SELECT snapshot.id AS repository, snapshot.generation AS snapshot_generation,
                             snapshot.replica_path, snapshot.free,
                             lease.lease_token, lease.generation, intent.id AS intent,
+                            lease.refs_checksum,
                             targets.storages AS targets,
                             ARRAY(SELECT a.storage FROM assignments a
                                   WHERE a.repository_id = snapshot.id ORDER BY a.storage)
@@ -271,6 +275,7 @@ impl Store {
             generation,
             targets: storage_names(&row.try_get::<Vec<String>, _>("targets")?),
             assigned,
+            refs_checksum: row.try_get("refs_checksum")?,
         };
         // The lease was free only after a write or a replication that finished while this
         // statement waited for the row: the targets were read before it committed (a replica
@@ -339,12 +344,14 @@ impl Store {
     /// the fencing token, by every replica in `current` still being recorded at the write's
     /// starting generation, and by `current` being a majority of the repository's assignments
     /// as they stand in the statement: None when a guard fails, and then nothing changed.
+    /// `checksum` is the new generation's refs checksum, None when not known.
     pub async fn commit_write(
         &self,
         lease: &WriteLease,
         owner: &str,
         current: &[StorageName],
         source: &StorageName,
+        checksum: Option<&str>,
     ) -> Result<Option<WriteOutcome>, StoreError> {
         let row = self
             .measure(
@@ -360,7 +367,8 @@ impl Store {
                      ), repo AS (
                          UPDATE repositories
                          SET generation = generation + 1, lease_owner = NULL,
-                             lease_expires_at = NULL, awaiting_first_push = false
+                             lease_expires_at = NULL, awaiting_first_push = false,
+                             refs_checksum = $9
                          WHERE id = $1 AND lease_owner = $2 AND lease_token = $3
                            AND generation = $8
                            AND (SELECT replicas FROM eligible) = cardinality($4::text[])
@@ -405,6 +413,7 @@ impl Store {
                 .bind(lease.intent)
                 .bind(JOB_REPLICATE)
                 .bind(lease.generation)
+                .bind(checksum)
                 .fetch_optional(&self.pool),
             )
             .await?;
@@ -447,6 +456,22 @@ impl Store {
             )
             .await?;
         Ok(recorded.rows_affected() == 1)
+    }
+
+    /// The refs checksum recorded for the repository's generation, if known.
+    pub async fn refs_checksum(
+        &self,
+        repository: RepositoryId,
+    ) -> Result<Option<String>, StoreError> {
+        let checksum: Option<Option<String>> = self
+            .measure(
+                "refs_checksum",
+                sqlx::query_scalar("SELECT refs_checksum FROM repositories WHERE id = $1")
+                    .bind(repository.0)
+                    .fetch_optional(&self.pool),
+            )
+            .await?;
+        Ok(checksum.flatten())
     }
 
     /// Ends a write that changed nothing on any replica: the intent is closed and the lease

@@ -1,6 +1,7 @@
 //! The recovery job: finishes writes whose proxy went away (its lease expired with the intent
 //! still open), and forgets pushes that were pending when their proxy went away (no ref moved
-//! for them: their replicas abort on their own). It takes over the repository's lease, which fences the old proxy out, sets
+//! for them: their replicas abort on their own), with the repository such a push made when
+//! nothing was written to it. It takes over the repository's lease, which fences the old proxy out, sets
 //! every ref the write moved back to where it was on each target (compare-and-swap, so a
 //! replica the write never reached is left as it is), and closes the intent with the
 //! repository's generation unchanged. A target it cannot roll back (its node is down, or its
@@ -44,11 +45,7 @@ pub(super) async fn run(inner: Arc<Inner>, shutdown: CancellationToken) -> anyho
                 inner.metrics.count_run(JobType::Recovery, recovered);
                 continue;
             }
-            Ok(None) => match inner.store.purge_expired_pending_writes().await {
-                Ok(0) => {}
-                Ok(purged) => tracing::info!(purged, "abandoned pending pushes forgotten"),
-                Err(error) => tracing::warn!(%error, "cannot purge abandoned pending pushes"),
-            },
+            Ok(None) => forget_abandoned_pushes(&inner).await,
             Err(error) => tracing::warn!(%error, "cannot look for interrupted writes"),
         }
         tokio::select! {
@@ -57,6 +54,42 @@ pub(super) async fn run(inner: Arc<Inner>, shutdown: CancellationToken) -> anyho
         }
     }
     Ok(())
+}
+
+/// Forgets the pushes that were pending when their proxy went away, and undoes the
+/// repositories such a push made that nothing was written to since (their replicas go to
+/// removal jobs).
+async fn forget_abandoned_pushes(inner: &Inner) {
+    let repositories = match inner.store.purge_expired_pending_writes().await {
+        Ok(repositories) => repositories,
+        Err(error) => {
+            tracing::warn!(%error, "cannot purge abandoned pending pushes");
+            return;
+        }
+    };
+    for repository in repositories {
+        tracing::info!(
+            repository = repository.0,
+            "an abandoned pending push forgotten"
+        );
+        let undo = Deletion {
+            force: false,
+            remove_after: Some(std::time::Duration::ZERO),
+            unwritten_only: true,
+        };
+        match inner
+            .store
+            .delete_repository(Which::Id(repository), undo)
+            .await
+        {
+            Ok(crate::store::Deleted::Removed(removed)) => tracing::info!(
+                repository = removed.id.0,
+                "the repository an abandoned push made is undone; its replicas are queued for removal"
+            ),
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "cannot undo the repository of an abandoned push"),
+        }
+    }
 }
 
 /// Rolls one interrupted write back; true when its intent is closed. Every compare-and-swap
@@ -171,7 +204,14 @@ async fn recover_creation(inner: &Inner, write: &Interrupted, keeper: &LeaseKeep
     if made.len() >= majority(write.targets.len()) {
         let finished = inner
             .store
-            .record_created_replicas(&write.lease(), &inner.instance, &made, &missing, &made[0])
+            .record_created_replicas(
+                &write.lease(),
+                &inner.instance,
+                &made,
+                &missing,
+                &made[0],
+                None,
+            )
             .await;
         return match finished {
             Ok(finished) => {

@@ -28,18 +28,22 @@ pub(super) enum Commit {
 }
 
 impl Write {
-    /// Commits the write with `current` at the next generation.
+    /// Commits the write with `current` at the next generation, whose refs checksum is
+    /// `checksum` when known.
     pub(super) async fn commit(
         &self,
         lease: &WriteLease,
         current: &[StorageName],
         source: &StorageName,
+        checksum: Option<&str>,
     ) -> Result<Commit, ProxyError> {
         let state = &self.proxy.state;
         let owner = state.instance_id.as_str();
         let committed = self
             .retrying("commit", || {
-                state.store.commit_write(lease, owner, current, source)
+                state
+                    .store
+                    .commit_write(lease, owner, current, source, checksum)
             })
             .await?;
         if let Some(outcome) = committed {

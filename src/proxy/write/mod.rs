@@ -323,8 +323,9 @@ impl Write {
             .collect();
         let (agreeing, changed, unchanged, unknown) = match judge(&before, &after, needed) {
             Verdict::Commit { agreeing } => {
+                let checksum = after[agreeing[0]].clone();
                 return self
-                    .commit_agreeing(lease, &targets, &before, &agreeing, replies)
+                    .commit_agreeing(lease, &targets, &before, (&agreeing, checksum), replies)
                     .await;
             }
             Verdict::Refused => {
@@ -373,8 +374,12 @@ impl Write {
             Settle::CommitClean => {
                 // The clean replicas hold the state before the write; they become the new
                 // generation and the uncertain ones are repaired from them.
+                let checksum = targets
+                    .iter()
+                    .position(|storage| *storage == clean[0])
+                    .map(|index| before[index].as_str());
                 if !matches!(
-                    self.commit(lease, &clean, &clean[0]).await?,
+                    self.commit(lease, &clean, &clean[0], checksum).await?,
                     Commit::Done(_)
                 ) {
                     tracing::error!(
@@ -403,12 +408,15 @@ impl Write {
         lease: &WriteLease,
         targets: &[StorageName],
         before: &[String],
-        agreeing: &[usize],
+        (agreeing, checksum): (&[usize], Option<String>),
         mut replies: Vec<Result<Reply, Status>>,
     ) -> Result<Answer, ProxyError> {
         let state = &self.proxy.state;
         let current: Vec<StorageName> = agreeing.iter().map(|&i| targets[i].clone()).collect();
-        let outcome = match self.commit(lease, &current, &current[0]).await? {
+        let committed = self
+            .commit(lease, &current, &current[0], checksum.as_deref())
+            .await?;
+        let outcome = match committed {
             Commit::Done(outcome) => outcome,
             Commit::Refused => {
                 let mut undone = true;

@@ -26,6 +26,7 @@ use tonic::metadata::MetadataMap;
 use super::prepare::{self, Event, Opening, Replicas, answer_data};
 use super::{Reply, Write};
 use crate::fleet::majority;
+use crate::git::checksum::Checksum;
 use crate::git::report::{PushCapabilities, Report, encode_report};
 use crate::model::StorageName;
 use crate::proto::{CreateRepositoryRequest, PostReceivePackResponse, RepositoryHeader};
@@ -332,7 +333,26 @@ impl Write {
             self.release(lease).await?;
             return Ok(answer);
         }
-        match self.commit(lease, &storages, &storages[0]).await? {
+        // The new generation's refs checksum, from the old one and the refs that moved.
+        let moved: std::collections::HashSet<&str> = moved.iter().map(String::as_str).collect();
+        let checksum = lease.refs_checksum.as_deref().and_then(|old| {
+            let changes = self
+                .changes
+                .iter()
+                .filter(|change| moved.contains(change.name.as_str()))
+                .map(|change| {
+                    (
+                        change.name.as_str(),
+                        change.old.as_str(),
+                        change.new.as_str(),
+                    )
+                });
+            Checksum::advanced(old, changes)
+        });
+        match self
+            .commit(lease, &storages, &storages[0], checksum.as_deref())
+            .await?
+        {
             super::close::Commit::Done(outcome) => {
                 progress.committed = true;
                 tracing::info!(

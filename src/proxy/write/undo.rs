@@ -52,7 +52,8 @@ impl Write {
                 groups.entry(checksum).or_default().push(storage.clone());
             }
         }
-        let Some(current) = groups.into_values().max_by_key(Vec::len) else {
+        let Some((checksum, current)) = groups.into_iter().max_by_key(|(_, group)| group.len())
+        else {
             return Err(self.failed(
                 "an interrupted write cannot be settled: no replica answered; it is retried when the lease runs out",
             ));
@@ -66,7 +67,10 @@ impl Write {
                 lease.assigned.len()
             )));
         }
-        let Commit::Done(outcome) = self.commit(lease, &current, &current[0]).await? else {
+        let committed = self
+            .commit(lease, &current, &current[0], Some(checksum))
+            .await?;
+        let Commit::Done(outcome) = committed else {
             return Err(self.failed(
                 "the lease was lost or the replicas changed while an interrupted write was settled",
             ));

@@ -171,6 +171,13 @@ async fn reads_are_spread_over_the_replicas_and_cost_no_database_round_trip() {
     let record = cluster.record("spread.git").await;
     assert_eq!(record.generation, 5);
     assert_eq!(record.up_to_date().count(), 3);
+    // Each commit recorded the generation's refs checksum: the creation the empty
+    // repository's, UpdateRefs the replicas' after it, a push its own computed from the refs
+    // it moved.
+    assert_eq!(
+        cluster.store().refs_checksum(record.id).await.unwrap(),
+        Some(cluster.agreed_checksum(&record).await)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -117,6 +117,11 @@ async fn a_partial_push_reports_each_ref_and_records_exactly_what_moved() {
         assert!(refs.contains("refs/heads/feat\n"), "{refs}");
     }
     assert_ne!(replica_refs(&cluster, "partial.git").await, refs_before);
+    // The generation's refs checksum, computed from the refs that moved, is the replicas'.
+    assert_eq!(
+        cluster.store().refs_checksum(record.id).await.unwrap(),
+        Some(cluster.agreed_checksum(&record).await)
+    );
 
     // All or nothing with --atomic: nothing moves, and nothing is recorded.
     std::fs::write(work.path().join("atomic.txt"), "atomic\n").unwrap();

@@ -170,6 +170,12 @@ async fn ten_first_pushes_at_once_all_land() {
         }
     }
     assert_eq!(replica_dirs(&cluster).len(), 3);
+    // Ten pushes each advanced the refs checksum from the empty repository's: it is the
+    // replicas'.
+    assert_eq!(
+        cluster.store().refs_checksum(record.id).await.unwrap(),
+        Some(cluster.agreed_checksum(&record).await)
+    );
 
     // Two first pushes of the same branch truly conflict: one lands, the other is told why.
     let url = cluster.git_url(WRITE_TOKEN, "clash.git");

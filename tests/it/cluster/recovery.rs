@@ -631,3 +631,89 @@ async fn a_creation_whose_proxy_died_is_settled_and_the_path_can_be_created_agai
             .unwrap();
     assert_eq!(rows, 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_abandoned_pending_push_is_forgotten_and_the_repository_it_made_undone() {
+    let cluster = Cluster::start(3).await;
+    let store = cluster.store();
+    // A repository with a committed push, and one a push made that nothing was written to.
+    cluster.create("kept.git").await;
+    let work = cluster.push_main("kept.git");
+    let kept = cluster.record("kept.git").await;
+    cluster.create("made.git").await;
+    let made = cluster.record("made.git").await;
+    for record in [&kept, &made] {
+        sqlx::query(
+            "UPDATE repositories SET awaiting_first_push = true WHERE id = $1 AND generation = 0",
+        )
+        .bind(record.id.0)
+        .execute(store.pool())
+        .await
+        .unwrap();
+    }
+    let refs_before: Vec<String> = (0..3)
+        .map(|index| refs_of(&cluster.replica_dir(index, &kept)))
+        .collect();
+    // A proxy recorded a push on each as pending, and died before anything committed.
+    let main = run_git(work.path(), &["rev-parse", "main"])
+        .trim()
+        .to_owned();
+    let change = gitfleet::store::RefChange {
+        name: "refs/heads/main".into(),
+        old: main.clone(),
+        new: "1".repeat(40),
+    };
+    let storages: Vec<_> = (0..3).map(Cluster::storage).collect();
+    for path in ["kept.git", "made.git"] {
+        let recorded = store
+            .record_pending_write(
+                &Cluster::virtual_storage(),
+                &gitfleet::model::RelativePath::parse(path).unwrap(),
+                "a-dead-proxy",
+                "/gitfleet.v1.SmartHttpService/PostReceivePack",
+                std::slice::from_ref(&change),
+                &storages,
+                Duration::ZERO,
+            )
+            .await
+            .unwrap();
+        assert!(
+            matches!(recorded, gitfleet::store::PendingStart::Recorded(_)),
+            "{recorded:?}"
+        );
+    }
+    assert_eq!(store.pending_writes().await.unwrap(), 2);
+
+    let worker = start_worker(
+        worker_config(&cluster),
+        &[JobType::Recovery, JobType::Remover],
+        Hooks::default(),
+    );
+    wait_for(30, "the abandoned pushes forgotten", || async {
+        store.pending_writes().await.unwrap() == 0
+    })
+    .await;
+    wait_for(
+        30,
+        "the repository the abandoned push made undone",
+        || async {
+            store
+                .find_repository(
+                    &Cluster::virtual_storage(),
+                    &gitfleet::model::RelativePath::parse("made.git").unwrap(),
+                )
+                .await
+                .unwrap()
+                .is_none()
+                && (0..3).all(|index| !cluster.replica_dir(index, &made).exists())
+        },
+    )
+    .await;
+    // The written repository stays as it was: no ref moved for the abandoned push.
+    let after = cluster.record("kept.git").await;
+    assert_eq!(after.generation, kept.generation);
+    for (index, before) in refs_before.iter().enumerate() {
+        assert_eq!(&refs_of(&cluster.replica_dir(index, &kept)), before);
+    }
+    worker.stop().await;
+}

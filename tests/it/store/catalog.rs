@@ -28,7 +28,7 @@ async fn create(store: &Store, relative_path: &str) -> RepositoryId {
     let creation = begin_creation(store, relative_path).await;
     assert!(
         store
-            .record_created_replicas(&creation, "proxy-a", &storages, &[], &name("s1"))
+            .record_created_replicas(&creation, "proxy-a", &storages, &[], &name("s1"), None)
             .await
             .unwrap()
     );
@@ -341,14 +341,14 @@ async fn a_write_lease_is_exclusive_and_fenced() {
     stale.token -= 1;
     assert!(
         store
-            .commit_write(&stale, "proxy-a", &all[..2], &all[0])
+            .commit_write(&stale, "proxy-a", &all[..2], &all[0], None)
             .await
             .unwrap()
             .is_none()
     );
 
     let outcome = store
-        .commit_write(&held, "proxy-a", &all[..2], &all[0])
+        .commit_write(&held, "proxy-a", &all[..2], &all[0], None)
         .await
         .unwrap()
         .unwrap();
@@ -378,7 +378,7 @@ async fn a_write_lease_is_exclusive_and_fenced() {
     // Committing twice is refused: the lease is gone.
     assert!(
         store
-            .commit_write(&held, "proxy-a", &all, &all[0])
+            .commit_write(&held, "proxy-a", &all, &all[0], None)
             .await
             .unwrap()
             .is_none()
@@ -431,7 +431,7 @@ async fn a_commit_is_refused_when_a_replica_changed_under_the_write() {
         .unwrap();
     assert!(
         store
-            .commit_write(&lease, "proxy-a", &all[..2], &all[0])
+            .commit_write(&lease, "proxy-a", &all[..2], &all[0], None)
             .await
             .unwrap()
             .is_none()
@@ -548,7 +548,7 @@ async fn a_generation_is_recorded_only_on_a_majority_of_the_assignments_as_they_
     let id = create(&store, "one.git").await;
     let lease = lease_for_write(&store, "one.git", &main_created()).await;
     let committed = store
-        .commit_write(&lease, "proxy-a", &all[..1], &all[0])
+        .commit_write(&lease, "proxy-a", &all[..1], &all[0], None)
         .await
         .unwrap();
     assert!(committed.is_none(), "{committed:?}");
@@ -569,7 +569,7 @@ async fn a_generation_is_recorded_only_on_a_majority_of_the_assignments_as_they_
         .await
         .unwrap();
     let committed = store
-        .commit_write(&lease, "proxy-a", &all[..2], &all[0])
+        .commit_write(&lease, "proxy-a", &all[..2], &all[0], None)
         .await
         .unwrap();
     assert!(committed.is_none(), "{committed:?}");
@@ -582,7 +582,7 @@ async fn a_generation_is_recorded_only_on_a_majority_of_the_assignments_as_they_
         .unwrap();
     let current = [name("s1"), name("s2"), name("s4")];
     let committed = store
-        .commit_write(&lease, "proxy-a", &current, &current[0])
+        .commit_write(&lease, "proxy-a", &current, &current[0], None)
         .await
         .unwrap()
         .expect("a majority of the assignments");
@@ -645,7 +645,7 @@ async fn a_replication_takes_the_repository_s_lease_between_writes_and_writes_wa
     // Once the write is over, a new write waits while the reservation lasts...
     let all = [name("s1"), name("s2"), name("s3")];
     store
-        .commit_write(&write, "proxy-a", &all[..2], &all[0])
+        .commit_write(&write, "proxy-a", &all[..2], &all[0], None)
         .await
         .unwrap()
         .expect("two of three");
@@ -807,7 +807,7 @@ async fn a_creation_is_recorded_under_its_lease_and_intent() {
     // Another owner (a recovery that took over) is not this proxy: nothing is recorded.
     assert!(
         !store
-            .record_created_replicas(&creation, "proxy-b", &storages, &[], &name("s1"))
+            .record_created_replicas(&creation, "proxy-b", &storages, &[], &name("s1"), None)
             .await
             .unwrap()
     );
@@ -818,7 +818,8 @@ async fn a_creation_is_recorded_under_its_lease_and_intent() {
                 "proxy-a",
                 &storages[..2],
                 &storages[2..],
-                &name("s1")
+                &name("s1"),
+                None
             )
             .await
             .unwrap()
