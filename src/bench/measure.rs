@@ -58,6 +58,12 @@ pub fn all(
     rows.push(clones(&setup, options.runs, repositories)?);
     rows.push(fetches(&setup, options.runs, repositories)?);
     rows.extend(pushes(&setup, options.runs * 2)?);
+    rows.extend(super::many_refs::pushes_with_many_refs(
+        &runtime,
+        &setup,
+        &options.many_refs,
+        options.runs,
+    )?);
     rows.extend(load::accessors(&runtime, &setup, options)?);
     rows.extend(load::parallel_clones(
         &setup,

@@ -6,6 +6,7 @@ mod converge;
 mod generate;
 mod git;
 mod load;
+mod many_refs;
 mod measure;
 mod report;
 mod rpc;
@@ -34,6 +35,8 @@ pub struct Options {
     pub rpc_duration: Duration,
     /// Clones of the large repository at once, for the proxy's memory.
     pub parallel_clones: usize,
+    /// The ref counts of the repositories a one-commit push goes into.
+    pub many_refs: Vec<usize>,
     /// The gitfleet binary that runs the cluster.
     pub exe: PathBuf,
 }

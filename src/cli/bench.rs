@@ -14,13 +14,17 @@ directory (the physical limit);\n  \
 2. a fetch of one new commit, the same three ways;\n  \
 3. a push of one commit to 3 replicas, against a push to git daemon and one to a bare \
 repository by its path;\n  \
-4. a busy repository: 4 writers push without a break, one replica is made to miss writes, \
+4. a push of one commit into repositories with many refs (--many-refs), against a push to \
+a bare repository by its path with the same refs;\n  \
+5. pushes a second on one repository, 8 writers on branches of their own, with how long \
+those pushes held the repository's write lease (p50, p99);\n  \
+6. a busy repository: 4 writers push without a break, one replica is made to miss writes, \
 and the time until it is up to date again is measured while they go on, with the longest \
 push meanwhile against the longest before;\n  \
-5. ListRefs of a repository with 101 refs at concurrency 1 and 64, through the proxy and \
+7. ListRefs of a repository with 101 refs at concurrency 1 and 64, through the proxy and \
 straight to a node: p50, p99, calls a second, the proxy's database statements, CPU and \
 memory;\n  \
-6. the proxy's memory while several clones of the large repository stream at once.\n\n\
+8. the proxy's memory while several clones of the large repository stream at once.\n\n\
 Build it with --release first: a debug build's figures say little. The repositories are \
 kept in DIR/repos (about 250 MiB) and reused by the next run of the same shape; the cluster \
 is made anew each time and removed at the end, its log kept in DIR/cluster.log. The whole \
@@ -54,6 +58,14 @@ pub struct BenchArgs {
     /// Clones of the large repository at once, for the proxy's memory.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
     parallel_clones: u32,
+    /// The ref counts of the repositories a one-commit push goes into, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_values_t = [10_000u32, 100_000],
+        value_parser = clap::value_parser!(u32).range(1..=1_000_000)
+    )]
+    many_refs: Vec<u32>,
 }
 
 /// Under /var/tmp, which the cluster's PostgreSQL (another user, when run as root) can reach.
@@ -74,6 +86,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         rpc_runs: args.rpc_runs as usize,
         rpc_duration: args.rpc_duration,
         parallel_clones: args.parallel_clones as usize,
+        many_refs: args.many_refs.iter().map(|&count| count as usize).collect(),
         exe: std::env::current_exe().context("finding the gitfleet binary")?,
     })
 }

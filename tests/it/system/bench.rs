@@ -25,6 +25,7 @@ fn toy_bench(dir: &Path, json: &Path, rpc_duration: &str, clones: &str) -> Outpu
             rpc_duration,
         ])
         .args(["--parallel-clones", clones])
+        .args(["--many-refs", "300"])
         .env("GITFLEET_LOG", "warn")
         .output()
         .unwrap()
@@ -53,6 +54,7 @@ fn the_benchmark_measures_every_figure_next_to_its_baseline() {
         "fetch, one new commit (3 files)",
         "push, one commit (3 replicas)",
         "push, one commit, against a local path",
+        "push, one commit, into 300 refs",
         "pushes a second, 8 writers on one repository",
         "lease hold of those pushes, p50 (bucket bound)",
         "lease hold of those pushes, p99 (bucket bound)",
