@@ -241,10 +241,14 @@ impl Write {
         let queue = self
             .proxy
             .write_queue(&self.virtual_storage, &self.relative_path);
-        let turn = tokio::time::timeout(wait, queue.lock_owned()).await;
-        let begun = match turn {
-            Err(_) => Err(self.busy(started)),
-            Ok(_turn) => self.begin(started, Some((pending.id, &agreeing))).await,
+        // Pushes through this proxy take turns here for phase 2 only, so that each takes the
+        // lease as soon as the one before releases it, rather than polling for it.
+        let (begun, _turn) = match tokio::time::timeout(wait, queue.lock_owned()).await {
+            Err(_) => (Err(self.busy(started)), None),
+            Ok(turn) => (
+                self.begin(started, Some((pending.id, &agreeing))).await,
+                Some(turn),
+            ),
         };
         let (lease, begun_at) = match begun {
             Ok(begun) => begun,
