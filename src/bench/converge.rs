@@ -5,7 +5,6 @@
 //! the writers go on. Figures: how long until every replica is up to date again, and the
 //! longest push while it caught up, beside the longest before it fell behind.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -60,15 +59,7 @@ pub(super) fn busy_repository(
         .context("the cluster has no node")?;
     let (virtual_storage, path) = (StorageName::parse("default")?, RelativePath::parse(SMALL)?);
 
-    let work_trees: Vec<PathBuf> = (0..WRITERS)
-        .map(|writer| {
-            let work_tree = setup.scratch.join(format!("busy-{writer}"));
-            setup
-                .git
-                .run(None, &["clone", "--quiet", &setup.small_url], &[&work_tree])?;
-            Ok(work_tree)
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let work_trees = setup.small_clones("busy", WRITERS)?;
     progress(format_args!(
         "busy repository: {WRITERS} writers push for {BEFORE:?}, then a replica falls behind"
     ));

@@ -231,6 +231,19 @@ impl Setup<'_> {
         ])
     }
 
+    /// `count` clones of the small repository through the cluster, in the scratch directory
+    /// as `NAME-0`, `NAME-1`, ...
+    pub fn small_clones(&self, name: &str, count: usize) -> anyhow::Result<Vec<PathBuf>> {
+        (0..count)
+            .map(|index| {
+                let work_tree = self.scratch.join(format!("{name}-{index}"));
+                self.git
+                    .run(None, &["clone", "--quiet", &self.small_url], &[&work_tree])?;
+                Ok(work_tree)
+            })
+            .collect()
+    }
+
     pub fn tip(&self, repository: &Path) -> anyhow::Result<String> {
         Ok(self
             .git

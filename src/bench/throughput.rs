@@ -2,7 +2,6 @@
 //! another for a fixed time, and the proxy's histogram of lease hold times says how long each
 //! push held the repository's lease.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -19,15 +18,7 @@ const DURATION: Duration = Duration::from_secs(10);
 const LEASE_HELD: &str = "gitfleet_proxy_write_lease_held_seconds";
 
 pub(super) fn pushes_per_second(setup: &Setup) -> anyhow::Result<Vec<Row>> {
-    let work_trees: Vec<PathBuf> = (0..WRITERS)
-        .map(|writer| {
-            let work_tree = setup.scratch.join(format!("rate-{writer}"));
-            setup
-                .git
-                .run(None, &["clone", "--quiet", &setup.small_url], &[&work_tree])?;
-            Ok(work_tree)
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let work_trees = setup.small_clones("rate", WRITERS)?;
     progress(format_args!(
         "pushes a second: {WRITERS} writers on branches of their own for {DURATION:?}"
     ));

@@ -14,7 +14,7 @@ use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{Reply, Write};
+use super::{Inbound, Reply, Write};
 use crate::fleet::set_fence;
 use crate::model::{RelativePath, StorageName};
 use crate::proxy::error::ProxyError;
@@ -25,7 +25,7 @@ use crate::proxy::{Proxy, header};
 const MAX_RESPONSE_BYTES: usize = 16 << 20;
 /// How long a replica may leave a message of the write unread before it is dropped from the
 /// write (and repaired later), so that it does not hold back the others.
-const REPLICA_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+pub(super) const REPLICA_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a replica may take to report its refs' checksum.
 const CHECKSUM_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -70,22 +70,8 @@ impl Write {
         }
         let inbound = self.take_inbound();
         let tee = async move {
-            let Some(mut inbound) = inbound else { return };
-            while let Some(message) = inbound.next().await {
-                let sent = futures_util::future::join_all(senders.iter().map(|sender| {
-                    tokio::time::timeout(REPLICA_STALL_TIMEOUT, sender.send(message.clone()))
-                }))
-                .await;
-                // A replica that stopped reading is dropped; the others go on.
-                let mut results = sent.into_iter();
-                senders.retain(|_| {
-                    results
-                        .next()
-                        .is_some_and(|result| matches!(result, Ok(Ok(()))))
-                });
-                if senders.is_empty() {
-                    break;
-                }
+            if let Some(inbound) = inbound {
+                tee(inbound, &mut senders).await;
             }
         };
         // The calls decide when the fan-out is over: a client may keep its side of the stream
@@ -119,6 +105,26 @@ impl Write {
             }
         }
         replies
+    }
+}
+
+/// Passes the client's messages to every sender until they end; a replica that stops reading
+/// is dropped from `senders`, and the others go on.
+pub(super) async fn tee(mut inbound: Inbound, senders: &mut Vec<mpsc::Sender<Bytes>>) {
+    while let Some(message) = inbound.next().await {
+        let sent = futures_util::future::join_all(senders.iter().map(|sender| {
+            tokio::time::timeout(REPLICA_STALL_TIMEOUT, sender.send(message.clone()))
+        }))
+        .await;
+        let mut results = sent.into_iter();
+        senders.retain(|_| {
+            results
+                .next()
+                .is_some_and(|result| matches!(result, Ok(Ok(()))))
+        });
+        if senders.is_empty() {
+            break;
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Status};
 
+use super::fanout::REPLICA_STALL_TIMEOUT;
 use super::{Inbound, Reply};
 use crate::model::{RelativePath, StorageName};
 use crate::proto::{PostReceivePackRequest, PostReceivePackResponse, PushDecision, push_decision};
@@ -24,8 +25,6 @@ use crate::store::RefChange;
 const POST_RECEIVE_PACK: &str = "/gitfleet.v1.SmartHttpService/PostReceivePack";
 /// The most answer bytes kept per replica.
 const MAX_RESPONSE_BYTES: usize = 16 << 20;
-/// How long a replica may leave a message unread before it is dropped from the push.
-const REPLICA_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a decision may wait for room on a replica's stream.
 const DECISION_SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -215,22 +214,7 @@ async fn tee(inbound: Inbound, mut senders: Vec<mpsc::Sender<Bytes>>) {
         check_client_message(&message).ok()?;
         Some(message)
     });
-    let mut inbound = std::pin::pin!(inbound);
-    while let Some(message) = inbound.next().await {
-        let sent = futures_util::future::join_all(senders.iter().map(|sender| {
-            tokio::time::timeout(REPLICA_STALL_TIMEOUT, sender.send(message.clone()))
-        }))
-        .await;
-        let mut results = sent.into_iter();
-        senders.retain(|_| {
-            results
-                .next()
-                .is_some_and(|result| matches!(result, Ok(Ok(()))))
-        });
-        if senders.is_empty() {
-            break;
-        }
-    }
+    super::fanout::tee(Box::pin(inbound), &mut senders).await;
     // However the client's stream ended, receive-pack's input ends with it.
     let end = Bytes::from(
         PostReceivePackRequest {
