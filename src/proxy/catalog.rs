@@ -12,7 +12,7 @@ use super::response::{ResponseStream, single};
 use super::write::keep_write_lease;
 use super::{Call, Proxy, header};
 use crate::fleet::{NewPlacement, majority};
-use crate::model::{RelativePath, StorageName};
+use crate::model::{RelativePath, RepositoryId, StorageName};
 use crate::proto::{
     RemoveRepositoryResponse, RenameRepositoryRequest, RenameRepositoryResponse,
     RepositoryExistsResponse,
@@ -73,8 +73,12 @@ pub(super) struct Creation<'a> {
     pub by_push: bool,
 }
 
-/// Makes a repository: its row, then its replicas. AlreadyExists when the path is taken.
-pub(super) async fn make(proxy: &Proxy, creation: &Creation<'_>) -> Result<(), ProxyError> {
+/// Makes a repository: its row, then its replicas; returns its id. AlreadyExists when the path
+/// is taken.
+pub(super) async fn make(
+    proxy: &Proxy,
+    creation: &Creation<'_>,
+) -> Result<RepositoryId, ProxyError> {
     let state = &proxy.state;
     let repository = format!("{}/{}", creation.virtual_storage, creation.relative_path);
     let virtual_storage = state
@@ -161,7 +165,7 @@ pub(super) async fn make(proxy: &Proxy, creation: &Creation<'_>) -> Result<(), P
             )
             .await
         {
-            Ok(true) => return Ok(()),
+            Ok(true) => return Ok(id),
             // Taken over: the recovery job finishes or undoes the creation.
             Ok(false) => {
                 return Err(ProxyError::WriteFailed {

@@ -116,7 +116,8 @@ impl Store {
     /// Phase 2 of a prepared push: as [`Store::begin_write`], with the ref changes the
     /// replicas prepared, targeting only the `prepared` storages that are still up to date,
     /// and in the same statement the pending write becomes the intent (its row is deleted).
-    /// The pending row stays when no intent was recorded.
+    /// The pending row stays when no intent was recorded. NotFound when the pending write is
+    /// gone or the path now names another repository.
     #[allow(clippy::too_many_arguments)]
     pub async fn begin_prepared_write(
         &self,
@@ -167,6 +168,12 @@ impl Store {
                                    AND a.storage = ANY($7)) AS reachable
                          FROM repositories r
                          WHERE r.virtual_storage = $1 AND r.relative_path = $2
+                           -- A prepared push commits only into the repository it was prepared
+                           -- in, and only while its pending write stands: not into one made
+                           -- anew at the path, nor after recovery forgot it.
+                           AND ($8::bigint IS NULL
+                                OR EXISTS (SELECT 1 FROM pending_writes p
+                                           WHERE p.id = $8 AND p.repository_id = r.id))
                      ), lease AS (
                          UPDATE repositories r
                          SET lease_owner = $3, lease_token = nextval('repository_lease_tokens'),
@@ -199,7 +206,10 @@ impl Store {
                          WHERE NOT EXISTS (SELECT 1 FROM stale)
                          RETURNING id
                      ), promoted AS (
-                         DELETE FROM pending_writes p USING intent WHERE p.id = $8
+                         -- Not when the snapshot is old: the lease is released again below,
+                         -- and the push tries again with its pending write.
+                         DELETE FROM pending_writes p USING intent, lease, snapshot s
+                         WHERE p.id = $8 AND s.generation = lease.generation AND s.free
                          RETURNING p.id
                      )
                      SELECT snapshot.id AS repository, snapshot.generation AS snapshot_generation,

@@ -57,6 +57,7 @@ pub(super) async fn mutator(
         POST_RECEIVE_PACK => {
             prepare::check_client_message(&call.first)?;
             let head = push::read_head(&call.first, &mut call.inbound).await?;
+            head.check_reportable()?;
             for message in &head.messages {
                 prepare::check_client_message(message)?;
             }

@@ -81,6 +81,19 @@ async fn read_commands(
     }
 }
 
+impl PushHead {
+    /// A push with commands must ask for git's report: the replicas' reports say which refs
+    /// each moved, and the push is judged by them.
+    pub fn check_reportable(&self) -> Result<(), ProxyError> {
+        if self.changes.is_empty() || self.capabilities.report_status {
+            return Ok(());
+        }
+        Err(bad(
+            "a push must ask for report-status (or report-status-v2): its answer is git's report",
+        ))
+    }
+}
+
 fn bad(reason: &str) -> ProxyError {
     ProxyError::InvalidInput(crate::model::InvalidInput::new("push", reason))
 }

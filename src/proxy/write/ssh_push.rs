@@ -109,6 +109,7 @@ impl Session {
         }
 
         let head = push::read_head(&call.first, &mut call.inbound).await?;
+        head.check_reportable()?;
         if head.changes.is_empty() {
             // Nothing to write (git push --dry-run, or everything up to date): the advertiser
             // answers the rest.

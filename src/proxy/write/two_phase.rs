@@ -28,7 +28,7 @@ use super::{Reply, Write};
 use crate::fleet::majority;
 use crate::git::checksum::Checksum;
 use crate::git::report::{PushCapabilities, Report, encode_report};
-use crate::model::StorageName;
+use crate::model::{RepositoryId, StorageName};
 use crate::proto::{CreateRepositoryRequest, PostReceivePackResponse, RepositoryHeader};
 use crate::proxy::catalog::{self, Creation};
 use crate::proxy::error::ProxyError;
@@ -39,6 +39,10 @@ use crate::toolkit::LeaseKeeper;
 /// The first pause while another push makes the repository; it doubles up to the next.
 const FIRST_CREATION_PAUSE: Duration = Duration::from_millis(20);
 const LONGEST_CREATION_PAUSE: Duration = Duration::from_millis(250);
+
+/// How many times a push makes its missing repository: again only when a push that made it
+/// failed and undid it meanwhile.
+const MAKE_ATTEMPTS: usize = 3;
 
 /// How far a push got.
 #[derive(Debug, Default)]
@@ -65,10 +69,18 @@ impl Write {
         create: bool,
     ) -> Result<Reply, ProxyError> {
         let state = self.proxy.state.clone();
-        let pending = match self.open(create).await {
+        let mut made = None;
+        let pending = match self.open(create, &mut made).await {
             Ok(pending) => pending,
-            Err(error @ (ProxyError::NotFound(_) | ProxyError::Database(_))) => return Err(error),
-            Err(error) => return self.refuse(&capabilities, error).await,
+            Err(error) => {
+                if let Some(repository) = made {
+                    self.undo_creation(repository).await;
+                }
+                return match error {
+                    ProxyError::NotFound(_) | ProxyError::Database(_) => Err(error),
+                    error => self.refuse(&capabilities, error).await,
+                };
+            }
         };
         let mut progress = Progress::default();
         let answer = self
@@ -79,22 +91,28 @@ impl Write {
         {
             tracing::debug!(%error, "the pending write is left to expire");
         }
-        if create && pending.generation == 0 && !progress.committed {
-            self.undo_creation(&pending).await;
+        // Only the push that made the repository undoes it, and only if nothing was written.
+        if made.is_some() && !progress.committed {
+            self.undo_creation(pending.repository).await;
         }
         answer
     }
 
     /// Records the push as pending; with `create`, makes its repository first when it is
-    /// missing, and waits while another push is still making it.
-    async fn open(&mut self, create: bool) -> Result<PendingWrite, ProxyError> {
+    /// missing (`made` says which, when this push made it), and waits while another push is
+    /// still making it.
+    async fn open(
+        &mut self,
+        create: bool,
+        made: &mut Option<RepositoryId>,
+    ) -> Result<PendingWrite, ProxyError> {
         let state = self.proxy.state.clone();
         let writes = &state.config.writes;
         // By then the push has become an intent, or has ended.
         let expiry = writes.timeout.0 + writes.lease_wait.0 + writes.lease.0;
         let deadline = tokio::time::Instant::now() + writes.lease_wait.0;
         let mut pause = FIRST_CREATION_PAUSE;
-        let mut made = false;
+        let mut attempts = 0;
         loop {
             let recorded = state
                 .store
@@ -110,10 +128,12 @@ impl Write {
                 .await?;
             match recorded {
                 PendingStart::Recorded(pending) => return Ok(pending),
-                PendingStart::NotFound if create && !made => {
-                    made = true;
+                // Made again if a push that made it undid it meanwhile.
+                PendingStart::NotFound if create && attempts < MAKE_ATTEMPTS => {
+                    attempts += 1;
                     match self.make_repository().await {
-                        Ok(()) | Err(ProxyError::AlreadyExists(_)) => {}
+                        Ok(id) => *made = Some(id),
+                        Err(ProxyError::AlreadyExists(_)) => {}
                         Err(error) => return Err(error),
                     }
                 }
@@ -144,8 +164,8 @@ impl Write {
     }
 
     /// Makes the repository the push names, as `CreateRepository` would, marked as awaiting
-    /// its first push.
-    async fn make_repository(&self) -> Result<(), ProxyError> {
+    /// its first push; returns its id.
+    async fn make_repository(&self) -> Result<RepositoryId, ProxyError> {
         let message = Bytes::from(
             CreateRepositoryRequest {
                 repository: Some(RepositoryHeader {
@@ -164,14 +184,14 @@ impl Write {
             relative_path: &self.relative_path,
             by_push: true,
         };
-        catalog::make(&self.proxy, &creation).await?;
+        let id = catalog::make(&self.proxy, &creation).await?;
         tracing::info!(repository = %self.repository, "made by a push");
-        Ok(())
+        Ok(id)
     }
 
-    /// Deletes a repository a push made, when no write has committed to it and no other push
-    /// is under way on it, and removes its replicas.
-    async fn undo_creation(&self, pending: &PendingWrite) {
+    /// Deletes a repository this push made, when no write has committed to it and no other
+    /// push is under way on it, and removes its replicas.
+    async fn undo_creation(&self, repository: RepositoryId) {
         let undo = Deletion {
             force: false,
             remove_after: Some(catalog::REMOVAL_JOB_DELAY),
@@ -180,7 +200,7 @@ impl Write {
         let state = &self.proxy.state;
         match state
             .store
-            .delete_repository(Which::Id(pending.repository), undo)
+            .delete_repository(Which::Id(repository), undo)
             .await
         {
             Ok(Deleted::Removed(removed)) => {
@@ -200,7 +220,6 @@ impl Write {
         progress: &mut Progress,
     ) -> Result<Reply, ProxyError> {
         let state = self.proxy.state.clone();
-        let started = Instant::now();
         let needed = majority(pending.assigned.len());
         let limit = state.config.writes.timeout.0;
         let inbound = self.take_inbound();
@@ -236,7 +255,9 @@ impl Write {
             .map(|&index| replicas.storages[index].clone())
             .collect();
 
-        // Phase 2: under the lease, short.
+        // Phase 2: under the lease, short. `writes.lease_wait` counts from here: a long pack
+        // upload does not use it up.
+        let started = Instant::now();
         let wait = state.config.writes.lease_wait.0;
         let queue = self
             .proxy

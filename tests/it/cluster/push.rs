@@ -310,3 +310,60 @@ async fn a_trickling_push_holds_no_other_push_and_a_client_gone_mid_pack_leaves_
     }
     assert_eq!(cluster.record("slow.git").await.generation, generation);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_push_prepared_in_a_repository_moved_away_never_commits_into_its_successor() {
+    let cluster = Cluster::start(3).await;
+    let work = with_feat(&cluster, "again.git").await;
+    let slow = commit_on(work.path(), "slow");
+    let body = creating_push(work.path(), &["slow"], &slow);
+    let (head, tail) = body.split_at(body.len() - 20);
+    let address = cluster.git_http.trim_start_matches("http://").to_owned();
+    let mut client = std::net::TcpStream::connect(&address).unwrap();
+    let request = format!(
+        "POST /default/again.git/git-receive-pack HTTP/1.1\r\nHost: {address}\r\n\
+         Authorization: {}\r\nContent-Type: application/x-git-receive-pack-request\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        basic(WRITE_TOKEN),
+        body.len()
+    );
+    client.write_all(request.as_bytes()).unwrap();
+    client.write_all(head).unwrap();
+    let store = cluster.store();
+    wait_for(30, "the push to be pending", || async {
+        store.pending_writes().await.unwrap() == 1
+    })
+    .await;
+
+    // Meanwhile the repository is renamed (its replicas stay where they are) and another is
+    // made at its path.
+    let mut repositories = gitfleet::proto::repository_service_client::RepositoryServiceClient::new(
+        cluster.channel().await,
+    );
+    repositories
+        .rename_repository(gitfleet::proto::RenameRepositoryRequest {
+            repository: header("default", "again.git"),
+            new_relative_path: "moved.git".into(),
+        })
+        .await
+        .unwrap();
+    cluster.create("again.git").await;
+    let successor = cluster.record("again.git").await;
+
+    client.write_all(tail).unwrap();
+    let mut response = Vec::new();
+    client.read_to_end(&mut response).unwrap();
+    let response = String::from_utf8_lossy(&response).into_owned();
+    println!("{response}");
+    assert!(response.contains("ng refs/heads/slow"), "{response}");
+    let after = cluster.record("again.git").await;
+    assert_eq!(after.id, successor.id);
+    assert_eq!(
+        after.generation, 0,
+        "the push was recorded in the successor"
+    );
+    for index in 0..3 {
+        let refs = refs_of(&cluster.replica_dir(index, &after));
+        assert!(!refs.contains("refs/heads/slow"), "{refs}");
+    }
+}
