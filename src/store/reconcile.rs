@@ -301,7 +301,9 @@ impl Store {
                          SET generation = GREATEST(r.generation,
                                  (SELECT max(p.generation) FROM replicas p
                                   WHERE p.repository_id = r.id)) + 1,
-                             lease_token = nextval('repository_lease_tokens')
+                             lease_token = nextval('repository_lease_tokens'),
+                             -- The replica declared the truth may hold other refs.
+                             refs_checksum = NULL
                          FROM repo WHERE r.id = repo.id AND NOT repo.writing
                          RETURNING r.id, r.generation
                      ), truth AS (

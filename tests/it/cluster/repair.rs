@@ -311,7 +311,13 @@ async fn accepting_data_loss_makes_the_one_stale_replica_left_the_truth() {
     })
     .await;
     let record = cluster.record("lost.git").await;
-    cluster.agreed_checksum(&record).await;
+    let checksum = cluster.agreed_checksum(&record).await;
+    // The refs checksum recorded for the lost generation is no longer claimed.
+    let recorded = store.refs_checksum(record.id).await.unwrap();
+    assert!(
+        recorded.is_none() || recorded.as_deref() == Some(checksum.as_str()),
+        "{recorded:?} is not the replicas' {checksum}"
+    );
     let refs = run_git(work.path(), &["ls-remote", &cluster.url("lost.git")]);
     assert!(
         refs.contains(&format!("{}\trefs/heads/main", old_main.trim())),
