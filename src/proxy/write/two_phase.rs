@@ -222,18 +222,31 @@ impl Write {
         let state = self.proxy.state.clone();
         let needed = majority(pending.assigned.len());
         let limit = state.config.writes.timeout.0;
+        let phase1_limit = self.deadline.map_or(limit, |deadline| deadline.min(limit));
         let inbound = self.take_inbound();
         let opening = Opening {
             first: &self.first,
             located: &self.located,
             prefix: &self.prefix,
             replica_path: &pending.replica_path,
-            timeout: self.deadline.map_or(limit, |deadline| deadline.min(limit)),
+            timeout: phase1_limit,
         };
         let mut replicas = prepare::start(&self.proxy, &pending.targets, opening, inbound);
 
-        // Phase 1: the pack to every target, no lease held.
-        let phase1 = self.prepare(&mut replicas, &pending.ready, needed).await;
+        // Phase 1: the pack to every target, no lease held, bounded by the write's timeout: a
+        // client that trickles its pack for ever would outlive its pending write.
+        let phase1 = tokio::time::timeout(
+            phase1_limit,
+            self.prepare(&mut replicas, &pending.ready, needed),
+        )
+        .await;
+        let Ok(phase1) = phase1 else {
+            let error = self.failed(&format!(
+                "the push was not prepared within {phase1_limit:?}; nothing changed"
+            ));
+            replicas.abort_all(&error.to_string()).await;
+            return self.refuse(capabilities, error).await;
+        };
         let mut groups: HashMap<&Vec<RefChange>, Vec<usize>> = HashMap::new();
         for (index, standing) in phase1.iter().enumerate() {
             if let Phase1::Prepared(updates) = standing {

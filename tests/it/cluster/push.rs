@@ -367,3 +367,52 @@ async fn a_push_prepared_in_a_repository_moved_away_never_commits_into_its_succe
         assert!(!refs.contains("refs/heads/slow"), "{refs}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pack_that_never_ends_is_given_up_after_the_write_timeout() {
+    let cluster = Cluster::start_with(3, 3, "[writes]\ntimeout = \"2s\"\n").await;
+    let work = with_feat(&cluster, "endless.git").await;
+    let generation = cluster.record("endless.git").await.generation;
+    let slow = commit_on(work.path(), "slow");
+    let body = creating_push(work.path(), &["slow"], &slow);
+    let address = cluster.git_http.trim_start_matches("http://").to_owned();
+    let mut client = std::net::TcpStream::connect(&address).unwrap();
+    let request = format!(
+        "POST /default/endless.git/git-receive-pack HTTP/1.1\r\nHost: {address}\r\n\
+         Authorization: {}\r\nContent-Type: application/x-git-receive-pack-request\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        basic(WRITE_TOKEN),
+        body.len()
+    );
+    client.write_all(request.as_bytes()).unwrap();
+    // All but the end of the pack, and then nothing: the push is pending meanwhile.
+    client.write_all(&body[..body.len() - 20]).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    // The answer ends (chunked) while the request's body never did: read up to its end.
+    let mut response = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !response.ends_with(b"\r\n0\r\n\r\n") {
+        match client.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(read) => response.extend_from_slice(&chunk[..read]),
+        }
+    }
+    let response = String::from_utf8_lossy(&response).into_owned();
+    println!("{response}");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.contains("ng refs/heads/slow"), "{response}");
+    assert!(
+        response.contains("was not prepared within 2s"),
+        "{response}"
+    );
+    let store = cluster.store();
+    assert_eq!(store.pending_writes().await.unwrap(), 0);
+    assert!(store.writes_in_flight().await.unwrap().is_empty());
+    let record = cluster.record("endless.git").await;
+    assert_eq!(record.generation, generation);
+    for refs in replica_refs(&cluster, "endless.git").await {
+        assert!(!refs.contains("refs/heads/slow"), "{refs}");
+    }
+}
