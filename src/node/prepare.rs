@@ -18,9 +18,13 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::sync::mpsc;
+use tonic::Status;
 
 use crate::model::{RefName, parse_ref_command};
+use crate::proto::{PostReceivePackResponse, PreparedPush, RefUpdate, push_decision};
 
 /// The environment that carries a prepared push's rendezvous to the hook.
 pub const PREPARE_ENV: &str = "GITFLEET_PREPARE";
@@ -185,6 +189,56 @@ pub fn read_updates() -> std::io::Result<Vec<u8>> {
         .take(MAX_UPDATE_BYTES + 1)
         .read_to_end(&mut updates)?;
     Ok(updates)
+}
+
+/// Waits for the prepared push's hook, answers its updates as `prepared`, and hands it the
+/// caller's decision; no decision (the caller went away) aborts.
+pub(super) async fn decide(
+    rendezvous: Rendezvous,
+    decision: tokio::sync::oneshot::Receiver<push_decision::Decision>,
+    sender: mpsc::Sender<Result<PostReceivePackResponse, Status>>,
+) {
+    let prepared = match rendezvous.prepared().await {
+        Ok(prepared) => prepared,
+        Err(error) => {
+            tracing::warn!(%error, "a prepared push's hook could not be heard");
+            return;
+        }
+    };
+    let updates = prepared
+        .updates
+        .iter()
+        .map(|update| RefUpdate {
+            name: update.name.clone(),
+            old_target: update.old.clone(),
+            new_target: update.new.clone(),
+        })
+        .collect();
+    let answered = sender
+        .send(Ok(PostReceivePackResponse {
+            data: Bytes::new(),
+            prepared: Some(PreparedPush { updates }),
+        }))
+        .await;
+    let decision = match (answered, decision.await) {
+        (Ok(()), Ok(decision)) => decision,
+        _ => push_decision::Decision::AbortReason(
+            "the push's caller went away before deciding".into(),
+        ),
+    };
+    // Each ref transaction that follows (git 2.47 commits a push without --atomic one
+    // transaction per command) asks again, for the token, and gets the same decision.
+    let mut next = Some(prepared);
+    while let Some(prepared) = next.take() {
+        let handed = match &decision {
+            push_decision::Decision::CommitToken(token) => prepared.commit(*token).await,
+            push_decision::Decision::AbortReason(reason) => prepared.abort(reason).await,
+        };
+        if let Err(error) = handed {
+            tracing::warn!(%error, "a prepared push's decision could not be handed over");
+        }
+        next = rendezvous.prepared().await.ok();
+    }
 }
 
 #[cfg(test)]

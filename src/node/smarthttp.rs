@@ -379,7 +379,7 @@ impl Node {
         )?;
         let (sender, receiver) = mpsc::channel(8);
         tokio::spawn(async move {
-            let step = decide(rendezvous, decision, sender.clone());
+            let step = super::prepare::decide(rendezvous, decision, sender.clone());
             tokio::pin!(step);
             let mut deciding = true;
             loop {
@@ -427,56 +427,6 @@ impl Node {
             prefix,
             |data| InfoRefsResponse { data },
         )
-    }
-}
-
-/// Waits for the prepared push's hook, answers its updates as `prepared`, and hands it the
-/// caller's decision; no decision (the caller went away) aborts.
-async fn decide(
-    rendezvous: Rendezvous,
-    decision: tokio::sync::oneshot::Receiver<push_decision::Decision>,
-    sender: mpsc::Sender<Result<PostReceivePackResponse, Status>>,
-) {
-    let prepared = match rendezvous.prepared().await {
-        Ok(prepared) => prepared,
-        Err(error) => {
-            tracing::warn!(%error, "a prepared push's hook could not be heard");
-            return;
-        }
-    };
-    let updates = prepared
-        .updates
-        .iter()
-        .map(|update| RefUpdate {
-            name: update.name.clone(),
-            old_target: update.old.clone(),
-            new_target: update.new.clone(),
-        })
-        .collect();
-    let answered = sender
-        .send(Ok(PostReceivePackResponse {
-            data: Bytes::new(),
-            prepared: Some(PreparedPush { updates }),
-        }))
-        .await;
-    let decision = match (answered, decision.await) {
-        (Ok(()), Ok(decision)) => decision,
-        _ => push_decision::Decision::AbortReason(
-            "the push's caller went away before deciding".into(),
-        ),
-    };
-    // Each ref transaction that follows (git 2.47 commits a push without --atomic one
-    // transaction per command) asks again, for the token, and gets the same decision.
-    let mut next = Some(prepared);
-    while let Some(prepared) = next.take() {
-        let handed = match &decision {
-            push_decision::Decision::CommitToken(token) => prepared.commit(*token).await,
-            push_decision::Decision::AbortReason(reason) => prepared.abort(reason).await,
-        };
-        if let Err(error) = handed {
-            tracing::warn!(%error, "a prepared push's decision could not be handed over");
-        }
-        next = rendezvous.prepared().await.ok();
     }
 }
 

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use sqlx::Row as _;
 
-use super::{CREATE_RPC, RefChange, Store, StoreError, storage_names, texts, undecodable};
+use super::{
+    CREATE_RPC, RefChange, Store, StoreError, WriteStart, storage_names, texts, undecodable,
+};
 use crate::model::{RelativePath, RepositoryId, StorageName};
 
 /// A push recorded as pending.
@@ -141,6 +143,28 @@ impl Store {
             targets,
             assigned,
         }))
+    }
+
+    /// Phase 2 of a prepared push: as [`Store::begin_write`], with the ref changes the
+    /// replicas prepared, targeting only the `prepared` storages that are still up to date,
+    /// and in the same statement the pending write becomes the intent (its row is deleted).
+    /// The pending row stays when no intent was recorded. NotFound when the pending write is
+    /// gone or the path now names another repository.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn begin_prepared_write(
+        &self,
+        virtual_storage: &StorageName,
+        relative_path: &RelativePath,
+        pending: i64,
+        owner: &str,
+        lease: Duration,
+        rpc: &str,
+        changes: &[RefChange],
+        prepared: &[StorageName],
+    ) -> Result<WriteStart, StoreError> {
+        let write = (virtual_storage, relative_path, rpc, changes);
+        self.start_write(write, owner, lease, prepared, Some(pending))
+            .await
     }
 
     /// Forgets a pending write that ended without becoming an intent. Its replicas were

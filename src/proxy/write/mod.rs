@@ -7,6 +7,7 @@ mod close;
 mod fanout;
 mod judge;
 mod lease;
+mod open;
 mod prepare;
 mod push;
 mod ssh_push;
