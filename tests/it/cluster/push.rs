@@ -236,16 +236,7 @@ async fn a_trickling_push_holds_no_other_push_and_a_client_gone_mid_pack_leaves_
     let (head, tail) = body.split_at(body.len() - 20);
 
     // A client sends its commands and most of its pack, and stops.
-    let address = cluster.git_http.trim_start_matches("http://").to_owned();
-    let mut trickle = std::net::TcpStream::connect(&address).unwrap();
-    let request = format!(
-        "POST /default/slow.git/git-receive-pack HTTP/1.1\r\nHost: {address}\r\n\
-         Authorization: {}\r\nContent-Type: application/x-git-receive-pack-request\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
-        basic(WRITE_TOKEN),
-        body.len()
-    );
-    trickle.write_all(request.as_bytes()).unwrap();
+    let mut trickle = start_push(&cluster.git_http, "slow.git", WRITE_TOKEN, body.len());
     trickle.write_all(head).unwrap();
 
     // Another push to the same repository goes through meanwhile.
@@ -287,15 +278,7 @@ async fn a_trickling_push_holds_no_other_push_and_a_client_gone_mid_pack_leaves_
     // A client that goes away mid-pack: no ref moves, nothing stays recorded.
     let gone = commit_on(work.path(), "gone");
     let body = creating_push(work.path(), &["gone"], &gone);
-    let mut client = std::net::TcpStream::connect(&address).unwrap();
-    let request = request.replace(
-        &format!(
-            "Content-Length: {}",
-            creating_push(work.path(), &["slow"], &slow).len()
-        ),
-        &format!("Content-Length: {}", body.len()),
-    );
-    client.write_all(request.as_bytes()).unwrap();
+    let mut client = start_push(&cluster.git_http, "slow.git", WRITE_TOKEN, body.len());
     client.write_all(&body[..body.len() - 20]).unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     drop(client);
@@ -318,16 +301,7 @@ async fn a_push_prepared_in_a_repository_moved_away_never_commits_into_its_succe
     let slow = commit_on(work.path(), "slow");
     let body = creating_push(work.path(), &["slow"], &slow);
     let (head, tail) = body.split_at(body.len() - 20);
-    let address = cluster.git_http.trim_start_matches("http://").to_owned();
-    let mut client = std::net::TcpStream::connect(&address).unwrap();
-    let request = format!(
-        "POST /default/again.git/git-receive-pack HTTP/1.1\r\nHost: {address}\r\n\
-         Authorization: {}\r\nContent-Type: application/x-git-receive-pack-request\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
-        basic(WRITE_TOKEN),
-        body.len()
-    );
-    client.write_all(request.as_bytes()).unwrap();
+    let mut client = start_push(&cluster.git_http, "again.git", WRITE_TOKEN, body.len());
     client.write_all(head).unwrap();
     let store = cluster.store();
     wait_for(30, "the push to be pending", || async {
@@ -375,16 +349,7 @@ async fn a_pack_that_never_ends_is_given_up_after_the_write_timeout() {
     let generation = cluster.record("endless.git").await.generation;
     let slow = commit_on(work.path(), "slow");
     let body = creating_push(work.path(), &["slow"], &slow);
-    let address = cluster.git_http.trim_start_matches("http://").to_owned();
-    let mut client = std::net::TcpStream::connect(&address).unwrap();
-    let request = format!(
-        "POST /default/endless.git/git-receive-pack HTTP/1.1\r\nHost: {address}\r\n\
-         Authorization: {}\r\nContent-Type: application/x-git-receive-pack-request\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
-        basic(WRITE_TOKEN),
-        body.len()
-    );
-    client.write_all(request.as_bytes()).unwrap();
+    let mut client = start_push(&cluster.git_http, "endless.git", WRITE_TOKEN, body.len());
     // All but the end of the pack, and then nothing: the push is pending meanwhile.
     client.write_all(&body[..body.len() - 20]).unwrap();
     client

@@ -42,16 +42,7 @@ fn replica_dirs(cluster: &Cluster) -> Vec<String> {
 /// Sends a receive-pack request body over plain HTTP, optionally stopping after `send` bytes
 /// of it and going away; returns the status line and body when it waited for them.
 fn post_push(cluster: &Cluster, relative_path: &str, body: &[u8], send: usize) -> Option<String> {
-    let address = cluster.git_http.trim_start_matches("http://").to_owned();
-    let mut stream = std::net::TcpStream::connect(&address).unwrap();
-    let request = format!(
-        "POST /default/{relative_path}/git-receive-pack HTTP/1.1\r\nHost: {address}\r\n\
-         Authorization: {}\r\nContent-Type: application/x-git-receive-pack-request\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
-        basic(WRITE_TOKEN),
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).unwrap();
+    let mut stream = start_push(&cluster.git_http, relative_path, WRITE_TOKEN, body.len());
     stream.write_all(&body[..send]).unwrap();
     if send < body.len() {
         std::thread::sleep(Duration::from_millis(300));

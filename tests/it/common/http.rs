@@ -76,3 +76,23 @@ pub fn http_get(base: &str, path: &str, authorization: Option<&str>) -> (u16, St
     let status = head.split(' ').nth(1).unwrap().parse().unwrap();
     (status, head.to_owned(), body.to_owned())
 }
+
+/// Opens a git-over-HTTP push of `length` body bytes to `default/RELATIVE_PATH` on `base` and
+/// sends its head, over plain HTTP/1.1; the caller sends the body as it likes.
+pub fn start_push(
+    base: &str,
+    relative_path: &str,
+    token: &str,
+    length: usize,
+) -> std::net::TcpStream {
+    let address = base.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    let request = format!(
+        "POST /default/{relative_path}/git-receive-pack HTTP/1.1\r\nHost: {address}\r\n\
+         Authorization: {}\r\nContent-Type: application/x-git-receive-pack-request\r\n\
+         Content-Length: {length}\r\nConnection: close\r\n\r\n",
+        basic(token)
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    stream
+}
