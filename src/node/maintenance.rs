@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 use walkdir::WalkDir;
 
 use super::repository::enter_replica_fence;
@@ -378,6 +378,7 @@ impl Node {
 impl NodeService for Node {
     type WalkStorageStream = ReceiverStream<Result<WalkStorageResponse, Status>>;
     type ListQuarantineStream = ReceiverStream<Result<ListQuarantineResponse, Status>>;
+    type PrepareRefsStream = ReceiverStream<Result<PrepareRefsResponse, Status>>;
 
     async fn replicate_repository(
         &self,
@@ -429,6 +430,20 @@ impl NodeService for Node {
         })
         .await?;
         Ok(Response::new(RaiseFenceResponse {}))
+    }
+
+    async fn prepare_refs(
+        &self,
+        request: Request<Streaming<PrepareRefsRequest>>,
+    ) -> Result<Response<Self::PrepareRefsStream>, Status> {
+        if super::refs::fence_token(request.metadata())?.is_some() {
+            return Err(Status::invalid_argument(
+                "a prepared change takes its token with its decision, not in its header",
+            ));
+        }
+        let mut stream = request.into_inner();
+        let first = super::smarthttp::first_message(&mut stream).await?;
+        Ok(Response::new(self.prepare_refs(first, stream).await?))
     }
 
     async fn restore_repository(

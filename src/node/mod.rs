@@ -7,6 +7,7 @@ mod locks;
 mod maintenance;
 mod objects;
 pub mod prepare;
+mod prepared_refs;
 mod refs;
 mod replication;
 mod repository;

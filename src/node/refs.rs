@@ -99,37 +99,22 @@ impl Node {
         token: Option<u64>,
     ) -> Result<(), NodeError> {
         let repository = self.state.storages.existing(request.repository.as_ref())?;
-        if request.updates.is_empty() {
-            return Err(NodeError::BadRequest("no reference updates given".into()));
-        }
-        if request.updates.len() > MAX_REF_UPDATES {
-            return Err(NodeError::BadRequest(format!(
-                "{} reference updates given; the limit is {MAX_REF_UPDATES}",
-                request.updates.len()
-            )));
-        }
-        let mut script = String::from("start\n");
-        let mut seen = HashSet::new();
-        for update in &request.updates {
-            let name = RefName::parse(&update.name)?;
-            let old = ObjectId::parse(&update.old_target)?;
-            let new = ObjectId::parse(&update.new_target)?;
-            if !seen.insert(name.clone()) {
-                return Err(NodeError::BadRequest(format!(
-                    "{name} is updated twice in one request"
-                )));
-            }
-            script.push_str(&format!("update {name} {new} {old}\n"));
-        }
-        script.push_str("prepare\ncommit\n");
+        let script = update_script(&request.updates)?;
+        self.apply_updates(&repository.path, &script, token).await
+    }
+
+    /// Runs `update-ref --stdin` with `script` (see [`update_script`]) under the replica's
+    /// fence for `token`: one transaction, all updates or none.
+    pub(super) async fn apply_updates(
+        &self,
+        replica: &Path,
+        script: &str,
+        token: Option<u64>,
+    ) -> Result<(), NodeError> {
         // Held while the refs change: a newer token waits, an older one is refused.
-        let _fence = enter_fence(&repository.path, token).await?;
+        let _fence = enter_fence(replica, token).await?;
         match self
-            .change_refs(
-                &repository.path,
-                &["update-ref", "--stdin"],
-                Some(script.as_bytes()),
-            )
+            .change_refs(replica, &["update-ref", "--stdin"], Some(script.as_bytes()))
             .await
         {
             Ok(_) => Ok(()),
@@ -145,13 +130,19 @@ impl Node {
     ) -> Result<(), NodeError> {
         let repository = self.state.storages.existing(request.repository.as_ref())?;
         let branch = RefName::branch(&request.branch)?;
-        let _fence = enter_fence(&repository.path, token).await?;
-        self.change_refs(
-            &repository.path,
-            &["symbolic-ref", "HEAD", branch.as_str()],
-            None,
-        )
-        .await?;
+        self.point_head(&repository.path, &branch, token).await
+    }
+
+    /// Points HEAD at `branch` under the replica's fence for `token`.
+    pub(super) async fn point_head(
+        &self,
+        replica: &Path,
+        branch: &RefName,
+        token: Option<u64>,
+    ) -> Result<(), NodeError> {
+        let _fence = enter_fence(replica, token).await?;
+        self.change_refs(replica, &["symbolic-ref", "HEAD", branch.as_str()], None)
+            .await?;
         Ok(())
     }
 
@@ -237,6 +228,35 @@ impl RefBatcher {
             .collect();
         (!refs.is_empty()).then_some(ListRefsResponse { refs })
     }
+}
+
+/// The `update-ref --stdin` script of one request's updates, checked first: at least one and
+/// at most [`MAX_REF_UPDATES`], valid names and ids, no ref twice.
+pub(super) fn update_script(updates: &[RefUpdate]) -> Result<String, NodeError> {
+    if updates.is_empty() {
+        return Err(NodeError::BadRequest("no reference updates given".into()));
+    }
+    if updates.len() > MAX_REF_UPDATES {
+        return Err(NodeError::BadRequest(format!(
+            "{} reference updates given; the limit is {MAX_REF_UPDATES}",
+            updates.len()
+        )));
+    }
+    let mut script = String::from("start\n");
+    let mut seen = HashSet::new();
+    for update in updates {
+        let name = RefName::parse(&update.name)?;
+        let old = ObjectId::parse(&update.old_target)?;
+        let new = ObjectId::parse(&update.new_target)?;
+        if !seen.insert(name.clone()) {
+            return Err(NodeError::BadRequest(format!(
+                "{name} is updated twice in one request"
+            )));
+        }
+        script.push_str(&format!("update {name} {new} {old}\n"));
+    }
+    script.push_str("prepare\ncommit\n");
+    Ok(script)
 }
 
 /// Tells a lost compare-and-swap from a bad request from a broken repository.

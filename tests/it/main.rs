@@ -35,6 +35,7 @@ mod node {
     mod fence;
     mod git;
     mod prepare;
+    mod prepared_refs;
     mod process;
     mod refs;
     mod replication;

@@ -1,7 +1,8 @@
-//! Sending a write to every target at once, and asking each replica for its refs checksum.
-//! Once a majority has answered, the others get `writes.straggler_timeout` more: a node that
-//! hangs (stopped, or its disk stuck) is left out of the write and repaired later, rather than
-//! holding every write on its repositories until it comes back.
+//! Teeing a push's stream to every target, and asking each replica for its refs checksum (to
+//! settle an interrupted write). Once a majority has answered, the others get
+//! `writes.straggler_timeout` more: a node that hangs (stopped, or its disk stuck) is left out
+//! and repaired later, rather than holding every write on its repositories until it comes
+//! back.
 
 use std::future::Future;
 use std::time::Duration;
@@ -11,102 +12,16 @@ use futures_util::stream::FuturesUnordered;
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
 
-use super::{Inbound, Reply, Write};
-use crate::fleet::set_fence;
+use super::Inbound;
 use crate::model::{RelativePath, StorageName};
-use crate::proxy::error::ProxyError;
-use crate::proxy::forward::send;
-use crate::proxy::{Proxy, header};
+use crate::proxy::Proxy;
 
-/// The most response bytes kept per replica while the write is judged.
-const MAX_RESPONSE_BYTES: usize = 16 << 20;
 /// How long a replica may leave a message of the write unread before it is dropped from the
 /// write (and repaired later), so that it does not hold back the others.
 pub(super) const REPLICA_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a replica may take to report its refs' checksum.
 const CHECKSUM_TIMEOUT: Duration = Duration::from_secs(30);
-
-impl Write {
-    /// Sends the same request to every target at once, the client's stream teed to all.
-    /// Every request carries the write's fencing token.
-    pub(super) async fn fan_out(
-        &mut self,
-        targets: &[StorageName],
-        replica_path: &RelativePath,
-        needed: usize,
-        token: i64,
-    ) -> Vec<Result<Reply, Status>> {
-        let mut senders = Vec::with_capacity(targets.len());
-        let mut calls = Vec::with_capacity(targets.len());
-        for storage in targets {
-            let (message_tx, message_rx) = mpsc::channel::<Bytes>(16);
-            senders.push(message_tx);
-            let first = header::rewrite(
-                &self.first,
-                &self.located,
-                storage.as_str(),
-                replica_path.as_str(),
-            );
-            let outbound = tokio_stream::once(first)
-                .chain(tokio_stream::iter(self.prefix.clone()))
-                .chain(ReceiverStream::new(message_rx));
-            let mut request = Request::new(outbound);
-            // The node refuses the write once a newer lease has changed the replica.
-            set_fence(request.metadata_mut(), token);
-            let limit = self.proxy.state.config.writes.timeout.0;
-            request.set_timeout(self.deadline.map_or(limit, |deadline| deadline.min(limit)));
-            let proxy = self.proxy.clone();
-            let path = self.path;
-            calls.push(async move {
-                match send(&proxy, storage, path, request).await {
-                    Ok(response) => collect(response).await,
-                    Err(ProxyError::Node { status, .. }) => Err(status),
-                    Err(error) => Err(Status::internal(error.to_string())),
-                }
-            });
-        }
-        let inbound = self.take_inbound();
-        let tee = async move {
-            if let Some(inbound) = inbound {
-                tee(inbound, &mut senders).await;
-            }
-        };
-        // The calls decide when the fan-out is over: a client may keep its side of the stream
-        // open until it has the answer (git's full-duplex form does).
-        let grace = self.proxy.state.config.writes.straggler_timeout;
-        let calls = quorum(calls, needed, grace.0);
-        tokio::pin!(calls, tee);
-        let mut teeing = true;
-        let lease_lost = self.lease_lost.clone();
-        let replies: Vec<Result<Reply, Status>> = loop {
-            tokio::select! {
-                replies = &mut calls => break replies
-                    .into_iter()
-                    .map(|reply| reply.unwrap_or_else(|| Err(Status::deadline_exceeded(format!(
-                        "the replica had not finished {grace} after a majority had"
-                    )))))
-                    .collect(),
-                () = &mut tee, if teeing => teeing = false,
-                () = lease_lost.cancelled() => {
-                    // Dropping the calls cancels them on the nodes.
-                    break targets
-                        .iter()
-                        .map(|_| Err(Status::aborted("the write lease was lost")))
-                        .collect();
-                }
-            }
-        };
-        for (storage, reply) in targets.iter().zip(&replies) {
-            if let Err(status) = reply {
-                tracing::warn!(%storage, %status, "replica did not apply the write");
-            }
-        }
-        replies
-    }
-}
 
 /// Passes the client's messages to every sender until they end; a replica that stops reading
 /// is dropped from `senders`, and the others go on.
@@ -126,23 +41,6 @@ pub(super) async fn tee(mut inbound: Inbound, senders: &mut Vec<mpsc::Sender<Byt
             break;
         }
     }
-}
-
-/// Reads a whole answer, bounded.
-async fn collect(response: Response<Streaming<Bytes>>) -> Result<Reply, Status> {
-    let (metadata, mut stream, _) = response.into_parts();
-    let mut messages = Vec::new();
-    let mut size = 0;
-    while let Some(message) = stream.message().await? {
-        size += message.len();
-        if size > MAX_RESPONSE_BYTES {
-            return Err(Status::resource_exhausted(format!(
-                "the node's answer is larger than {MAX_RESPONSE_BYTES} bytes"
-            )));
-        }
-        messages.push(message);
-    }
-    Ok(Reply { metadata, messages })
 }
 
 /// The refs checksum of each storage's replica; None where the node did not answer.

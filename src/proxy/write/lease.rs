@@ -63,15 +63,14 @@ impl Write {
         keep_write_lease(&self.proxy.state, "write", lease, begin_sent)
     }
 
-    /// Takes the lease and records the intent, waiting while another write holds it, up to
-    /// `writes.lease_wait` from `started`. Returns the lease and when the statement that took
-    /// it was sent.
-    /// A prepared push passes its pending write and the storages that prepared it in
-    /// agreement: the pending write becomes the intent, and the write targets only those.
+    /// Takes the lease and turns the pending write into the intent, waiting while another
+    /// write holds it, up to `writes.lease_wait` from `started`. The write targets only the
+    /// storages in `prepared`, those that prepared it in agreement (and are still up to date).
+    /// Returns the lease and when the statement that took it was sent.
     pub(super) async fn begin(
         &self,
         started: Instant,
-        prepared: Option<(i64, &[StorageName])>,
+        (pending, prepared): (i64, &[StorageName]),
     ) -> Result<(WriteLease, tokio::time::Instant), ProxyError> {
         let state = &self.proxy.state;
         let deadline = tokio::time::Instant::from_std(started) + state.config.writes.lease_wait.0;
@@ -84,35 +83,18 @@ impl Write {
             let store = &state.store;
             let owner = &state.instance_id;
             let lease = state.config.writes.lease.0;
-            let started = match prepared {
-                None => {
-                    store
-                        .begin_write(
-                            &self.virtual_storage,
-                            &self.relative_path,
-                            owner,
-                            lease,
-                            self.path,
-                            &self.changes,
-                            &state.nodes.healthy(),
-                        )
-                        .await
-                }
-                Some((pending, storages)) => {
-                    store
-                        .begin_prepared_write(
-                            &self.virtual_storage,
-                            &self.relative_path,
-                            pending,
-                            owner,
-                            lease,
-                            self.path,
-                            &self.changes,
-                            storages,
-                        )
-                        .await
-                }
-            };
+            let started = store
+                .begin_prepared_write(
+                    &self.virtual_storage,
+                    &self.relative_path,
+                    pending,
+                    owner,
+                    lease,
+                    self.path,
+                    &self.changes,
+                    prepared,
+                )
+                .await;
             match started {
                 Ok(WriteStart::Busy) => Err(Begin::Busy),
                 Ok(start) => Ok((start, sent)),

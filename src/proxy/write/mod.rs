@@ -1,7 +1,8 @@
-//! Mutators: the write is recorded (lease and intent, one transaction) before any replica sees
-//! it, sent to every up-to-date assigned replica at once, judged by the refs each replica ends
-//! up with, and committed as a new generation (second transaction) before the caller hears
-//! anything. Fewer than a majority in agreement and it is rolled back.
+//! Mutators, each a two-phase commit on the replicas: the write is recorded as pending before
+//! any replica sees it, prepared on every assigned replica with no lease (a push's pack in
+//! quarantine, a reference change checked), then, once a majority has prepared it alike, made
+//! under the lease's token and committed as a new generation before the caller hears anything.
+//! Pushes: [`two_phase`]; `UpdateRefs` and `SetDefaultBranch`: [`ref_change`].
 
 mod close;
 mod fanout;
@@ -10,6 +11,7 @@ mod lease;
 mod open;
 mod prepare;
 mod push;
+mod ref_change;
 mod ssh_push;
 mod two_phase;
 mod undo;
@@ -24,7 +26,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Response, Status, Streaming};
 use tracing::Instrument as _;
 
-use super::error::{ProxyError, list};
+use super::error::ProxyError;
 use super::forward::later_messages;
 use super::header::Located;
 use super::response::ResponseStream;
@@ -33,9 +35,6 @@ use crate::fleet::majority;
 use crate::model::{ObjectId, RefName, RelativePath, StorageName};
 use crate::proto::{SetDefaultBranchRequest, UpdateRefsRequest};
 use crate::store::{RefChange, RepositoryRecord, WriteLease};
-use close::Commit;
-use fanout::quorum_checksums;
-use judge::{Settle, Verdict, definitive, judge, settle};
 pub(super) use lease::keep_write_lease;
 pub(super) use ssh_push::{SSH_RECEIVE_PACK, receive_pack as ssh_receive_pack};
 
@@ -86,7 +85,7 @@ pub(super) async fn mutator(
     let task = proxy
         .state
         .writes
-        .spawn(write.run().instrument(tracing::Span::current()));
+        .spawn(write.change_refs().instrument(tracing::Span::current()));
     let (storage, reply) = task
         .await
         .map_err(|error| ProxyError::Task(error.to_string()))??;
@@ -250,206 +249,6 @@ impl Write {
             Some(convert) => Box::pin(messages.map_while(convert)),
             None => Box::pin(messages),
         })
-    }
-
-    pub(super) async fn run(mut self) -> Result<Answer, ProxyError> {
-        let state = &self.proxy.state;
-        let started = Instant::now();
-        let wait = state.config.writes.lease_wait.0;
-        let queue = self
-            .proxy
-            .write_queue(&self.virtual_storage, &self.relative_path);
-        let _turn = tokio::time::timeout(wait, queue.lock_owned())
-            .await
-            .map_err(|_| self.busy(started))?;
-        let (lease, begin_sent) = self.begin(started, None).await?;
-        tracing::Span::current().record("generation", lease.generation);
-
-        let needed = majority(lease.assigned.len());
-        if lease.targets.len() < needed {
-            self.release(&lease).await?;
-            return Err(self.not_enough(&lease, &lease.targets));
-        }
-
-        // Renewal stops when the keeper is dropped: when the write ends, however it ends (a
-        // panic included).
-        let keeper = self.keep(&lease, begin_sent);
-        self.lease_lost = keeper.lost().clone();
-        if self.changes.iter().any(|change| change.name == "HEAD") {
-            self.record_head_before(&lease).await?;
-        }
-        let answer = self.apply(&lease, needed).await;
-        self.proxy.state.lease_holds.record(begin_sent.elapsed());
-        answer
-    }
-
-    /// Sends the write, judges it and records the outcome.
-    async fn apply(&mut self, lease: &WriteLease, needed: usize) -> Result<Answer, ProxyError> {
-        let state = self.proxy.state.clone();
-        let replica_path = lease.replica_path.clone();
-
-        // Each replica's refs before: a replica that cannot say is left out, and repaired later.
-        let before = quorum_checksums(&self.proxy, &lease.targets, &replica_path, needed).await;
-        let (targets, before): (Vec<StorageName>, Vec<String>) = lease
-            .targets
-            .iter()
-            .cloned()
-            .zip(before)
-            .filter_map(|(storage, checksum)| checksum.map(|checksum| (storage, checksum)))
-            .unzip();
-        if targets.len() < needed {
-            self.release(lease).await?;
-            return Err(self.not_enough(lease, &targets));
-        }
-
-        let mut replies = self
-            .fan_out(&targets, &replica_path, needed, lease.token)
-            .await;
-        let after = quorum_checksums(&self.proxy, &targets, &replica_path, needed).await;
-        if self.lease_lost.is_cancelled() {
-            // Another writer may hold the repository by now and have built on the same refs:
-            // nothing is committed and nothing undone from here. The intent stays open, and
-            // whoever takes the lease next undoes the write under that lease.
-            return Err(self.failed(
-                "the write lease was lost while the write ran; the recovery job rolls it back",
-            ));
-        }
-
-        // A replica whose call ended without a definitive answer (dropped as a straggler, cut
-        // off) may still apply the write later: what its refs say now proves nothing. It is
-        // uncertain, and repaired under a newer token, which fences its late change out.
-        let after: Vec<Option<String>> = after
-            .into_iter()
-            .zip(&replies)
-            .map(|(after, reply)| after.filter(|_| definitive(reply)))
-            .collect();
-        let (agreeing, changed, unchanged, unknown) = match judge(&before, &after, needed) {
-            Verdict::Commit { agreeing } => {
-                let checksum = after[agreeing[0]].clone();
-                return self
-                    .commit_agreeing(lease, &targets, &before, (&agreeing, checksum), replies)
-                    .await;
-            }
-            Verdict::Refused => {
-                // Their answer is the caller's answer.
-                self.release(lease).await?;
-                return Ok((targets[0].clone(), replies.swap_remove(0)));
-            }
-            Verdict::RollBack {
-                agreeing,
-                changed,
-                unchanged,
-                unknown,
-            } => (agreeing, changed, unchanged, unknown),
-        };
-
-        // Not acknowledged: undo it where it landed. When it landed nowhere, the replicas that
-        // answered refused it, and their answer is the caller's once the others are settled.
-        let refusal = changed
-            .is_empty()
-            .then(|| unchanged.first().copied())
-            .flatten();
-        let mut clean: Vec<StorageName> = unchanged.iter().map(|&i| targets[i].clone()).collect();
-        let mut uncertain: Vec<StorageName> = unknown.iter().map(|&i| targets[i].clone()).collect();
-        for index in changed {
-            let storage = &targets[index];
-            if self.roll_back(lease, storage, &before[index]).await {
-                clean.push(storage.clone());
-            } else {
-                uncertain.push(storage.clone());
-            }
-        }
-        let reason = format!(
-            "{agreeing} of {} assigned replicas applied it in agreement, {needed} are needed; rolled back on the others{}",
-            lease.assigned.len(),
-            if uncertain.is_empty() {
-                String::new()
-            } else {
-                format!("; state unknown on {}", list(&uncertain))
-            }
-        );
-        tracing::warn!(%reason, "write failed");
-        match settle(clean.len(), uncertain.len(), needed) {
-            Settle::Release => {
-                self.release(lease).await?;
-            }
-            Settle::CommitClean => {
-                // The clean replicas hold the state before the write; they become the new
-                // generation and the uncertain ones are repaired from them.
-                let checksum = targets
-                    .iter()
-                    .position(|storage| *storage == clean[0])
-                    .map(|index| before[index].as_str());
-                if !matches!(
-                    self.commit(lease, &clean, &clean[0], checksum).await?,
-                    Commit::Done(_)
-                ) {
-                    tracing::error!(
-                        intent = lease.intent,
-                        "the uncertain replicas could not be marked: the intent stays open for recovery"
-                    );
-                }
-                state.routing.invalidate(lease.repository);
-            }
-            Settle::LeaveOpen => tracing::error!(
-                intent = lease.intent,
-                clean = clean.len(),
-                "too few replicas are known to be clean: the intent stays open for recovery"
-            ),
-        }
-        if let Some(index) = refusal {
-            return Ok((targets[index].clone(), replies.swap_remove(index)));
-        }
-        Err(self.failed(&reason))
-    }
-
-    /// Commits the replicas that agree as the next generation, and answers with one of them;
-    /// rolls them back if the commit is refused.
-    async fn commit_agreeing(
-        &self,
-        lease: &WriteLease,
-        targets: &[StorageName],
-        before: &[String],
-        (agreeing, checksum): (&[usize], Option<String>),
-        mut replies: Vec<Result<Reply, Status>>,
-    ) -> Result<Answer, ProxyError> {
-        let state = &self.proxy.state;
-        let current: Vec<StorageName> = agreeing.iter().map(|&i| targets[i].clone()).collect();
-        let committed = self
-            .commit(lease, &current, &current[0], checksum.as_deref())
-            .await?;
-        let outcome = match committed {
-            Commit::Done(outcome) => outcome,
-            Commit::Refused => {
-                let mut undone = true;
-                for &index in agreeing {
-                    undone &= self.roll_back(lease, &targets[index], &before[index]).await;
-                }
-                // A replica that could not be undone keeps the intent open for recovery.
-                if undone {
-                    self.release(lease).await?;
-                }
-                return Err(self.failed("the replicas changed before the commit; rolled back"));
-            }
-            Commit::Lost => {
-                return Err(self.failed(
-                    "the write lease was lost before the commit; the recovery job rolls it back",
-                ));
-            }
-        };
-        tracing::info!(
-            generation = outcome.generation,
-            current = ?current,
-            queued = ?outcome.queued,
-            "write committed"
-        );
-        state.routing.invalidate(lease.repository);
-        let answer = agreeing
-            .iter()
-            .copied()
-            .find(|&i| replies[i].is_ok())
-            .unwrap_or(agreeing[0]);
-        Ok((targets[answer].clone(), replies.swap_remove(answer)))
     }
 
     fn busy(&self, started: Instant) -> ProxyError {

@@ -1,7 +1,8 @@
-//! The replica side of a two-phase push: one prepared `PostReceivePack` call per target, the
-//! client's stream teed to all of them. Each call reports when its replica has the pack in
-//! quarantine and the ref updates it is ready to make, then waits for the decision the
-//! coordinator sends on the same stream, and finally ends with git's own answer.
+//! The replica side of a two-phase write: one prepared call per target (`PostReceivePack` for a
+//! push, with the client's stream teed to all of them; `PrepareRefs` for a reference change).
+//! Each call reports when its replica is ready (a push's pack in quarantine) and the ref
+//! updates it is ready to make, then waits for the decision the coordinator sends on the same
+//! stream, and finally ends with the replica's answer (git's own report, for a push).
 
 use std::time::Duration;
 
@@ -15,7 +16,10 @@ use tonic::{Request, Status};
 use super::fanout::REPLICA_STALL_TIMEOUT;
 use super::{Inbound, Reply};
 use crate::model::{RelativePath, StorageName};
-use crate::proto::{PostReceivePackRequest, PostReceivePackResponse, PushDecision, push_decision};
+use crate::proto::{
+    PostReceivePackRequest, PostReceivePackResponse, PrepareRefsRequest, PreparedPush,
+    PushDecision, push_decision,
+};
 use crate::proxy::Proxy;
 use crate::proxy::error::ProxyError;
 use crate::proxy::forward::send;
@@ -23,6 +27,7 @@ use crate::proxy::header::{self, Located};
 use crate::store::RefChange;
 
 const POST_RECEIVE_PACK: &str = "/gitfleet.v1.SmartHttpService/PostReceivePack";
+const PREPARE_REFS: &str = "/gitfleet.v1.NodeService/PrepareRefs";
 /// The most answer bytes kept per replica.
 const MAX_RESPONSE_BYTES: usize = 16 << 20;
 /// How long a decision may wait for room on a replica's stream.
@@ -61,24 +66,86 @@ pub(super) fn check_client_message(message: &Bytes) -> Result<(), ProxyError> {
     }
 }
 
-/// The running calls of one push.
+/// A replica's answer with the updates it is ready to make: `PostReceivePackResponse` and
+/// `PrepareRefsResponse` carry them in the same field.
+#[derive(Clone, PartialEq, prost::Message)]
+struct PreparedAnswer {
+    #[prost(message, optional, tag = "2")]
+    prepared: Option<PreparedPush>,
+}
+
+/// Which prepared call a write makes on each replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    /// `PostReceivePack`, prepared.
+    Push,
+    /// `PrepareRefs`.
+    Refs,
+}
+
+impl Kind {
+    fn path(self) -> &'static str {
+        match self {
+            Kind::Push => POST_RECEIVE_PACK,
+            Kind::Refs => PREPARE_REFS,
+        }
+    }
+
+    fn decision(self, decision: push_decision::Decision) -> Bytes {
+        let decision = Some(PushDecision {
+            decision: Some(decision),
+        });
+        match self {
+            Kind::Push => PostReceivePackRequest {
+                decision,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+            Kind::Refs => PrepareRefsRequest {
+                decision,
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        }
+        .into()
+    }
+}
+
+/// The running calls of one write.
 pub(super) struct Replicas {
+    kind: Kind,
     pub storages: Vec<StorageName>,
     /// Each call's stream, for its decision; None once decided.
     streams: Vec<Option<mpsc::Sender<Bytes>>>,
     pub events: mpsc::Receiver<Event>,
 }
 
-/// Where a push's calls go and what they start with.
+/// What a write's calls start with.
 pub(super) struct Opening<'a> {
-    pub first: &'a Bytes,
-    pub located: &'a Located,
+    pub kind: Kind,
+    /// Each replica's first message.
+    pub first: &'a (dyn Fn(&StorageName) -> Bytes + Sync),
+    /// The client's messages already read, after the first (a push's).
     pub prefix: &'a [Bytes],
-    pub replica_path: &'a RelativePath,
     pub timeout: Duration,
 }
 
-/// Starts a prepared push on every storage, and tees `inbound` to all of them.
+/// A push's first message for one replica: the client's, with the replica's header and
+/// `prepare` set.
+pub(super) fn push_opening(
+    first: &Bytes,
+    located: &Located,
+    storage: &StorageName,
+    replica_path: &RelativePath,
+) -> Bytes {
+    let mut first =
+        header::rewrite(first, located, storage.as_str(), replica_path.as_str()).to_vec();
+    // Field 4, `prepare`, set last: it wins over anything before it.
+    first.extend_from_slice(&[0x20, 0x01]);
+    Bytes::from(first)
+}
+
+/// Starts a prepared call on every storage, and tees `inbound` (a push's) to all of them.
 pub(super) fn start(
     proxy: &Proxy,
     storages: &[StorageName],
@@ -92,23 +159,15 @@ pub(super) fn start(
         let (message_tx, message_rx) = mpsc::channel::<Bytes>(16);
         tee_senders.push(message_tx.clone());
         streams.push(Some(message_tx));
-        let mut first = header::rewrite(
-            opening.first,
-            opening.located,
-            storage.as_str(),
-            opening.replica_path.as_str(),
-        )
-        .to_vec();
-        // Field 4, `prepare`, set last: it wins over anything before it.
-        first.extend_from_slice(&[0x20, 0x01]);
-        let outbound = tokio_stream::once(Bytes::from(first))
+        let outbound = tokio_stream::once((opening.first)(storage))
             .chain(tokio_stream::iter(opening.prefix.to_vec()))
             .chain(ReceiverStream::new(message_rx));
         let mut request = Request::new(outbound);
         request.set_timeout(opening.timeout);
         let (proxy, storage, events) = (proxy.clone(), storage.clone(), event_tx.clone());
+        let path = opening.kind.path();
         tokio::spawn(async move {
-            let finished = call(&proxy, &storage, index, request, &events).await;
+            let finished = call(&proxy, &storage, (path, index), request, &events).await;
             let _ = events.send(Event::Finished(index, finished)).await;
         });
     }
@@ -116,6 +175,7 @@ pub(super) fn start(
         tokio::spawn(tee(inbound, tee_senders));
     }
     Replicas {
+        kind: opening.kind,
         storages: storages.to_vec(),
         streams,
         events,
@@ -146,33 +206,24 @@ impl Replicas {
         let Some(stream) = self.streams.get_mut(index).and_then(Option::take) else {
             return false;
         };
-        let message = PostReceivePackRequest {
-            decision: Some(PushDecision {
-                decision: Some(decision),
-            }),
-            ..Default::default()
-        };
+        let message = self.kind.decision(decision);
         matches!(
-            tokio::time::timeout(
-                DECISION_SEND_TIMEOUT,
-                stream.send(Bytes::from(message.encode_to_vec()))
-            )
-            .await,
+            tokio::time::timeout(DECISION_SEND_TIMEOUT, stream.send(message)).await,
             Ok(Ok(()))
         )
     }
 }
 
-/// One replica's call: its answer's data messages, with the `prepared` one reported as an
-/// event instead.
+/// One replica's call (to `path`): its answer's messages, with the `prepared` one reported as
+/// an event instead.
 async fn call(
     proxy: &Proxy,
     storage: &StorageName,
-    index: usize,
+    (path, index): (&'static str, usize),
     request: Request<impl tokio_stream::Stream<Item = Bytes> + Send + 'static>,
     events: &mpsc::Sender<Event>,
 ) -> Result<Reply, Status> {
-    let response = match send(proxy, storage, POST_RECEIVE_PACK, request).await {
+    let response = match send(proxy, storage, path, request).await {
         Ok(response) => response,
         Err(ProxyError::Node { status, .. }) => return Err(status),
         Err(error) => return Err(Status::internal(error.to_string())),
@@ -181,8 +232,8 @@ async fn call(
     let mut messages = Vec::new();
     let mut size = 0;
     while let Some(message) = stream.message().await? {
-        let decoded = PostReceivePackResponse::decode(message.clone())
-            .map_err(|_| Status::internal("the node's answer is not a PostReceivePackResponse"))?;
+        let decoded = PreparedAnswer::decode(message.clone())
+            .map_err(|_| Status::internal("the node's answer cannot be decoded"))?;
         if let Some(prepared) = decoded.prepared {
             let updates = prepared
                 .updates

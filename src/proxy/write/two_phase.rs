@@ -19,11 +19,12 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use prost::Message as _;
+use tokio::sync::OwnedMutexGuard;
 use tokio_stream::StreamExt as _;
 use tonic::Status;
 use tonic::metadata::MetadataMap;
 
-use super::prepare::{self, Event, Opening, Replicas, answer_data};
+use super::prepare::{self, Event, Kind, Opening, Replicas, answer_data};
 use super::{Reply, Write};
 use crate::fleet::majority;
 use crate::git::checksum::Checksum;
@@ -44,7 +45,7 @@ struct Progress {
 }
 
 /// Where one replica stands in phase 1.
-enum Phase1 {
+pub(super) enum Phase1 {
     Waiting,
     Prepared(Vec<RefChange>),
     Ended(Result<Reply, Status>),
@@ -99,11 +100,13 @@ impl Write {
         let limit = state.config.writes.timeout.0;
         let phase1_limit = self.deadline.map_or(limit, |deadline| deadline.min(limit));
         let inbound = self.take_inbound();
+        let (first, located) = (&self.first, &self.located);
         let opening = Opening {
-            first: &self.first,
-            located: &self.located,
+            kind: Kind::Push,
+            first: &|storage: &StorageName| {
+                prepare::push_opening(first, located, storage, &pending.replica_path)
+            },
             prefix: &self.prefix,
-            replica_path: &pending.replica_path,
             timeout: phase1_limit,
         };
         let mut replicas = prepare::start(&self.proxy, &pending.targets, opening, inbound);
@@ -122,72 +125,59 @@ impl Write {
             replicas.abort_all(&error.to_string()).await;
             return self.refuse(capabilities, error).await;
         };
-        let mut groups: HashMap<&Vec<RefChange>, Vec<usize>> = HashMap::new();
-        for (index, standing) in phase1.iter().enumerate() {
-            if let Phase1::Prepared(updates) = standing {
-                groups.entry(updates).or_default().push(index);
-            }
-        }
-        let best = groups.into_iter().max_by_key(|(_, members)| members.len());
-        let Some((updates, members)) = best.filter(|(_, members)| members.len() >= needed) else {
+        let Some((updates, agreeing)) = agreement(&phase1, &replicas, needed) else {
             replicas
                 .abort_all("the push was not prepared by a majority of replicas")
                 .await;
-            return self
-                .unprepared(capabilities, &replicas, phase1, needed, pending)
-                .await;
+            return match self.unprepared(&replicas, phase1, needed, pending) {
+                Ok((_, reply)) => Ok(reply),
+                Err(error @ ProxyError::Node { .. }) => Err(error),
+                Err(error) => self.refuse(capabilities, error).await,
+            };
         };
-        self.changes = updates.clone();
-        let agreeing: Vec<StorageName> = members
-            .iter()
-            .map(|&index| replicas.storages[index].clone())
-            .collect();
+        self.changes = updates;
 
-        // Phase 2: under the lease, short. `writes.lease_wait` counts from here: a long pack
-        // upload does not use it up.
-        let started = Instant::now();
-        let wait = state.config.writes.lease_wait.0;
-        let queue = self
-            .proxy
-            .write_queue(&self.virtual_storage, &self.relative_path);
-        // Pushes through this proxy take turns here for phase 2 only, so that each takes the
-        // lease as soon as the one before releases it, rather than polling for it.
-        let (begun, _turn) = match tokio::time::timeout(wait, queue.lock_owned()).await {
-            Err(_) => (Err(self.busy(started)), None),
-            Ok(turn) => (
-                self.begin(started, Some((pending.id, &agreeing))).await,
-                Some(turn),
-            ),
-        };
-        let (lease, begun_at) = match begun {
-            Ok(begun) => begun,
+        // Phase 2: under the lease, short.
+        let (lease, begun_at, _turn) = match self.take_lease(pending, &agreeing).await {
+            Ok(taken) => taken,
             Err(error) => {
                 replicas.abort_all(&error.to_string()).await;
                 return self.refuse(capabilities, error).await;
             }
         };
         progress.promoted = true;
-        tracing::Span::current().record("generation", lease.generation);
         let keeper = self.keep(&lease, begun_at);
         self.lease_lost = keeper.lost().clone();
-        let mut committing = Vec::new();
-        for index in 0..replicas.storages.len() {
-            if lease.targets.contains(&replicas.storages[index]) {
-                if replicas.commit(index, lease.token).await {
-                    committing.push(index);
-                }
-            } else {
-                replicas
-                    .abort(index, "the replica was left out of the push")
-                    .await;
-            }
-        }
+        let committing = decide(&mut replicas, &lease).await;
         let finished = self.finish(&mut replicas, &committing, needed).await;
         let answer = self
             .settle(capabilities, &lease, keeper, &replicas, finished, progress)
             .await;
         state.lease_holds.record(begun_at.elapsed());
         answer
+    }
+
+    /// Phase 2's start: waits for this proxy's turn on the repository (pushes through one
+    /// proxy take turns here, so that each takes the lease as soon as the one before releases
+    /// it, rather than polling for it), takes the lease, and turns the pending write into the
+    /// intent with `agreeing` as its targets. `writes.lease_wait` counts from here: a long
+    /// phase 1 does not use it up. The turn is held until the returned guard is dropped.
+    pub(super) async fn take_lease(
+        &mut self,
+        pending: &PendingWrite,
+        agreeing: &[StorageName],
+    ) -> Result<(WriteLease, tokio::time::Instant, OwnedMutexGuard<()>), ProxyError> {
+        let started = Instant::now();
+        let wait = self.proxy.state.config.writes.lease_wait.0;
+        let queue = self
+            .proxy
+            .write_queue(&self.virtual_storage, &self.relative_path);
+        let turn = tokio::time::timeout(wait, queue.lock_owned())
+            .await
+            .map_err(|_| self.busy(started))?;
+        let (lease, begun_at) = self.begin(started, (pending.id, agreeing)).await?;
+        tracing::Span::current().record("generation", lease.generation);
+        Ok((lease, begun_at, turn))
     }
 
     /// Phase 2's end: the replicas that report the same refs moved, if a majority, commit
@@ -291,7 +281,7 @@ impl Write {
     /// Waits until every target has prepared or ended, or, once a majority has, for
     /// `writes.straggler_timeout` more: a replica that hangs (its node stopped, its disk stuck)
     /// is left out and repaired later, rather than holding the push.
-    async fn prepare(
+    pub(super) async fn prepare(
         &self,
         replicas: &mut Replicas,
         ready: &[StorageName],
@@ -347,7 +337,7 @@ impl Write {
 
     /// Waits for the answers of the replicas told to commit: all of them, or, once a
     /// majority has answered, `writes.straggler_timeout` more. Stops when the lease is lost.
-    async fn finish(
+    pub(super) async fn finish(
         &self,
         replicas: &mut Replicas,
         committing: &[usize],
@@ -387,17 +377,16 @@ impl Write {
         finished
     }
 
-    /// The answer when no majority prepared the push: git's own refusal when no replica
-    /// prepared it and one answered (a bad pack, commands git refused before its hooks), the
-    /// node's error when none answered, and the proxy's refusal otherwise.
-    async fn unprepared(
-        &mut self,
-        capabilities: &PushCapabilities,
+    /// Why no majority prepared the write: the replica's own answer when none prepared it and
+    /// one answered (git's refusal of a bad pack, or of commands before its hooks), the node's
+    /// error when none answered, and the proxy's refusal otherwise.
+    pub(super) fn unprepared(
+        &self,
         replicas: &Replicas,
         phase1: Vec<Phase1>,
         needed: usize,
         pending: &PendingWrite,
-    ) -> Result<Reply, ProxyError> {
+    ) -> Result<(StorageName, Reply), ProxyError> {
         let prepared = phase1
             .iter()
             .filter(|s| matches!(s, Phase1::Prepared(_)))
@@ -405,13 +394,11 @@ impl Write {
         if prepared == 0 {
             let mut failure = None;
             for (index, standing) in phase1.into_iter().enumerate() {
+                let storage = replicas.storages[index].clone();
                 match standing {
-                    Phase1::Ended(Ok(reply)) => return Ok(reply),
+                    Phase1::Ended(Ok(reply)) => return Ok((storage, reply)),
                     Phase1::Ended(Err(status)) if failure.is_none() => {
-                        failure = Some(ProxyError::Node {
-                            storage: replicas.storages[index].clone(),
-                            status,
-                        });
+                        failure = Some(ProxyError::Node { storage, status });
                     }
                     _ => {}
                 }
@@ -420,11 +407,10 @@ impl Write {
                 return Err(failure);
             }
         }
-        let error = self.failed(&format!(
+        Err(self.failed(&format!(
             "{prepared} of {} assigned replicas prepared it in agreement, {needed} are needed; nothing changed",
             pending.assigned.len()
-        ));
-        self.refuse(capabilities, error).await
+        )))
     }
 
     /// Refuses the whole push: as git's report with an `ng` line per command and the reason
@@ -464,4 +450,46 @@ impl Write {
             messages: vec![Bytes::from(message.encode_to_vec())],
         })
     }
+}
+
+/// The updates a majority of the replicas prepared alike, and those replicas; None when no
+/// majority agrees.
+pub(super) fn agreement(
+    phase1: &[Phase1],
+    replicas: &Replicas,
+    needed: usize,
+) -> Option<(Vec<RefChange>, Vec<StorageName>)> {
+    let mut groups: HashMap<&Vec<RefChange>, Vec<usize>> = HashMap::new();
+    for (index, standing) in phase1.iter().enumerate() {
+        if let Phase1::Prepared(updates) = standing {
+            groups.entry(updates).or_default().push(index);
+        }
+    }
+    let (updates, members) = groups
+        .into_iter()
+        .max_by_key(|(_, members)| members.len())
+        .filter(|(_, members)| members.len() >= needed)?;
+    let agreeing = members
+        .iter()
+        .map(|&index| replicas.storages[index].clone())
+        .collect();
+    Some((updates.clone(), agreeing))
+}
+
+/// Tells the lease's targets to commit under its token, and every other replica to abort;
+/// returns the replicas told to commit.
+pub(super) async fn decide(replicas: &mut Replicas, lease: &WriteLease) -> Vec<usize> {
+    let mut committing = Vec::new();
+    for index in 0..replicas.storages.len() {
+        if lease.targets.contains(&replicas.storages[index]) {
+            if replicas.commit(index, lease.token).await {
+                committing.push(index);
+            }
+        } else {
+            replicas
+                .abort(index, "the replica was left out of the write")
+                .await;
+        }
+    }
+    committing
 }

@@ -12,22 +12,6 @@ use crate::proxy::error::ProxyError;
 use crate::store::{StaleIntent, WriteLease};
 
 impl Write {
-    /// Reverses the write's ref updates on one replica; true when its refs are back to
-    /// `before`.
-    pub(super) async fn roll_back(
-        &self,
-        lease: &WriteLease,
-        storage: &StorageName,
-        before: &str,
-    ) -> bool {
-        let replica_path = &lease.replica_path;
-        if let Some(replica) = self.proxy.state.nodes.replica(storage, replica_path) {
-            replica.reverse_changes(&self.changes, lease.token).await;
-        }
-        let after = checksums(&self.proxy, std::slice::from_ref(storage), replica_path).await;
-        after[0].as_deref() == Some(before)
-    }
-
     /// Settles a write that was recorded and never committed (its proxy died, or lost its
     /// lease before it could undo the write): its ref updates are reversed wherever they
     /// landed, the replicas that then agree become the next generation, and the others are

@@ -133,7 +133,8 @@ async fn reads_are_spread_over_the_replicas_and_cost_no_database_round_trip() {
     expected[primary] = 10;
     assert_eq!(routed, expected);
 
-    // Every write is two statements, whether the cache holds the repository or not.
+    // Every write is three statements (pending, then lease and intent, then the commit),
+    // whether the cache holds the repository or not.
     let notified = cluster.proxy.state().routing.notifications();
     for branch in ["copy-1", "copy-2", "copy-3"] {
         let round_trips = cluster.round_trips();
@@ -149,14 +150,14 @@ async fn reads_are_spread_over_the_replicas_and_cost_no_database_round_trip() {
         .unwrap();
         assert_eq!(
             cluster.round_trips() - round_trips,
-            2,
-            "a write is two statements"
+            3,
+            "a write is three statements"
         );
     }
     Cluster::wait_for_notifications(&cluster.proxy, notified, 3).await;
     refs.find_default_branch(find()).await.unwrap();
     // A push: its ref advertisement is a read from the cache, the push itself three
-    // statements (pending, then lease and intent, then the commit).
+    // statements too.
     commit_branch(work.path(), "pushed");
     let round_trips = cluster.round_trips();
     run_git(
@@ -172,8 +173,7 @@ async fn reads_are_spread_over_the_replicas_and_cost_no_database_round_trip() {
     assert_eq!(record.generation, 5);
     assert_eq!(record.up_to_date().count(), 3);
     // Each commit recorded the generation's refs checksum: the creation the empty
-    // repository's, UpdateRefs the replicas' after it, a push its own computed from the refs
-    // it moved.
+    // repository's, and every write its own, computed from the refs it moved.
     assert_eq!(
         cluster.store().refs_checksum(record.id).await.unwrap(),
         Some(cluster.agreed_checksum(&record).await)

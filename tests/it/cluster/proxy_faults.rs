@@ -211,7 +211,7 @@ async fn a_write_arriving_twice_is_refused_the_second_time_and_changes_nothing()
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_write_only_a_minority_applies_is_rolled_back() {
+async fn a_write_only_a_minority_makes_leaves_that_minority_behind() {
     let cluster = Cluster::start(3).await;
     cluster.create("minority.git").await;
     let work = cluster.push_main("minority.git");
@@ -229,7 +229,8 @@ async fn a_write_only_a_minority_applies_is_rolled_back() {
     assert_eq!(record.generation, 2);
 
     // Two replicas are moved behind the proxy's back, so the write's compare-and-swap holds
-    // on one replica only.
+    // on one replica only: all three prepare it (they have its objects), one makes it, and two
+    // refuse it.
     for index in [1, 2] {
         RefServiceClient::new(cluster.nodes[index].channel().await)
             .update_refs(UpdateRefsRequest {
@@ -239,7 +240,7 @@ async fn a_write_only_a_minority_applies_is_rolled_back() {
             .await
             .unwrap();
     }
-    let before = cluster.node_checksum(0, &record).await;
+    let catalog_before = cluster.store().refs_checksum(record.id).await.unwrap();
     let error = RefServiceClient::new(cluster.channel().await)
         .update_refs(UpdateRefsRequest {
             repository: header("default", "minority.git"),
@@ -247,24 +248,54 @@ async fn a_write_only_a_minority_applies_is_rolled_back() {
         })
         .await
         .unwrap_err();
-    assert_eq!(error.code(), tonic::Code::Unavailable, "{error:?}");
+    // The majority's answer is the caller's: a lost compare-and-swap, and the catalog agrees.
+    assert_eq!(error.code(), tonic::Code::Aborted, "{error:?}");
     assert!(
-        error.message().contains("rolled back"),
+        error.message().contains("nothing was changed"),
         "{}",
         error.message()
     );
-    assert_eq!(
-        cluster.node_checksum(0, &record).await,
-        before,
-        "not rolled back"
-    );
     let record = cluster.record("minority.git").await;
-    assert_eq!(record.generation, 2, "nothing was acknowledged");
+    assert_eq!(
+        record.generation, 3,
+        "the refusing majority is the next generation"
+    );
+    let current: Vec<&str> = record
+        .up_to_date()
+        .map(|storage| storage.as_str())
+        .collect();
+    assert_eq!(current, [STORAGES[1], STORAGES[2]]);
+    let queued: Vec<String> = sqlx::query_scalar(
+        "SELECT target_storage FROM jobs WHERE repository_id = $1 AND state = 'queued'",
+    )
+    .bind(record.id.0)
+    .fetch_all(cluster.store().pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        queued,
+        [STORAGES[0]],
+        "the replica that made it is repaired"
+    );
+    let served = run_git(
+        work.path(),
+        &[
+            "ls-remote",
+            &cluster.url("minority.git"),
+            "refs/heads/feature",
+        ],
+    );
+    assert!(served.starts_with(&main), "{served}");
     let intents: i64 = sqlx::query_scalar("SELECT count(*) FROM write_intents")
         .fetch_one(cluster.store().pool())
         .await
         .unwrap();
     assert_eq!(intents, 0);
+    // Nothing was made by the generation's replicas: its checksum is the one before.
+    assert_eq!(
+        cluster.store().refs_checksum(record.id).await.unwrap(),
+        catalog_before
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -641,6 +672,11 @@ async fn a_repository_created_while_a_node_is_down_is_served_and_its_missing_rep
             .into_inner();
         assert_eq!(head.name, "refs/heads/feature");
     }
+    // Its checksum is computed from the change: HEAD's old branch to its new one.
+    assert_eq!(
+        cluster.store().refs_checksum(record.id).await.unwrap(),
+        Some(cluster.node_checksum(0, &record).await)
+    );
 
     // Removing it with a node down: the row goes at once, the reachable replicas too.
     RepositoryServiceClient::new(cluster.channel().await)
@@ -658,8 +694,11 @@ async fn a_repository_created_while_a_node_is_down_is_served_and_its_missing_rep
     assert_eq!(rows, 0);
 }
 
+/// A write reads no replica's refs: a replica that diverged behind the catalog's back takes the
+/// write like the others, and the catalog's checksum, computed from the change, is the clean
+/// replicas'. Finding the divergence is the verifier's work (see `repair.rs`).
 #[tokio::test(flavor = "multi_thread")]
-async fn a_replica_that_applies_a_write_but_disagrees_is_left_behind() {
+async fn a_write_computes_its_checksum_from_the_change_not_from_a_diverged_replica() {
     let cluster = Cluster::start(3).await;
     cluster.create("diverged.git").await;
     let work = cluster.push_main("diverged.git");
@@ -667,7 +706,7 @@ async fn a_replica_that_applies_a_write_but_disagrees_is_left_behind() {
         .trim()
         .to_owned();
     let record = cluster.record("diverged.git").await;
-    // Node 2 holds a ref the others do not: it will apply the write, and still differ.
+    // Node 2 holds a ref the others do not.
     RefServiceClient::new(cluster.nodes[1].channel().await)
         .update_refs(UpdateRefsRequest {
             repository: header(STORAGES[1], record.replica_path.as_str()),
@@ -684,19 +723,18 @@ async fn a_replica_that_applies_a_write_but_disagrees_is_left_behind() {
         .unwrap();
     let record = cluster.record("diverged.git").await;
     assert_eq!(record.generation, 2);
-    let current: Vec<&str> = record
-        .up_to_date()
-        .map(|storage| storage.as_str())
-        .collect();
-    assert_eq!(current, [STORAGES[0], STORAGES[2]]);
-    let queued: Vec<String> = sqlx::query_scalar(
-        "SELECT target_storage FROM jobs WHERE repository_id = $1 AND state = 'queued'",
-    )
-    .bind(record.id.0)
-    .fetch_all(cluster.store().pool())
-    .await
-    .unwrap();
-    assert_eq!(queued, [STORAGES[1]]);
+    assert_eq!(record.up_to_date().count(), 3);
+    let catalog = cluster.store().refs_checksum(record.id).await.unwrap();
+    assert_eq!(catalog, Some(cluster.node_checksum(0, &record).await));
+    assert_eq!(catalog, Some(cluster.node_checksum(2, &record).await));
+    assert_ne!(catalog, Some(cluster.node_checksum(1, &record).await));
+    for index in 0..3 {
+        let copy = run_git(
+            &cluster.replica_dir(index, &record),
+            &["rev-parse", "refs/heads/copy"],
+        );
+        assert_eq!(copy.trim(), main, "replica {index}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
