@@ -54,6 +54,7 @@ fn the_benchmark_measures_every_figure_next_to_its_baseline() {
         "fetch, one new commit (3 files)",
         "push, one commit (3 replicas)",
         "push, one commit, against a local path",
+        "push, one commit: CPU time of the whole machine",
         "push, one commit, into 300 refs",
         "pushes a second, 8 writers on one repository",
         "lease hold of those pushes, p50 (bucket bound)",
@@ -90,6 +91,12 @@ fn the_benchmark_measures_every_figure_next_to_its_baseline() {
             assert!(baseline["median"].as_f64().unwrap().is_finite(), "{row}");
         }
     }
+    // A push through three replicas costs the machine some CPU time.
+    let cpu = rows
+        .iter()
+        .find(|row| row["measure"] == "push, one commit: CPU time of the whole machine")
+        .unwrap();
+    assert!(cpu["gitfleet"]["median"].as_f64().unwrap() > 0.0, "{cpu}");
     // The clone rows stand beside both baselines.
     let clone = &rows[0];
     assert_eq!(clone["baseline_name"], "git daemon");
