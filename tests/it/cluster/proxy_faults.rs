@@ -764,6 +764,77 @@ async fn the_proxy_refuses_a_client_that_sends_a_fencing_token() {
     assert_eq!(cluster.record("fenced.git").await.generation, 0);
 }
 
+/// A reference change whose commit stalls on one replica (its `update-ref` paused, as SIGSTOP
+/// would) is committed by the other two once they answer, and the stalled replica is left
+/// behind. The repository moves on meanwhile; when the stalled change resumes, long after its
+/// lease, the replica is still only outdated, and its repair brings it to the latest
+/// generation.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reference_change_stalled_on_one_replica_commits_on_the_others_and_it_is_repaired() {
+    let mut cluster = Cluster::start_with(3, 3, "[writes]\nstraggler_timeout = \"300ms\"\n").await;
+    cluster.create("stalled.git").await;
+    let work = cluster.push_main("stalled.git");
+    let main = run_git(work.path(), &["rev-parse", "main"])
+        .trim()
+        .to_owned();
+    let stall = Stall::new("update-ref");
+    cluster.nodes[2].restart_with(&stall.node_config());
+    cluster.wait_for_health(2, true).await;
+
+    stall.arm();
+    let started = Instant::now();
+    RefServiceClient::new(cluster.channel().await)
+        .update_refs(UpdateRefsRequest {
+            repository: header("default", "stalled.git"),
+            updates: vec![update("refs/heads/copy", &"0".repeat(40), &main)],
+        })
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the stalled replica held the change for {:?}",
+        started.elapsed()
+    );
+    stall.stalled().await;
+    let record = cluster.record("stalled.git").await;
+    assert_eq!(record.generation, 2);
+    let current: Vec<&str> = record
+        .up_to_date()
+        .map(|storage| storage.as_str())
+        .collect();
+    assert_eq!(current, [STORAGES[0], STORAGES[1]]);
+
+    // The repository moves on without it.
+    commit_branch(work.path(), "later");
+    run_git(
+        work.path(),
+        &["push", "-q", &cluster.url("stalled.git"), "later"],
+    );
+    assert_eq!(cluster.record("stalled.git").await.generation, 3);
+
+    // The stalled change resumes, then the replica is repaired.
+    stall.release();
+    let worker = start_worker(
+        worker_config(&cluster),
+        &[JobType::Replicator],
+        Hooks::default(),
+    );
+    wait_for(60, "every replica up to date", || async {
+        cluster.record("stalled.git").await.up_to_date().count() == 3
+    })
+    .await;
+    let record = cluster.record("stalled.git").await;
+    let agreed = cluster.agreed_checksum(&record).await;
+    assert_eq!(
+        cluster.store().refs_checksum(record.id).await.unwrap(),
+        Some(agreed)
+    );
+    let refs = refs_of(&cluster.replica_dir(2, &record));
+    assert!(refs.contains("refs/heads/copy"), "{refs}");
+    assert!(refs.contains("refs/heads/later"), "{refs}");
+    worker.stop().await;
+}
+
 /// A replica dropped as a straggler may still apply the write after the proxy judged it. Here
 /// its receive-pack ran on, out of its node's reach, after the write had failed (one replica
 /// applied it, one refused) and had been undone. No definitive answer, no credit: the replica
