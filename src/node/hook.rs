@@ -1,7 +1,8 @@
 //! The node's git hooks, each a link to the gitfleet binary, which knows by the name it was run
 //! by that it runs as a hook (see [`run_as_hook`]): the `reference-transaction` hook checks a
 //! push's fencing token against the replica's fence when its refs change, and a prepared
-//! push's `pre-receive` reports its commands at the rendezvous (see [`super::prepare`]).
+//! push's `pre-receive` reports its commands at the rendezvous and, once told to commit,
+//! enters the fence for the rest of the push (see [`super::prepare`]).
 
 use std::fs::OpenOptions;
 use std::path::Path;
@@ -25,15 +26,24 @@ pub const PRE_RECEIVE: &str = "pre-receive";
 /// The hooks of a push that carries a fencing token: only the ref transactions' check, so that
 /// no other hook costs a process start.
 pub const FENCED_HOOKS: &[&str] = &[HOOK_NAME];
-/// The hooks of a prepared push.
-pub const PREPARED_HOOKS: &[&str] = &[HOOK_NAME, PRE_RECEIVE];
+/// The hooks of a prepared push: `pre-receive` alone, which holds the fence from the decision
+/// to the end of the push, so that no ref transaction costs a process start.
+pub const PREPARED_HOOKS: &[&str] = &[PRE_RECEIVE];
+/// Every hook the node installs anywhere.
+const ALL_HOOKS: &[&str] = &[HOOK_NAME, PRE_RECEIVE];
 
-/// Installs the node's reference-transaction hook in `dir`, for receive-pack's ref updates
-/// (git runs it with `core.hooksPath` pointing there when a push carries a token). The hook is
-/// a link to this program (`exe`), which [`run_as_hook`] recognises by the name it was run by,
-/// so no shell starts for any of the transaction's states.
+/// Installs the hooks `names` in `dir`, for receive-pack (git runs them with `core.hooksPath`
+/// pointing there), and removes any other hook of the node's from it, left by an earlier
+/// version. Each hook is a link to this program (`exe`), which [`run_as_hook`] recognises by
+/// the name it was run by, so no shell starts for any of them.
 pub fn install_hook(dir: &Path, exe: &Path, names: &[&str]) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
+    for stale in ALL_HOOKS.iter().filter(|hook| !names.contains(hook)) {
+        match std::fs::remove_file(dir.join(stale)) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+            _ => {}
+        }
+    }
     for name in names {
         let path = dir.join(name);
         let new = dir.join(format!("{name}.new"));
@@ -71,9 +81,6 @@ pub fn run_as_hook() -> Option<std::process::ExitCode> {
     let replica = Path::new(".");
     let state = args.next();
     let state = state.as_ref().and_then(|state| state.to_str());
-    if let Some(socket) = std::env::var_os(super::prepare::PREPARE_ENV) {
-        return Some(prepared_push(replica, Path::new(&socket), state));
-    }
     let Some(token) = std::env::var_os(FENCE_ENV) else {
         return Some(ExitCode::SUCCESS);
     };
@@ -100,41 +107,11 @@ pub fn run_as_hook() -> Option<std::process::ExitCode> {
     Some(code)
 }
 
-/// The hook of a prepared push (see [`super::prepare`]): at `prepared`, the updates go to the
-/// node, and its decision either commits them under its token, through the fence, or aborts
-/// them with its reason.
-fn prepared_push(replica: &Path, socket: &Path, state: Option<&str>) -> std::process::ExitCode {
-    use super::prepare::{Decision, ask, read_updates};
-    use std::process::ExitCode;
-    match state {
-        Some("prepared") => {}
-        Some("committed" | "aborted") => {
-            let _ = std::fs::remove_file(replica.join(HOLDER_FILE));
-            return ExitCode::SUCCESS;
-        }
-        _ => return ExitCode::SUCCESS,
-    }
-    let decision = match read_updates() {
-        Ok(updates) => ask(socket, &updates),
-        Err(error) => Decision::Abort(format!("cannot read the ref updates: {error}")),
-    };
-    let refused = match decision {
-        Decision::Commit(token) => {
-            match hook_prepared(replica, token, std::os::unix::process::parent_id()) {
-                Ok(()) => return ExitCode::SUCCESS,
-                Err(error) => error.to_string(),
-            }
-        }
-        Decision::Abort(reason) => reason,
-    };
-    eprintln!("{refused}");
-    ExitCode::FAILURE
-}
-
-/// The `prepared` hook, run by git in the replica's directory once a push's ref updates
-/// are locked and about to be committed: enters the fence for `token`, and leaves the lock
-/// with a forked child that holds it until the transaction ends or `git` (the hook's parent,
-/// pid `git`) exits. Must run single-threaded (it forks).
+/// Enters the fence for `token` from a hook run by git in the replica's directory: the
+/// `prepared` state of a fenced push's ref transaction, or a prepared push's `pre-receive`
+/// told to commit. Leaves the lock with a forked child that holds it until the holder file is
+/// removed (the transaction ended) or `git` (the hook's parent, pid `git`) exits. Must run
+/// single-threaded (it forks).
 pub fn hook_prepared(replica: &Path, token: u64, git: u32) -> Result<(), FenceError> {
     let guard = enter(replica, token)?;
     std::fs::write(replica.join(HOLDER_FILE), "")?;
@@ -162,10 +139,32 @@ pub fn hook_prepared(replica: &Path, token: u64, git: u32) -> Result<(), FenceEr
 }
 
 /// Keeps the fence lock until the holder file is gone (the transaction ended) or the process
-/// `git` exited.
+/// `git` exited, and removes the holder file, still under the lock.
 fn hold(replica: &Path, git: u32) {
     let git = nix::unistd::Pid::from_raw(git as i32);
     while replica.join(HOLDER_FILE).exists() && nix::sys::signal::kill(git, None).is_ok() {
         std::thread::sleep(Duration::from_millis(2));
+    }
+    let _ = std::fs::remove_file(replica.join(HOLDER_FILE));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn installing_replaces_the_hooks_and_removes_those_no_longer_wanted() {
+        let dir = tempfile::tempdir().unwrap();
+        let hooks = dir.path().join("hooks");
+        let exe = Path::new("/bin/true");
+        install_hook(&hooks, exe, &[HOOK_NAME, PRE_RECEIVE]).unwrap();
+        assert!(hooks.join(HOOK_NAME).exists());
+        install_hook(&hooks, exe, PREPARED_HOOKS).unwrap();
+        assert!(hooks.join(PRE_RECEIVE).exists());
+        assert!(
+            std::fs::symlink_metadata(hooks.join(HOOK_NAME)).is_err(),
+            "an earlier version's hook is left"
+        );
+        assert_eq!(std::fs::read_link(hooks.join(PRE_RECEIVE)).unwrap(), exe);
     }
 }

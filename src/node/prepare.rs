@@ -3,10 +3,11 @@
 //! of the push, before the objects move in) connects to the push's rendezvous, a unix socket
 //! the node listens on, sends the commands (`OLD NEW REF` lines, then the end of its half of
 //! the connection), and waits for one answer line:
-//! - `commit TOKEN`: the hook lets receive-pack go on. Each ref transaction that follows (git
-//!   2.47 commits a push without --atomic one transaction per command) is checked by the
-//!   `reference-transaction` hook, which asks the rendezvous again, gets the same answer, and
-//!   enters the replica's fence with the token (refusing it if a newer one was accepted);
+//! - `commit TOKEN`: the hook enters the replica's fence with the token (refusing the push if a
+//!   newer one was accepted) and leaves its lock with a holder that keeps it until
+//!   receive-pack exits; then it lets receive-pack go on. Every ref transaction that follows
+//!   (git 2.47 commits a push without --atomic one transaction per command) runs under the
+//!   fence, and a newer token waits for the push to end;
 //! - `abort REASON`: the hook says why and fails, so receive-pack refuses every command
 //!   ("pre-receive hook declined") and drops the quarantined objects.
 //!
@@ -166,20 +167,26 @@ pub fn ask(socket: &Path, updates: &[u8]) -> Decision {
     }
 }
 
-/// The `pre-receive` hook of a prepared push: reports the push's commands to the node at
-/// `socket`, and lets receive-pack go on only on a commit.
+/// The `pre-receive` hook of a prepared push, run by git in the replica's directory: reports
+/// the push's commands to the node at `socket`, and lets receive-pack go on only on a commit,
+/// once it holds the replica's fence for the decision's token (until receive-pack exits).
 pub fn pre_receive(socket: &Path) -> std::process::ExitCode {
     let decision = match read_updates() {
         Ok(updates) => ask(socket, &updates),
         Err(error) => Decision::Abort(format!("cannot read the push's commands: {error}")),
     };
-    match decision {
-        Decision::Commit(_) => std::process::ExitCode::SUCCESS,
-        Decision::Abort(reason) => {
-            eprintln!("{reason}");
-            std::process::ExitCode::FAILURE
+    let refused = match decision {
+        Decision::Commit(token) => {
+            let receive_pack = std::os::unix::process::parent_id();
+            match super::hook::hook_prepared(Path::new("."), token, receive_pack) {
+                Ok(()) => return std::process::ExitCode::SUCCESS,
+                Err(error) => error.to_string(),
+            }
         }
-    }
+        Decision::Abort(reason) => reason,
+    };
+    eprintln!("{refused}");
+    std::process::ExitCode::FAILURE
 }
 
 /// Reads what git gives the hook on standard input.
@@ -226,18 +233,12 @@ pub(super) async fn decide(
             "the push's caller went away before deciding".into(),
         ),
     };
-    // Each ref transaction that follows (git 2.47 commits a push without --atomic one
-    // transaction per command) asks again, for the token, and gets the same decision.
-    let mut next = Some(prepared);
-    while let Some(prepared) = next.take() {
-        let handed = match &decision {
-            push_decision::Decision::CommitToken(token) => prepared.commit(*token).await,
-            push_decision::Decision::AbortReason(reason) => prepared.abort(reason).await,
-        };
-        if let Err(error) = handed {
-            tracing::warn!(%error, "a prepared push's decision could not be handed over");
-        }
-        next = rendezvous.prepared().await.ok();
+    let handed = match &decision {
+        push_decision::Decision::CommitToken(token) => prepared.commit(*token).await,
+        push_decision::Decision::AbortReason(reason) => prepared.abort(reason).await,
+    };
+    if let Err(error) = handed {
+        tracing::warn!(%error, "a prepared push's decision could not be handed over");
     }
 }
 

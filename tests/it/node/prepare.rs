@@ -1,7 +1,7 @@
-//! A prepared push, driven by real git: receive-pack runs with the node's hooks, stops with the
+//! A prepared push, driven by real git: receive-pack runs with the node's hook, stops with the
 //! pack in quarantine and its commands reported at the rendezvous (pre-receive), and commits
-//! only on the node's decision, under that decision's token and the replica's fence
-//! (reference-transaction).
+//! only on the node's decision, under that decision's token and the replica's fence, which the
+//! hook holds until receive-pack exits.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -83,10 +83,6 @@ async fn a_prepared_push_waits_for_its_decision_and_commits_under_its_token() {
     assert!(!has_object(&setup.repository(), &setup.commit));
 
     prepared.commit(7).await.unwrap();
-    // The ref transaction asks again, for the token: the branch and HEAD, which points at it.
-    let transaction = rendezvous.prepared().await.unwrap();
-    assert_eq!(transaction.updates.len(), 2, "{:?}", transaction.updates);
-    transaction.commit(7).await.unwrap();
     let repository = setup.repository();
     let output = setup.push.wait_with_output().await.unwrap();
     assert!(output.status.success(), "{output:?}");
@@ -95,6 +91,12 @@ async fn a_prepared_push_waits_for_its_decision_and_commits_under_its_token() {
         setup.commit
     );
     assert_eq!(fence::read(&repository).unwrap(), 7);
+    // The fence was held for the push, and let go when receive-pack exited: a newer token
+    // enters at once, and no holder is left behind.
+    let started = std::time::Instant::now();
+    fence::enter(&repository, 8).unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    assert!(!repository.join("gitfleet-fence.holder").exists());
 }
 
 #[tokio::test]
@@ -141,10 +143,8 @@ async fn a_prepared_push_without_a_decision_aborts_and_one_with_an_older_token_i
     let setup = start_push(&rendezvous);
     let repository = setup.repository();
     fence::enter(&repository, 9).unwrap();
-    for _step in ["pre-receive", "reference-transaction"] {
-        let prepared = rendezvous.prepared().await.unwrap();
-        prepared.commit(8).await.unwrap();
-    }
+    let prepared = rendezvous.prepared().await.unwrap();
+    prepared.commit(8).await.unwrap();
     let output = setup.push.wait_with_output().await.unwrap();
     assert!(!output.status.success(), "{output:?}");
     assert!(
@@ -250,7 +250,7 @@ async fn a_node_answers_a_prepared_push_and_applies_the_decision() {
 }
 
 /// Every command of a push is prepared at once; git then commits a push without --atomic one
-/// ref transaction per command, and each checks the decision's token at the fence.
+/// ref transaction per command, all under the fence the decision's token entered.
 #[tokio::test]
 async fn every_ref_of_a_prepared_push_gets_its_decision() {
     let node = NodeProcess::start();
