@@ -13,8 +13,15 @@ use super::fence::{FenceError, enter};
 /// The environment that carries a push's token to the node's reference-transaction hook.
 pub const FENCE_ENV: &str = "GITFLEET_FENCE";
 
-/// Present while a push's ref transaction holds the fence lock through its holder process.
-pub(super) const HOLDER_FILE: &str = "gitfleet-fence.holder";
+/// Present while a push holds the fence lock through its holder process, suffixed with the pid
+/// of the push's git process (see [`holder_file`]), so that one push's hook never lets go of
+/// another's fence.
+const HOLDER_FILE: &str = "gitfleet-fence.holder";
+
+/// The holder file of the git process `git`.
+fn holder_file(git: u32) -> String {
+    format!("{HOLDER_FILE}.{git}")
+}
 
 /// The name git runs the hook by, and by which this program knows it was run as the hook.
 pub const HOOK_NAME: &str = "reference-transaction";
@@ -99,7 +106,8 @@ pub fn run_as_hook() -> Option<std::process::ExitCode> {
             }
         }
         Some("committed" | "aborted") => {
-            let _ = std::fs::remove_file(replica.join(HOLDER_FILE));
+            let git = std::os::unix::process::parent_id();
+            let _ = std::fs::remove_file(replica.join(holder_file(git)));
             ExitCode::SUCCESS
         }
         _ => ExitCode::SUCCESS,
@@ -114,7 +122,7 @@ pub fn run_as_hook() -> Option<std::process::ExitCode> {
 /// single-threaded (it forks).
 pub fn hook_prepared(replica: &Path, token: u64, git: u32) -> Result<(), FenceError> {
     let guard = enter(replica, token)?;
-    std::fs::write(replica.join(HOLDER_FILE), "")?;
+    std::fs::write(replica.join(holder_file(git)), "")?;
     // The lock belongs to the open file, which the child shares. Dropping the guard would
     // unlock it for the child too: this process forgets it and exits.
     // SAFETY: the hook runs no other thread, so the child may run any code.
@@ -141,11 +149,12 @@ pub fn hook_prepared(replica: &Path, token: u64, git: u32) -> Result<(), FenceEr
 /// Keeps the fence lock until the holder file is gone (the transaction ended) or the process
 /// `git` exited, and removes the holder file, still under the lock.
 fn hold(replica: &Path, git: u32) {
+    let file = replica.join(holder_file(git));
     let git = nix::unistd::Pid::from_raw(git as i32);
-    while replica.join(HOLDER_FILE).exists() && nix::sys::signal::kill(git, None).is_ok() {
+    while file.exists() && nix::sys::signal::kill(git, None).is_ok() {
         std::thread::sleep(Duration::from_millis(2));
     }
-    let _ = std::fs::remove_file(replica.join(HOLDER_FILE));
+    let _ = std::fs::remove_file(file);
 }
 
 #[cfg(test)]

@@ -6,8 +6,9 @@
 //!    replica has. It answers `prepared` with the change, and has changed nothing.
 //! 2. The caller's decision follows on the same stream. `commit TOKEN` enters the replica's
 //!    fence with the token and makes the change in one reference transaction, which compares
-//!    the old targets then; the stream ends with its outcome. An abort, a caller that goes
-//!    away, or no decision within [`DECISION_WAIT`] changes nothing.
+//!    the old targets then, and answers `made` (or ends with why not). An abort, a caller that
+//!    goes away, or no decision within [`DECISION_WAIT`] changes nothing, and an answer that
+//!    ends without `made` says so.
 
 use std::path::Path;
 
@@ -44,7 +45,7 @@ impl Node {
             (false, true) => {
                 let script = update_script(&first.updates)?;
                 self.check_objects(&repository.path, &first.updates).await?;
-                (Change::Updates(script), first.updates)
+                (Change::Updates(script), normalized(&first.updates)?)
             }
             (true, false) => {
                 let branch = RefName::branch(&first.default_branch)?;
@@ -64,6 +65,7 @@ impl Node {
         let (sender, receiver) = mpsc::channel(2);
         let answer = PrepareRefsResponse {
             prepared: Some(PreparedPush { updates: prepared }),
+            made: false,
         };
         sender
             .try_send(Ok(answer))
@@ -73,8 +75,15 @@ impl Node {
         tokio::spawn(tracing::Instrument::in_current_span(async move {
             let decision = match tokio::time::timeout(DECISION_WAIT, stream.message()).await {
                 Ok(Ok(Some(message))) => message.decision,
-                // No decision: nothing changes.
-                _ => return,
+                Ok(Ok(None)) => None,
+                Ok(Err(status)) => {
+                    tracing::debug!(%status, "a prepared change's caller went away");
+                    None
+                }
+                Err(_) => {
+                    let _ = sender.send(Err(unmade("no decision came in time"))).await;
+                    return;
+                }
             };
             let token = match decision {
                 Some(PushDecision {
@@ -82,14 +91,19 @@ impl Node {
                 }) => token,
                 Some(PushDecision {
                     decision: Some(push_decision::Decision::AbortReason(_)),
-                }) => return,
-                _ => {
+                }) => {
+                    let _ = sender.send(Err(unmade("aborted"))).await;
+                    return;
+                }
+                Some(PushDecision { decision: None }) => {
                     let refused = Status::invalid_argument(
                         "a prepared change's second message must be its decision",
                     );
                     let _ = sender.send(Err(refused)).await;
                     return;
                 }
+                // The caller went away (or sent no decision): nothing changes.
+                None => return,
             };
             // Once decided, the change runs to its end whoever is still listening.
             let made = node
@@ -104,9 +118,11 @@ impl Node {
                     }
                 })
                 .await;
-            if let Err(status) = made {
-                let _ = sender.send(Err(status)).await;
-            }
+            let answer = made.map(|()| PrepareRefsResponse {
+                prepared: None,
+                made: true,
+            });
+            let _ = sender.send(answer).await;
         }));
         Ok(ReceiverStream::new(receiver))
     }
@@ -149,4 +165,25 @@ impl Node {
         }
         Ok(())
     }
+}
+
+/// Why a prepared change made nothing, as the end of its answer.
+fn unmade(why: &str) -> Status {
+    Status::aborted(format!(
+        "the prepared change was not made: {why}; nothing was changed"
+    ))
+}
+
+/// The updates as the replica reads them: ids in the form git writes (lower-case hex).
+fn normalized(updates: &[RefUpdate]) -> Result<Vec<RefUpdate>, NodeError> {
+    updates
+        .iter()
+        .map(|update| {
+            Ok(RefUpdate {
+                name: RefName::parse(&update.name)?.as_str().to_owned(),
+                old_target: ObjectId::parse(&update.old_target)?.as_str().to_owned(),
+                new_target: ObjectId::parse(&update.new_target)?.as_str().to_owned(),
+            })
+        })
+        .collect()
 }

@@ -6,7 +6,6 @@
 
 mod close;
 mod fanout;
-mod judge;
 mod lease;
 mod open;
 mod prepare;

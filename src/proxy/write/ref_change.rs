@@ -17,10 +17,9 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use prost::Message as _;
-use tonic::Status;
+use tonic::{Code, Status};
 
 use super::close::Commit;
-use super::judge::definitive;
 use super::prepare::{self, Kind, Opening, Replicas};
 use super::two_phase::{agreement, decide};
 use super::{Answer, Reply, SET_DEFAULT_BRANCH, Write};
@@ -28,7 +27,8 @@ use crate::fleet::majority;
 use crate::git::checksum::Checksum;
 use crate::model::StorageName;
 use crate::proto::{
-    PrepareRefsRequest, RepositoryHeader, SetDefaultBranchRequest, UpdateRefsRequest,
+    PrepareRefsRequest, PrepareRefsResponse, RepositoryHeader, SetDefaultBranchRequest,
+    UpdateRefsRequest,
 };
 use crate::proxy::error::ProxyError;
 use crate::store::{PendingWrite, WriteLease};
@@ -88,16 +88,20 @@ impl Write {
             replicas.abort_all(&error.to_string()).await;
             return Err(error);
         };
-        let Some((updates, agreeing)) = agreement(&phase1, &replicas, needed) else {
+        // The change recorded is the caller's, as the proxy read it; the replicas' echo of it
+        // only has to agree.
+        let Some((_, agreeing)) = agreement(&phase1, &replicas, needed) else {
             replicas
                 .abort_all("the change was not prepared by a majority of replicas")
                 .await;
-            let (storage, reply) = self.unprepared(&replicas, phase1, needed, pending)?;
-            return Ok((storage, Ok(reply)));
+            return match self.unprepared(&replicas, phase1, needed, pending) {
+                Ok((storage, _)) => Err(ProxyError::Node {
+                    storage,
+                    status: Status::internal("the replica ended the change before its decision"),
+                }),
+                Err(error) => Err(error),
+            };
         };
-        if self.path != SET_DEFAULT_BRANCH {
-            self.changes = updates;
-        }
 
         // Phase 2: under the lease, short.
         let (lease, begun_at, _turn) = match self.take_lease(pending, &agreeing).await {
@@ -114,6 +118,10 @@ impl Write {
             && let Err(error) = self.record_head_before(&lease).await
         {
             replicas.abort_all(&error.to_string()).await;
+            // No replica was told anything: the lease goes back at once, if still held.
+            if let Err(release) = self.release(&lease).await {
+                tracing::debug!(%release, "the lease is left to run out");
+            }
             return Err(error);
         }
         let committing = decide(&mut replicas, &lease).await;
@@ -162,10 +170,17 @@ impl Write {
         let mut refused = Vec::new();
         for (&index, reply) in &finished {
             match reply {
-                Ok(_) => made.push(index),
-                // A definitive refusal changed nothing; anything else may have changed it.
-                Err(_) if definitive(reply) => refused.push(index),
-                Err(_) => {}
+                Ok(reply) if was_made(reply) => made.push(index),
+                // A lost compare-and-swap, a fenced token or a name clash: the reference
+                // transaction refused the change, and nothing changed. Anything else (a
+                // replica that lost its repository or objects, a call cut off) may have changed
+                // it, or is broken: its replica is repaired.
+                Err(status)
+                    if matches!(status.code(), Code::Aborted | Code::FailedPrecondition) =>
+                {
+                    refused.push(index)
+                }
+                _ => {}
             }
         }
         let (mut current, moved) = if made.len() >= needed {
@@ -236,4 +251,12 @@ impl Write {
             }
         }
     }
+}
+
+/// Whether a replica's answer says it made the change: its last message carries `made`.
+fn was_made(reply: &Reply) -> bool {
+    reply
+        .messages
+        .iter()
+        .any(|message| PrepareRefsResponse::decode(message.clone()).is_ok_and(|answer| answer.made))
 }

@@ -764,6 +764,35 @@ async fn the_proxy_refuses_a_client_that_sends_a_fencing_token() {
     assert_eq!(cluster.record("fenced.git").await.generation, 0);
 }
 
+/// git takes object ids in upper case too, and writes them in lower case: the catalog's
+/// checksum, computed from the change, must be computed from what the replicas hold.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_given_in_upper_case_ids_keeps_the_catalog_checksum_true() {
+    let cluster = Cluster::start(3).await;
+    cluster.create("case.git").await;
+    let work = cluster.push_main("case.git");
+    let main = run_git(work.path(), &["rev-parse", "main"])
+        .trim()
+        .to_owned();
+    RefServiceClient::new(cluster.channel().await)
+        .update_refs(UpdateRefsRequest {
+            repository: header("default", "case.git"),
+            updates: vec![update(
+                "refs/heads/shouted",
+                &"0".repeat(40),
+                &main.to_uppercase(),
+            )],
+        })
+        .await
+        .unwrap();
+    let record = cluster.record("case.git").await;
+    assert_eq!(record.generation, 2);
+    assert_eq!(
+        cluster.store().refs_checksum(record.id).await.unwrap(),
+        Some(cluster.agreed_checksum(&record).await)
+    );
+}
+
 /// A reference change whose commit stalls on one replica (its `update-ref` paused, as SIGSTOP
 /// would) is committed by the other two once they answer, and the stalled replica is left
 /// behind. The repository moves on meanwhile; when the stalled change resumes, long after its

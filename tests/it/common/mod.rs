@@ -544,3 +544,14 @@ pub fn commit_on(work: &Path, branch: &str) -> String {
     run_git(work, &["commit", "-q", "-m", branch]);
     run_git(work, &["rev-parse", "HEAD"]).trim().to_owned()
 }
+
+/// The fence holder files left in a replica's directory (each names a push that holds, or
+/// held, the replica's fence).
+pub fn fence_holders(replica: &Path) -> Vec<String> {
+    std::fs::read_dir(replica)
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("gitfleet-fence.holder"))
+        .collect()
+}

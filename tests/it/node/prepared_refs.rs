@@ -44,12 +44,13 @@ async fn prepare(
     Ok((requests, responses, prepared))
 }
 
-/// Sends the decision and waits for the end of the answer: the error it ended with, if any.
+/// Sends the decision and reads the rest of the answer: whether it said `made`, and the error
+/// it ended with, if any.
 async fn decide(
     requests: Requests,
     mut responses: Responses,
     decision: push_decision::Decision,
-) -> Option<tonic::Status> {
+) -> (bool, Option<tonic::Status>) {
     requests
         .send(PrepareRefsRequest {
             decision: Some(PushDecision {
@@ -59,10 +60,16 @@ async fn decide(
         })
         .await
         .unwrap();
-    match responses.message().await {
-        Ok(Some(message)) => panic!("an answer after `prepared`: {message:?}"),
-        Ok(None) => None,
-        Err(status) => Some(status),
+    let mut made = false;
+    loop {
+        match responses.message().await {
+            Ok(Some(message)) => {
+                assert!(message.prepared.is_none(), "prepared twice: {message:?}");
+                made |= message.made;
+            }
+            Ok(None) => return (made, None),
+            Err(status) => return (made, Some(status)),
+        }
     }
 }
 
@@ -85,8 +92,8 @@ async fn a_prepared_change_is_made_only_on_its_commit_and_under_its_token() {
     let (requests, responses, prepared) = prepare(&node, request.clone()).await.unwrap();
     assert_eq!(prepared.updates, request.updates);
     assert!(!refs_of(&replica).contains("refs/heads/copy"));
-    let ended = decide(requests, responses, commit(21)).await;
-    assert!(ended.is_none(), "{ended:?}");
+    let (made, ended) = decide(requests, responses, commit(21)).await;
+    assert!(made && ended.is_none(), "{ended:?}");
     assert!(refs_of(&replica).contains("refs/heads/copy"));
     assert_eq!(fence::read(&replica).unwrap(), 21);
 
@@ -95,8 +102,12 @@ async fn a_prepared_change_is_made_only_on_its_commit_and_under_its_token() {
         .await
         .unwrap();
     let abort = push_decision::Decision::AbortReason("the write lock is on".into());
-    let ended = decide(requests, responses, abort).await;
-    assert!(ended.is_none(), "{ended:?}");
+    // Only an answer that says `made` made the change: an abort ends with ABORTED.
+    let (made, ended) = decide(requests, responses, abort).await;
+    assert!(!made, "an aborted change said made");
+    let ended = ended.expect("an aborted change ends with why");
+    assert_eq!(ended.code(), tonic::Code::Aborted, "{ended:?}");
+    assert!(ended.message().contains("nothing was changed"), "{ended:?}");
     let gone = prepare(&node, updates("refs/heads/gone", &zero, &main))
         .await
         .unwrap();
@@ -110,7 +121,9 @@ async fn a_prepared_change_is_made_only_on_its_commit_and_under_its_token() {
     let (requests, responses, _) = prepare(&node, updates("refs/heads/late", &zero, &main))
         .await
         .unwrap();
-    let fenced = decide(requests, responses, commit(20)).await.unwrap();
+    let (made, fenced) = decide(requests, responses, commit(20)).await;
+    assert!(!made);
+    let fenced = fenced.unwrap();
     assert_eq!(fenced.code(), tonic::Code::FailedPrecondition, "{fenced:?}");
     assert!(fenced.message().contains("fenced"), "{fenced:?}");
     assert!(!refs_of(&replica).contains("refs/heads/late"));
@@ -120,7 +133,9 @@ async fn a_prepared_change_is_made_only_on_its_commit_and_under_its_token() {
     let (requests, responses, _) = prepare(&node, updates("refs/heads/copy", &zero, &main))
         .await
         .unwrap();
-    let lost = decide(requests, responses, commit(22)).await.unwrap();
+    let (made, lost) = decide(requests, responses, commit(22)).await;
+    assert!(!made);
+    let lost = lost.unwrap();
     assert_eq!(lost.code(), tonic::Code::Aborted, "{lost:?}");
     assert!(lost.message().contains("nothing was changed"), "{lost:?}");
 
@@ -142,8 +157,8 @@ async fn a_prepared_change_is_made_only_on_its_commit_and_under_its_token() {
         run_git(&replica, &["symbolic-ref", "HEAD"]).trim(),
         "refs/heads/main"
     );
-    let ended = decide(requests, responses, commit(23)).await;
-    assert!(ended.is_none(), "{ended:?}");
+    let (made, ended) = decide(requests, responses, commit(23)).await;
+    assert!(made && ended.is_none(), "{ended:?}");
     assert_eq!(
         run_git(&replica, &["symbolic-ref", "HEAD"]).trim(),
         "refs/heads/copy"
