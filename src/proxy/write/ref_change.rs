@@ -55,8 +55,6 @@ impl Write {
     ) -> Result<Answer, ProxyError> {
         let state = self.proxy.state.clone();
         let needed = majority(pending.assigned.len());
-        let limit = state.config.writes.timeout.0;
-        let phase1_limit = self.deadline.map_or(limit, |deadline| deadline.min(limit));
         let request = self.prepared_request()?;
         let replica_path = pending.replica_path.to_string();
         let first = |storage: &StorageName| {
@@ -71,23 +69,12 @@ impl Write {
             kind: Kind::Refs,
             first: &first,
             prefix: &[],
-            timeout: phase1_limit,
+            timeout: self.phase1_limit(),
         };
         let mut replicas = prepare::start(&self.proxy, &pending.targets, opening, None);
 
         // Phase 1: each target checks the change; no lease is held.
-        let phase1 = tokio::time::timeout(
-            phase1_limit,
-            self.prepare(&mut replicas, &pending.ready, needed),
-        )
-        .await;
-        let Ok(phase1) = phase1 else {
-            let error = self.failed(&format!(
-                "the change was not prepared within {phase1_limit:?}; nothing changed"
-            ));
-            replicas.abort_all(&error.to_string()).await;
-            return Err(error);
-        };
+        let phase1 = self.phase1(&mut replicas, pending, "change").await?;
         // The change recorded is the caller's, as the proxy read it; the replicas' echo of it
         // only has to agree.
         let Some((_, agreeing)) = agreement(&phase1, &replicas, needed) else {

@@ -15,7 +15,7 @@
 //! record) reach git as `ng` lines with the reason, when the client asked for a report.
 
 use std::collections::HashMap;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prost::Message as _;
@@ -97,8 +97,6 @@ impl Write {
     ) -> Result<Reply, ProxyError> {
         let state = self.proxy.state.clone();
         let needed = majority(pending.assigned.len());
-        let limit = state.config.writes.timeout.0;
-        let phase1_limit = self.deadline.map_or(limit, |deadline| deadline.min(limit));
         let inbound = self.take_inbound();
         let (first, located) = (&self.first, &self.located);
         let opening = Opening {
@@ -107,23 +105,15 @@ impl Write {
                 prepare::push_opening(first, located, storage, &pending.replica_path)
             },
             prefix: &self.prefix,
-            timeout: phase1_limit,
+            timeout: self.phase1_limit(),
         };
         let mut replicas = prepare::start(&self.proxy, &pending.targets, opening, inbound);
 
         // Phase 1: the pack to every target, no lease held, bounded by the write's timeout: a
         // client that trickles its pack for ever would outlive its pending write.
-        let phase1 = tokio::time::timeout(
-            phase1_limit,
-            self.prepare(&mut replicas, &pending.ready, needed),
-        )
-        .await;
-        let Ok(phase1) = phase1 else {
-            let error = self.failed(&format!(
-                "the push was not prepared within {phase1_limit:?}; nothing changed"
-            ));
-            replicas.abort_all(&error.to_string()).await;
-            return self.refuse(capabilities, error).await;
+        let phase1 = match self.phase1(&mut replicas, pending, "push").await {
+            Ok(phase1) => phase1,
+            Err(error) => return self.refuse(capabilities, error).await,
         };
         let Some((updates, agreeing)) = agreement(&phase1, &replicas, needed) else {
             replicas
@@ -155,6 +145,37 @@ impl Write {
             .await;
         state.lease_holds.record(begun_at.elapsed());
         answer
+    }
+
+    /// How long phase 1 may take: `writes.timeout`, or the caller's deadline if sooner.
+    pub(super) fn phase1_limit(&self) -> Duration {
+        let limit = self.proxy.state.config.writes.timeout.0;
+        self.deadline.map_or(limit, |deadline| deadline.min(limit))
+    }
+
+    /// Phase 1: waits for the targets to prepare (see [`Write::prepare`]) within
+    /// [`Write::phase1_limit`]; past it, every call is aborted and the write (`what`) fails,
+    /// having changed nothing.
+    pub(super) async fn phase1(
+        &self,
+        replicas: &mut Replicas,
+        pending: &PendingWrite,
+        what: &str,
+    ) -> Result<Vec<Phase1>, ProxyError> {
+        let needed = majority(pending.assigned.len());
+        let limit = self.phase1_limit();
+        let prepared =
+            tokio::time::timeout(limit, self.prepare(replicas, &pending.ready, needed)).await;
+        match prepared {
+            Ok(phase1) => Ok(phase1),
+            Err(_) => {
+                let error = self.failed(&format!(
+                    "the {what} was not prepared within {limit:?}; nothing changed"
+                ));
+                replicas.abort_all(&error.to_string()).await;
+                Err(error)
+            }
+        }
     }
 
     /// Phase 2's start: waits for this proxy's turn on the repository (pushes through one
