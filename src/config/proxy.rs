@@ -58,7 +58,7 @@ pub struct ProxyConfig {
     #[serde(default = "default_shutdown_delay")]
     pub shutdown_delay: Duration,
     /// Then, how long calls in flight may go on. A write in flight is never cut between its
-    /// fan-out and its second transaction.
+    /// commit decisions and the statement that commits it.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace: Duration,
 }

@@ -55,7 +55,7 @@ pub struct ProxyState {
     /// the lease.
     write_queues: Mutex<HashMap<(StorageName, RelativePath), Weak<WriteQueue>>>,
     /// Writes run as tasks of their own, so that a caller who goes away or a shutdown never
-    /// cuts one between its fan-out and its second transaction. Shutdown waits for them.
+    /// cuts one between its commit decisions and its commit. Shutdown waits for them.
     writes: TaskTracker,
     /// Set when shutdown begins: /readyz turns away new traffic while calls drain.
     draining: std::sync::atomic::AtomicBool,

@@ -1,5 +1,6 @@
 //! git's smart HTTP protocol, served by calling the proxy's own gRPC router in process: a
-//! clone or a push over HTTP takes exactly the routes, write intents and fan-out of gRPC.
+//! clone or a push over HTTP takes exactly the routes, pending writes and prepared calls of
+//! gRPC.
 //! The request is read and admitted in `request.rs`; every failure before the answer starts
 //! is a [`GatewayError`].
 
