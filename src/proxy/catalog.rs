@@ -279,7 +279,7 @@ pub(super) async fn answer(
                 .routing
                 .lookup(&call.virtual_storage, &call.relative_path)
                 .await?
-                .is_some();
+                .is_some_and(|record| !record.unborn);
             Ok(single(RepositoryExistsResponse { exists }))
         }
         RENAME => {

@@ -153,7 +153,8 @@ fn suspect(proxy: &Proxy, record: &RepositoryRecord, storage: &StorageName) {
     });
 }
 
-/// The repository a call names, from the routing cache.
+/// The repository a call names, from the routing cache. One a push made and has not written
+/// to yet is not there for anyone else: it exists once the push's refs commit.
 pub(super) async fn lookup(
     proxy: &Proxy,
     call: &Call,
@@ -163,6 +164,7 @@ pub(super) async fn lookup(
         .routing
         .lookup(&call.virtual_storage, &call.relative_path)
         .await?
+        .filter(|record| !record.unborn)
         .ok_or_else(|| ProxyError::NotFound(call.repository()))
 }
 

@@ -47,6 +47,9 @@ pub struct RepositoryRecord {
     /// The replicas known to exist, with the generation each holds. Replicas whose
     /// generation is unknown (missing or diverged) are left out.
     pub replicas: Vec<(StorageName, i64)>,
+    /// Made by a push whose first write has not committed: to readers it does not exist yet,
+    /// and the push undoes it if it fails.
+    pub unborn: bool,
 }
 
 impl RepositoryRecord {
@@ -93,7 +96,7 @@ macro_rules! select_record {
     () => {
         "
     SELECT r.id, r.virtual_storage, r.relative_path, r.replica_path, r.generation,
-           r.primary_storage,
+           r.primary_storage, r.awaiting_first_push,
            ARRAY(SELECT a.storage FROM assignments a
                  WHERE a.repository_id = r.id ORDER BY a.storage) AS assigned,
            ARRAY(SELECT p.storage FROM replicas p
@@ -126,6 +129,7 @@ fn record(row: &sqlx::postgres::PgRow) -> Result<RepositoryRecord, sqlx::Error> 
             .map_err(|e| undecodable("primary_storage", e))?,
         assigned: storage_names(&row.try_get::<Vec<String>, _>("assigned")?),
         replicas,
+        unborn: row.try_get("awaiting_first_push")?,
     })
 }
 

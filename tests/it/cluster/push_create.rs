@@ -189,3 +189,73 @@ async fn ten_first_pushes_at_once_all_land() {
     assert!(!said.contains("RPC failed"), "{said}");
     assert_eq!(cluster.record("clash.git").await.generation, 1);
 }
+
+/// The repository a first push makes exists for nobody else until the push's refs commit: a
+/// clone meanwhile finds nothing, `RepositoryExists` says no, and once the push lands both see
+/// it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_repository_a_first_push_makes_is_not_there_until_the_push_commits() {
+    use gitfleet::proto::RepositoryExistsRequest;
+    use gitfleet::proto::repository_service_client::RepositoryServiceClient;
+
+    let cluster = open_cluster().await;
+    let work = tempfile::tempdir().unwrap();
+    make_history(work.path());
+    let main = run_git(work.path(), &["rev-parse", "main"])
+        .trim()
+        .to_owned();
+    let body = creating_push(work.path(), &["main"], &main);
+    let url = cluster.git_url(WRITE_TOKEN, "unborn.git");
+    let exists = || async {
+        RepositoryServiceClient::new(cluster.channel().await)
+            .repository_exists(RepositoryExistsRequest {
+                repository: header("default", "unborn.git"),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .exists
+    };
+
+    // The push sends its commands and most of its pack, and waits: its repository is made.
+    let mut stream = start_push(&cluster.git_http, "unborn.git", WRITE_TOKEN, body.len());
+    stream.write_all(&body[..body.len() - 30]).unwrap();
+    let store = cluster.store();
+    wait_for(30, "the push to make its repository", || async {
+        store.pending_writes().await.unwrap() == 1
+    })
+    .await;
+    assert!(
+        store
+            .find_repository(
+                &Cluster::virtual_storage(),
+                &gitfleet::model::RelativePath::parse("unborn.git").unwrap(),
+            )
+            .await
+            .unwrap()
+            .is_some(),
+        "the push made no row"
+    );
+    let clone = tempfile::tempdir().unwrap();
+    let cloned = git_http(clone.path(), &["clone", "-q", &url, "c"]);
+    assert!(!cloned.status.success(), "{cloned:?}");
+    assert!(
+        String::from_utf8_lossy(&cloned.stderr).contains("not found"),
+        "{cloned:?}"
+    );
+    assert!(!exists().await);
+
+    // The rest of the pack: the push lands, and the repository is there.
+    stream.write_all(&body[body.len() - 30..]).unwrap();
+    let mut answer = Vec::new();
+    tokio::task::block_in_place(|| stream.read_to_end(&mut answer)).unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.contains("ok refs/heads/main"), "{answer}");
+    assert!(exists().await);
+    let cloned = ok(&git_http(clone.path(), &["clone", "-q", &url, "c"]));
+    assert!(cloned.is_empty() || !cloned.contains("fatal"), "{cloned}");
+    assert_eq!(
+        run_git(&clone.path().join("c"), &["rev-parse", "HEAD"]).trim(),
+        main
+    );
+}
